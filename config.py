@@ -1,0 +1,182 @@
+"""
+The configuration of train.py: every key, its one default and its meaning, in TrainConfig below (the model's
+keys are inherited from GPTConfig in model.py). Config files are plain Python assignments, as in nanoGPT:
+
+    python train.py config/train_fineweb_40m.py --batch_size=8 --compile=False
+
+Files are applied in order, then --key=value overrides. An unknown key or a value of the wrong type stops
+the run at start-up with one line naming the key. `python train.py --help` lists every key.
+"""
+import ast
+import difflib
+import inspect
+import re
+from dataclasses import MISSING, asdict, dataclass, fields
+
+from model import GPTConfig
+
+
+@dataclass
+class TrainConfig(GPTConfig):
+    # --- input / output
+    out_dir: str = "out"  # checkpoints (last.pt, best.pt), metrics.jsonl and config.json go here
+    data_dir: str = "data/fineweb"  # train.bin / val.bin / meta.json written by data/fineweb/prepare.py
+    dataset: str = ""  # nanoGPT compatibility: when set, data_dir becomes data/<dataset>
+    init_from: str = "scratch"  # 'scratch' | 'resume' (from out_dir/last.pt) | a checkpoint path | 'gpt2'...'gpt2-xl'
+    # --- evaluation, logging, checkpoints
+    eval_interval: int = 250  # iterations between evaluations (and checkpoints); the last iteration is always one
+    eval_iters: int = 50  # validation micro-batches per evaluation, always the same held-out windows
+    eval_only: bool = False  # evaluate once and exit
+    log_interval: int = 10  # iterations between console / metrics lines
+    always_save_checkpoint: bool = True  # write last.pt at every evaluation (best.pt only when val loss improves)
+    condensation_seqs: int = 32  # held-out sequences for the condensation diagnostic at each eval; 0 = off
+    wandb_log: bool = False  # also log to Weights & Biases (pip install wandb; honours WANDB_MODE=offline)
+    wandb_project: str = "gpt"  # wandb project name
+    wandb_run_name: str = "run"  # wandb run name
+    # --- batch
+    batch_size: int = 12  # micro-batch, in sequences of block_size tokens
+    gradient_accumulation_steps: int = 40  # micro-batches per optimizer step, over all GPUs together
+    seed: int = 1337  # seeds the weights, the data order and every random draw
+    # --- optimizer (AdamW)
+    learning_rate: float = 6e-4  # peak learning rate
+    max_iters: int = 600000  # optimizer steps in the run
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (never on vectors, gains, biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm (multipliers excluded) to this; 0 = off
+    multiplier_weight_decay: float = 2e-3  # weight decay of learnable multipliers (paper: required, 2e-3)
+    multiplier_lr_scale: float = 1.0  # learnable multipliers' lr = this x the scheduled lr
+    # --- learning-rate schedule
+    decay_lr: bool = True  # False: constant learning_rate after warm-up
+    lr_schedule: str = "cosine"  # 'cosine': warm-up, cosine to min_lr | 'wsd': warm-up, constant, linear decay
+    warmup_iters: int = 2000  # linear warm-up steps
+    lr_decay_iters: int = 600000  # step at which the lr reaches min_lr (usually max_iters)
+    min_lr: float = 6e-5  # final learning rate (about learning_rate / 10)
+    wsd_decay_frac: float = 0.2  # 'wsd': the last fraction of lr_decay_iters spent decaying
+    # --- system
+    device: str = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+    dtype: str = "auto"  # 'auto' (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU) | explicit
+    compile: bool = True  # torch.compile the model (minutes of compile time, then much faster on GPUs)
+    backend: str = "auto"  # DDP backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up the GPU's dense bf16 peak
+
+
+CHOICES = {
+    "lr_schedule": ("cosine", "wsd"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "backend": ("auto", "nccl", "gloo"),
+}
+POSITIVE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps",
+            "eval_interval", "eval_iters", "log_interval", "dispersion_max_tokens")
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or a command-line override: reported as one line, no traceback."""
+
+
+def _convert(key, value, kind):
+    """value (from a config file, or a string from the command line) as type kind, or ConfigError."""
+    if isinstance(value, str) and kind is not str:
+        text = value
+        if kind is bool and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"{key} expects {kind.__name__}, got {text!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{key} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _set(values, known, key, value, where):
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown key {key!r} in {where}{hint}")
+    values[key] = _convert(key, value, known[key])
+
+
+def read_config_file(path):
+    """The assignments of a Python config file, as a dict (imports and helper functions are ignored)."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    namespace = {}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:  # a user's file: report, don't crash
+        raise ConfigError(f"{path} failed to run: {type(e).__name__}: {e}")
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not inspect.ismodule(v) and not callable(v)}
+
+
+def parse_args(cls, argv):
+    """Build a cls (a dataclass) from argv: config file paths, then --key=value overrides (--key alone = True)."""
+    known = {f.name: f.type for f in fields(cls)}
+    values = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(describe(cls))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            for key, value in read_config_file(arg).items():
+                _set(values, known, key, value, arg)
+        else:
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if known.get(key) is not bool:
+                    raise ConfigError(f"--{key} needs a value: --{key}=...")
+                value = "True"
+            _set(values, known, key, value, "the command line")
+    try:
+        config = cls(**values)
+    except ValueError as e:  # checks in __post_init__
+        raise ConfigError(str(e))
+    return config
+
+
+def validate(config):
+    """Checks of TrainConfig values beyond their types."""
+    for key, allowed in CHOICES.items():
+        if getattr(config, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {getattr(config, key)!r}")
+    for key in POSITIVE:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be positive, not {getattr(config, key)}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), not {config.dropout}")
+    if config.max_iters < 0 or config.warmup_iters < 0 or config.condensation_seqs < 0:
+        raise ConfigError("max_iters, warmup_iters and condensation_seqs must not be negative")
+    if config.dataset:
+        config.data_dir = f"data/{config.dataset}"
+    return config
+
+
+def load_train_config(argv):
+    return validate(parse_args(TrainConfig, argv))
+
+
+def describe(cls):
+    """Every key with its default and the comment written beside it in the source."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object:
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line)
+            if m:
+                comments[m.group(1)] = m.group(2)
+    rows = [f"  --{f.name}={f.default!r:<20} {comments.get(f.name, '')}" for f in fields(cls) if f.default is not MISSING]
+    return "keys (set in a config file or as --key=value):\n" + "\n".join(rows)
+
+
+def model_args(config):
+    """The GPTConfig part of a config, as a plain dict."""
+    names = {f.name for f in fields(GPTConfig)}
+    return {k: v for k, v in asdict(config).items() if k in names}

@@ -1,0 +1,358 @@
+"""
+Tokenize FineWeb (or any parquet file with a text column) into the token files train.py reads.
+
+Source: the Hugging Face dataset HuggingFaceFW/fineweb, parquet shards of ~2.15 GB (~1M documents,
+~0.7B GPT-2 tokens) under data/CC-MAIN-YYYY-WW/ and sample/10BT/ (000_00000 .. 014_00000.parquet).
+One record (the columns besides `text` are ignored, except language_score with --min_language_score):
+  {"text": "Surprise your boss.  Get to work on time.", "id": "<urn:uuid:4c1c...>",
+   "dump": "CC-MAIN-2013-20", "url": "http://...", "date": "2013-05-01T00:00:00Z",
+   "file_path": "s3://commoncrawl/...", "language": "en", "language_score": 0.6853, "token_count": 12}
+
+Commands:
+  python data/fineweb/prepare.py                              # downloads sample/10BT/000_00000.parquet
+  python data/fineweb/prepare.py hf:sample/10BT/001_00000.parquet shards/ 'more/*.parquet'
+  python data/fineweb/prepare.py https://host/x.parquet --out_dir=data/web --max_docs=10000
+  python data/fineweb/prepare.py ../shared/data/english-sample.parquet --val_fraction=0.01
+
+Output (in --out_dir, default: this script's directory; format defined in common.py):
+  train.bin, val.bin  raw little-endian uint16 GPT-2 token ids. Every document, in input order, is
+                      preceded by the EOT token 50256: [EOT, doc0..., EOT, doc1..., ...]
+  meta.json           {"format": "gpt-tokens", "version": 1, "dtype": "uint16", "tokenizer": "gpt2",
+                       "vocab_size": 50257, "eot_token": 50256,
+                       "splits": {"train": {"documents", "tokens" (EOTs included), "bytes" (UTF-8 of
+                       the texts, for bits per byte)}, "val": {...}}, "sources": [{"path", "bytes"}],
+                       "skipped": {"null_or_empty", "below_language_score"}, "options": {...}}
+The three files appear only when the run completes (written under temporary names, then renamed).
+"""
+import argparse
+import collections
+import glob
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+from common import FORMAT_NAME, FORMAT_VERSION, SPLITS, TOKEN_DTYPE, DataError, get_tokenizer  # noqa: E402
+
+HF_REPO = "HuggingFaceFW/fineweb"
+DEFAULT_INPUT = "hf:sample/10BT/000_00000.parquet"
+BATCH_ROWS = 1024  # documents per task: ~3 MB of FineWeb text, ~0.2 s of tokenizing on one core
+OPTIONS = ("inputs", "text_column", "val_fraction", "val_docs", "seed", "max_docs", "max_tokens",
+           "min_language_score")  # the flags that change the output; recorded in meta.json
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="prepare.py", description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("inputs", nargs="*", default=[DEFAULT_INPUT],
+                   help="parquet files, directories, globs, http(s) URLs or hf:<path in HuggingFaceFW/fineweb>"
+                        f" (default: {DEFAULT_INPUT})")
+    p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)), help="output directory")
+    p.add_argument("--text_column", default="text", help="column holding the document text")
+    p.add_argument("--val_fraction", type=float, default=0.001, help="fraction of documents for val, 0..1")
+    p.add_argument("--val_docs", type=int, default=None, help="exact number of val documents (overrides --val_fraction)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--max_docs", type=int, default=None, help="stop after this many documents")
+    p.add_argument("--max_tokens", type=int, default=None, help="stop before exceeding this many tokens (whole documents)")
+    p.add_argument("--min_language_score", type=float, default=None, help="skip rows whose language_score is lower")
+    p.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), help="tokenizer processes")
+    p.add_argument("--cache_dir", default=None, help="download cache (default: ~/.cache/gpt-prepare, HF's own cache for hf:)")
+    args = p.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        p.error("--val_fraction must be in [0, 1)")
+    for name, low in (("val_docs", 0), ("max_docs", 1), ("max_tokens", 1), ("num_proc", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            p.error(f"--{name} must be at least {low}")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Inputs: turn each argument into local parquet files, downloading remote ones into a cache.
+
+def download_url(url, cache_dir):
+    """Fetch url into cache_dir once (a .part file renamed when complete, so a broken download is never reused)."""
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gpt-prepare")
+    os.makedirs(cache_dir, exist_ok=True)
+    name = hashlib.sha1(url.encode()).hexdigest()[:12] + "-" + os.path.basename(url.split("?")[0])
+    path = os.path.join(cache_dir, name)
+    if os.path.exists(path):
+        return path
+    part = f"{path}.part{os.getpid()}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+            size = int(r.headers.get("Content-Length") or 0)
+            with tqdm(total=size or None, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(name)}") as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        if size and os.path.getsize(part) != size:
+            raise DataError(f"download of {url} stopped after {os.path.getsize(part)} of {size} bytes")
+        os.replace(part, path)
+    except OSError as e:  # urllib's URLError/HTTPError are OSErrors
+        raise DataError(f"cannot download {url}: {e}") from None
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+    return path
+
+
+def resolve_inputs(specs, cache_dir):
+    """Expand the input arguments into a list of (local path, origin) in a fixed (sorted) order."""
+    files = []
+    for spec in specs:
+        if spec.startswith("hf:"):
+            from huggingface_hub import hf_hub_download  # slow import, only when needed
+            try:
+                files.append((hf_hub_download(repo_id=HF_REPO, repo_type="dataset", filename=spec[3:],
+                                              cache_dir=cache_dir), spec))
+            except Exception as e:  # hub errors come in many classes; all mean "could not fetch"
+                raise DataError(f"cannot download {spec[3:]} from {HF_REPO}: {e}") from None
+        elif spec.startswith(("http://", "https://")):
+            files.append((download_url(spec, cache_dir), spec))
+        elif os.path.isdir(spec):
+            found = sorted(glob.glob(os.path.join(spec, "**", "*.parquet"), recursive=True))
+            if not found:
+                raise DataError(f"no .parquet files in directory {spec}")
+            files += [(f, f) for f in found]
+        elif glob.has_magic(spec):
+            found = sorted(glob.glob(spec, recursive=True))
+            if not found:
+                raise DataError(f"no files match {spec}")
+            files += [(f, f) for f in found]
+        elif os.path.isfile(spec):
+            files.append((spec, spec))
+        else:
+            raise DataError(f"no such file or directory: {spec}")
+    return files
+
+
+def open_sources(files, text_column, need_score):
+    """Open every parquet file up front (reads only the footers) so bad input fails before any work."""
+    sources = []
+    for path, origin in files:
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        names = pf.schema_arrow.names
+        if text_column not in names:
+            raise DataError(f"{path}: no column {text_column!r} (columns: {', '.join(names)}); see --text_column")
+        if need_score and "language_score" not in names:
+            raise DataError(f"{path}: no column 'language_score', needed by --min_language_score")
+        sources.append((pf, path, origin))
+    return sources
+
+
+# -----------------------------------------------------------------------------
+# The train/val split is a function of (seed, global row number) only, so it does not depend on
+# --num_proc, batch sizes or filters, and the same input and seed always give the same split.
+
+def val_rows_for_count(n_val, total_rows, seed):
+    """--val_docs: exactly n_val row numbers drawn without replacement (fewer if some of them get skipped)."""
+    return np.sort(np.random.default_rng(seed).choice(total_rows, size=min(n_val, total_rows), replace=False))
+
+
+def in_val(rows, args, val_rows):
+    """Boolean mask: which of these global row numbers belong to val."""
+    if val_rows is not None:
+        return np.isin(rows, val_rows)
+    # --val_fraction: splitmix64 hash of (seed, row) as a uniform number in [0, 1)
+    z = rows.astype(np.uint64) + np.uint64(args.seed) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < args.val_fraction
+
+
+def read_batches(sources, args, val_rows):
+    """Stream the text column, BATCH_ROWS rows at a time (never a whole file in memory). Yields (texts, info):
+    the kept texts as a list of str, and what the main process needs about them (global row numbers,
+    UTF-8 sizes, val flags, and the row numbers of the skipped rows, by reason)."""
+    row0, docs = 0, 0  # global row number of the batch's first row, documents yielded so far
+    columns = [args.text_column] + (["language_score"] if args.min_language_score is not None else [])
+    for pf, path, _ in sources:
+        try:
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                text = batch.column(0)
+                nbytes = pc.fill_null(pc.binary_length(text), 0).to_numpy()  # UTF-8 bytes, 0 for null and ""
+                empty, low = nbytes == 0, np.zeros(len(text), bool)
+                if args.min_language_score is not None:
+                    low = (pc.fill_null(batch.column(1), -1.0).to_numpy() < args.min_language_score) & ~empty
+                keep = ~(empty | low)
+                if args.max_docs is not None and docs + keep.sum() >= args.max_docs:
+                    n = np.flatnonzero(keep)[args.max_docs - docs - 1] + 1  # cut after the last wanted document
+                    text, nbytes, empty, low, keep = text[:n], nbytes[:n], empty[:n], low[:n], keep[:n]
+                rows = row0 + np.flatnonzero(keep)
+                info = dict(rows=rows, bytes=nbytes[keep].astype(np.int64), val=in_val(rows, args, val_rows),
+                            skipped={"null_or_empty": row0 + np.flatnonzero(empty),
+                                     "below_language_score": row0 + np.flatnonzero(low)})
+                yield text.filter(pa.array(keep)).to_pylist(), info
+                row0, docs = row0 + len(text), docs + len(rows)
+                if args.max_docs is not None and docs >= args.max_docs:
+                    return
+        except (pa.ArrowException, OSError) as e:  # a corrupt page shows up only when it is read
+            raise DataError(f"{path}: cannot read ({e})") from None
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing: worker processes encode batches; the main process reads parquet and writes tokens.
+
+_enc = None  # the tokenizer, one per process
+
+
+def load_tokenizer():
+    global _enc
+    if _enc is None:  # forked workers inherit the main process's tokenizer; spawned ones load it
+        try:
+            _enc = get_tokenizer()
+        except Exception as e:  # typically: offline, with tiktoken's files not yet cached
+            raise DataError(f"cannot load the GPT-2 tokenizer: {e}") from None
+        assert _enc.n_vocab <= np.iinfo(TOKEN_DTYPE).max + 1, "token ids must fit the token dtype"
+    return _enc
+
+
+def _init_worker():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and kill are handled once, by the main process,
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # which then terminates the workers
+    load_tokenizer()
+
+
+def encode_batch(texts):
+    """-> (tokens, lengths): the documents as one uint16 array, each preceded by EOT, and each one's length."""
+    eot, flat, lens = _enc.eot_token, [], np.empty(len(texts), np.int64)
+    for i, text in enumerate(texts):
+        ids = _enc.encode_ordinary(text)  # ordinary: a literal "<|endoftext|>" in a page stays text
+        flat.append(eot)
+        flat += ids
+        lens[i] = len(ids) + 1
+    return np.array(flat, dtype=TOKEN_DTYPE), lens
+
+
+def encode_in_order(batches, pool, depth):
+    """Like pool.imap, but keeps at most `depth` batches in flight (imap would read the whole input ahead)."""
+    if pool is None:
+        yield from ((info, encode_batch(texts)) for texts, info in batches)
+        return
+    pending = collections.deque()
+    for texts, info in batches:
+        pending.append((info, pool.apply_async(encode_batch, (texts,))))
+        if len(pending) >= depth:
+            info, result = pending.popleft()
+            yield info, result.get()
+    while pending:
+        info, result = pending.popleft()
+        yield info, result.get()
+
+
+def tokenize(sources, args, out):
+    """Write all documents to the open files out["train"], out["val"]; returns the stats for meta.json."""
+    total_rows = sum(pf.metadata.num_rows for pf, _, _ in sources)
+    val_rows = None
+    if args.val_docs is not None:
+        val_rows = val_rows_for_count(args.val_docs, min(total_rows, args.max_docs or total_rows), args.seed)
+    stats = {s: dict(documents=0, tokens=0, bytes=0) for s in SPLITS}
+    skipped = dict(null_or_empty=0, below_language_score=0)
+    load_tokenizer()  # before the fork, so workers start ready
+    pool = mp.Pool(args.num_proc, initializer=_init_worker) if args.num_proc > 1 else None  # 1: in this process
+    t0, n_tokens = time.time(), 0
+    bar = tqdm(total=min(total_rows, args.max_docs or total_rows), unit="doc", unit_scale=True, desc="tokenizing")
+    try:
+        for info, (tokens, lens) in encode_in_order(read_batches(sources, args, val_rows), pool, 2 * args.num_proc):
+            cut = len(lens)  # documents of this batch to keep
+            if args.max_tokens is not None:  # whole documents only, in order
+                cut = int(np.searchsorted(np.cumsum(lens), args.max_tokens - n_tokens, side="right"))
+                tokens, lens = tokens[:lens[:cut].sum()], lens[:cut]
+            is_val = info["val"][:cut]
+            if is_val.any():  # rare: most batches go to train whole, without a copy
+                val_token = np.repeat(is_val, lens)
+                parts = {"train": tokens[~val_token], "val": tokens[val_token]}
+            else:
+                parts = {"train": tokens, "val": tokens[:0]}
+            for split, docs in (("train", ~is_val), ("val", is_val)):
+                out[split].write(parts[split])
+                stats[split]["documents"] += int(docs.sum())
+                stats[split]["tokens"] += len(parts[split])
+                stats[split]["bytes"] += int(info["bytes"][:cut][docs].sum())
+            full = cut == len(info["val"])
+            last_row = np.inf if full else info["rows"][cut]  # rows from here on were not used
+            for reason, rows in info["skipped"].items():
+                skipped[reason] += int((rows < last_row).sum())
+            n_tokens += len(tokens)
+            bar.update(cut)
+            bar.set_postfix_str(f"{n_tokens / (time.time() - t0) / 1e6:.2f}M tok/s", refresh=False)
+            if not full:
+                break
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()  # also stops workers still busy with batches past a --max_tokens cut
+    return stats, skipped, time.time() - t0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    final = {s: os.path.join(args.out_dir, f"{s}.bin") for s in SPLITS}
+    meta_path = os.path.join(args.out_dir, "meta.json")
+    tmp_paths = {s: os.path.join(args.out_dir, f".{s}.bin.tmp{os.getpid()}") for s in SPLITS}
+    tmp_paths["meta"] = meta_path + f".tmp{os.getpid()}"
+    try:
+        enc = load_tokenizer()
+        files = resolve_inputs(args.inputs, args.cache_dir)
+        sources = open_sources(files, args.text_column, args.min_language_score is not None)
+        with open(tmp_paths["train"], "wb", buffering=1 << 24) as ftrain, open(tmp_paths["val"], "wb", buffering=1 << 24) as fval:
+            stats, skipped, seconds = tokenize(sources, args, {"train": ftrain, "val": fval})
+            for f in (ftrain, fval):  # the data must be on disk before the renames make it visible
+                f.flush()
+                os.fsync(f.fileno())
+        n_docs = sum(s["documents"] for s in stats.values())
+        if n_docs == 0:
+            raise DataError(f"no documents in the input ({skipped['null_or_empty']} null/empty rows, "
+                            f"{skipped['below_language_score']} below --min_language_score)")
+        meta = dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype="uint16", tokenizer="gpt2",
+                    vocab_size=enc.n_vocab, eot_token=enc.eot_token, splits=stats,
+                    sources=[dict(path=os.path.abspath(p), bytes=os.path.getsize(p), rows=pf.metadata.num_rows,
+                                  **({"origin": o} if o != p else {})) for (pf, p, o) in sources],
+                    skipped=skipped, options={k: getattr(args, k) for k in OPTIONS})
+        with open(tmp_paths["meta"], "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        # meta.json goes first and comes back last: a crash in between leaves no meta.json, which read_meta refuses
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for s in SPLITS:
+            os.replace(tmp_paths[s], final[s])
+        os.replace(tmp_paths["meta"], meta_path)
+    except DataError as e:
+        sys.exit(f"prepare.py: error: {' '.join(str(e).split())}")  # exit status 1, one line on stderr
+    except KeyboardInterrupt:
+        print("prepare.py: interrupted; partial output removed", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        for p in tmp_paths.values():
+            if os.path.exists(p):
+                os.remove(p)
+
+    n_tokens = sum(s["tokens"] for s in stats.values())
+    print(f"wrote {args.out_dir}: " + " | ".join(
+        f"{s} {v['documents']:,} docs {v['tokens']:,} tokens {v['bytes']:,} bytes" for s, v in stats.items()))
+    print(f"skipped {skipped['null_or_empty']:,} null/empty rows, {skipped['below_language_score']:,} below language score")
+    print(f"{n_docs:,} docs, {n_tokens:,} tokens in {seconds:.1f} s: {n_docs / seconds:,.0f} docs/s, "
+          f"{n_tokens / seconds / 1e6:.2f}M tokens/s with {args.num_proc} process(es)")
+    if stats["val"]["documents"] == 0:
+        print("warning: the val split is empty; raise --val_fraction or --val_docs", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill cleans up the temp files, like Ctrl-C
+    main()

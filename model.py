@@ -1,0 +1,514 @@
+"""
+A GPT language model in one file, GPT-2 architecture with nanoGPT's parameter names.
+
+Features (all off or plain by default, switched on through GPTConfig):
+- GPT-2: learned position embeddings, pre-LayerNorm blocks, causal attention through
+  F.scaled_dot_product_attention, 4x GELU MLP, final LayerNorm, LM head tied to the token embedding.
+- Memory-light loss: the cross-entropy is computed chunk by chunk together with its gradient, so the
+  full (tokens x vocab) float32 logits are never held in memory (loss_chunk_size; 0 = plain).
+- Activation checkpointing per block (activation_checkpointing).
+- Dispersion loss against embedding condensation (arXiv 2602.00217): dispersion_coeff > 0.
+- Learnable multipliers freeing the scale of every matrix (arXiv 2601.04890): multipliers = scalar | vector,
+  folded into plain weights by merge_multipliers() for inference.
+- KV-cache generation (generate), nanoGPT checkpoint keys, and HF GPT-2 weights (from_pretrained).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+MULTIPLIER_SUFFIX = "_mult"  # every learnable multiplier's parameter name ends with this
+DISPERSION_VARIANTS = ("angular_spread", "decorrelation", "l2_repel", "orthogonal")
+# the keys that define the weights' shapes and meaning: fixed for a checkpoint, unlike training-time options
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "gelu_approximate", "multipliers")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length in tokens
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for fast matmuls
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads (n_embd must divide by it)
+    n_embd: int = 768  # width of the residual stream
+    dropout: float = 0.0  # dropout probability in training (0 for small knowledge/reasoning models)
+    bias: bool = False  # biases in Linear layers and LayerNorms (GPT-2 had them)
+    gelu_approximate: str = "none"  # 'none' (exact GELU, nanoGPT) or 'tanh' (original GPT-2 / HF)
+    loss_chunk_size: int = 8192  # tokens per cross-entropy chunk; 0 = plain F.cross_entropy on full logits
+    activation_checkpointing: bool = False  # recompute each block in backward: ~30% slower, far less memory
+    multipliers: str = "none"  # learnable multipliers: 'none' | 'scalar' | 'vector' (rows and columns)
+    dispersion_coeff: float = 0.0  # lambda of the dispersion loss; 0 = off
+    dispersion_tau: float = 1.0  # temperature tau of the dispersion loss
+    dispersion_layers: str = "all"  # blocks it acts on: 'all' | 'late_half' | 'last' | indices like '6,7,8'
+    dispersion_variant: str = "angular_spread"  # or the paper's ablations: decorrelation, l2_repel, orthogonal
+    dispersion_max_tokens: int = 256  # positions subsampled per sequence (one random subset per call)
+    dispersion_clamp: float = 0.1  # cosine clamped to [-1+t, 1-t] (straight-through) so arccos' stays finite
+    dispersion_eps: float = 1e-2  # z / (||z|| + eps)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.multipliers not in ("none", "scalar", "vector"):
+            raise ValueError(f"multipliers must be 'none', 'scalar' or 'vector', not {self.multipliers!r}")
+        if self.dispersion_variant not in DISPERSION_VARIANTS:
+            raise ValueError(f"dispersion_variant must be one of {', '.join(DISPERSION_VARIANTS)}")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu_approximate must be 'none' or 'tanh', not {self.gelu_approximate!r}")
+        self.dispersion_block_indices()  # validates dispersion_layers
+
+    def dispersion_block_indices(self):
+        """The blocks whose outputs the dispersion loss acts on."""
+        n, spec = self.n_layer, self.dispersion_layers.strip()
+        named = {"all": range(n), "late_half": range(n // 2, n), "last": [n - 1]}
+        if spec in named:
+            return list(named[spec])
+        try:
+            indices = sorted({int(s) for s in spec.split(",")})
+        except ValueError:
+            raise ValueError(f"dispersion_layers must be all, late_half, last or block indices like '6,7', not {spec!r}")
+        if not indices or indices[0] < 0 or indices[-1] >= n:
+            raise ValueError(f"dispersion_layers {spec!r}: block indices must lie in 0..{n - 1}")
+        return indices
+
+
+# -----------------------------------------------------------------------------
+# Layers with optional learnable multipliers
+
+class Linear(nn.Linear):
+    """nn.Linear with optional learnable multipliers (init 1): y = r * (W (c * x)) + b, or y = s * (W x) + b."""
+
+    def __init__(self, d_in, d_out, bias, multipliers="none"):
+        super().__init__(d_in, d_out, bias=bias)
+        self.multipliers = multipliers
+        if multipliers == "vector":
+            self.row_mult = nn.Parameter(torch.ones(d_out))
+            self.col_mult = nn.Parameter(torch.ones(d_in))
+        elif multipliers == "scalar":
+            self.scale_mult = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        if self.multipliers == "none":
+            return F.linear(x, self.weight, self.bias)
+        if self.multipliers == "vector":
+            y = F.linear(x * self.col_mult, self.weight) * self.row_mult
+        else:
+            y = F.linear(x, self.weight) * self.scale_mult
+        return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def merge_multipliers(self):
+        """Fold the multipliers into the weight: afterwards a plain Linear computing the same function."""
+        if self.multipliers == "vector":
+            self.weight.mul_(self.row_mult[:, None] * self.col_mult[None, :])
+            del self.row_mult, self.col_mult
+        elif self.multipliers == "scalar":
+            self.weight.mul_(self.scale_mult)
+            del self.scale_mult
+        self.multipliers = "none"
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1, and nanoGPT's keys match this)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding; pos = tokens already cached."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, config.bias, config.multipliers)  # q, k, v
+        self.c_proj = Linear(config.n_embd, config.n_embd, config.bias, config.multipliers)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        is_causal = True
+        if cache is not None:  # write this step's keys/values, attend over everything cached so far
+            end = cache.pos + T
+            cache.k[layer][:, :, cache.pos:end] = k
+            cache.v[layer][:, :, cache.pos:end] = v
+            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+            assert T == 1 or cache.pos == 0, "the cache takes a prefill from position 0, then one token at a time"
+            is_causal = T > 1  # a single new token may see every cached position
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, config.bias, config.multipliers)
+        self.gelu = nn.GELU(approximate=config.gelu_approximate)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, config.bias, config.multipliers)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+# -----------------------------------------------------------------------------
+# Losses
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean CE of (h @ weight.T) against targets, chunk by chunk. The gradients are computed in the forward
+    pass (softmax - onehot), so only one chunk of logits exists at a time and no logits are kept for
+    backward; the matmul count is the same as the plain path (logits, grad_h, grad_weight)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size):
+        valid = targets != -1
+        n_valid = valid.sum().clamp(min=1)
+        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        for s in range(0, h.size(0), chunk_size):
+            h_c, t_c, v_c = h[s:s + chunk_size], targets[s:s + chunk_size], valid[s:s + chunk_size]
+            raw = h_c @ weight.t()  # (n, V) in the autocast dtype (bf16) or float32
+            logits = raw.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            t_safe = t_c.clamp(min=0).unsqueeze(1)
+            loss += ((lse - logits.gather(1, t_safe).squeeze(1)) * v_c).sum()
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+            grad.scatter_add_(1, t_safe, -torch.ones_like(t_safe, dtype=grad.dtype))  # minus one-hot
+            grad = (grad * v_c.unsqueeze(1)).to(raw.dtype)  # ignored targets contribute nothing
+            grad_h[s:s + chunk_size] = grad @ weight
+            grad_w += (grad.t() @ h_c).float()
+        ctx.save_for_backward(grad_h / n_valid, (grad_w / n_valid).to(weight.dtype))
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None
+
+
+def cross_entropy(h, weight, targets, chunk_size):
+    """Mean CE over targets != -1 of the logits h @ weight.T; h: (N, C), targets: (N,)."""
+    if chunk_size <= 0:
+        return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)
+    if torch.is_grad_enabled():
+        return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size)
+    total = sum(F.cross_entropy((h[s:s + chunk_size] @ weight.t()).float(), targets[s:s + chunk_size],
+                                ignore_index=-1, reduction="sum") for s in range(0, h.size(0), chunk_size))
+    return total / (targets != -1).sum().clamp(min=1)
+
+
+def dispersion_loss(z, variant="angular_spread", tau=1.0, max_tokens=256, clamp=0.1, eps=1e-2):
+    """Dispersion loss of one layer's hidden states z: (B, L, C) -> scalar (mean over the batch).
+    Purely repulsive: lower when the token directions of each sequence are spread apart."""
+    with torch.autocast(z.device.type, enabled=False):
+        z = z.float()  # in bf16, 1 - 1e-4 rounds to 1 and arccos' blows up
+        L = z.size(1)
+        if L > max_tokens:  # one random subset of positions, shared by the batch
+            z = z[:, torch.randperm(L, device=z.device)[:max_tokens]]
+            L = max_tokens
+        off_diagonal = ~torch.eye(L, dtype=torch.bool, device=z.device)
+        log_pairs = math.log(L * (L - 1))
+        if variant in ("angular_spread", "orthogonal"):
+            u = z / (z.norm(dim=-1, keepdim=True) + eps)
+            cos = u @ u.transpose(1, 2)  # (B, L, L)
+            cos = cos + (cos.clamp(-1 + clamp, 1 - clamp) - cos).detach()  # straight-through clamp
+            dist = torch.arccos(cos) / math.pi  # angular distance in [0, 1]
+            if variant == "orthogonal":  # hinge: only acute pairs are pushed
+                return ((0.5 - dist).clamp(min=0).square() * off_diagonal).sum((1, 2)).div(L * (L - 1)).mean()
+            scores = (-dist / tau).masked_fill(~off_diagonal, float("-inf"))
+            return (torch.logsumexp(scores.flatten(1), dim=1) - log_pairs).mean()
+        if variant == "l2_repel":
+            sq_norm = z.square().sum(-1)
+            sq_dist = (sq_norm.unsqueeze(2) + sq_norm.unsqueeze(1) - 2 * z @ z.transpose(1, 2)).clamp(min=0)
+            scores = (-sq_dist / tau).masked_fill(~off_diagonal, float("-inf"))
+            return (torch.logsumexp(scores.flatten(1), dim=1) - log_pairs).mean() + 0.1 * z.square().mean()
+        # decorrelation: squared off-diagonal correlations between tokens (each standardised over features)
+        zs = (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-5)
+        corr = zs @ zs.transpose(1, 2) / z.size(-1)
+        return (corr.square() * off_diagonal).sum((1, 2)).div(L * (L - 1)).mean()
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        # Embedding multipliers act on the lookup output only: on the tied weight they would land on the LM
+        # head. Per-channel only, because a per-token one cannot be folded into a tied plain model.
+        if config.multipliers == "vector":
+            self.wte_mult = nn.Parameter(torch.ones(config.n_embd))
+        elif config.multipliers == "scalar":
+            self.wte_mult = nn.Parameter(torch.ones(1))
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; the position embedding is left out by default (the token one is the LM head too)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def hidden_states(self, idx, cache=None, collect=()):
+        """Run the trunk. Returns the final post-LayerNorm states (B, T, C) and a dict {layer: states} for the
+        requested layers, numbered 0 = embedding output, i + 1 = output of block i."""
+        B, T = idx.size()
+        start = 0 if cache is None else cache.pos
+        assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.multipliers != "none":
+            tok_emb = tok_emb * self.wte_mult
+        x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))
+        collected = {0: x} if 0 in collect else {}
+        for i, block in enumerate(self.transformer.h):
+            if self.config.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache, i)
+            if i + 1 in collect:
+                collected[i + 1] = x
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x), collected
+
+    def forward(self, idx, targets=None):
+        """idx, targets: (B, T) token ids. Without targets: returns (logits (B, T, V), None).
+        With targets: returns (None, losses), losses = {'loss': what to backpropagate, 'ce': cross-entropy,
+        and 'dispersion' when that loss is active (training only; evaluation is CE alone)}."""
+        cfg = self.config
+        use_dispersion = self.training and cfg.dispersion_coeff > 0 and targets is not None
+        layers = [i + 1 for i in cfg.dispersion_block_indices()] if use_dispersion else []
+        x, hidden = self.hidden_states(idx, collect=layers)
+        if targets is None:
+            return self.lm_head(x), None
+        ce = cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), cfg.loss_chunk_size)
+        losses = {"loss": ce, "ce": ce}
+        if use_dispersion:
+            # for the last block the authors' code sees the post-final-LayerNorm output; we follow them
+            hidden = {i: (x if i == cfg.n_layer else h) for i, h in hidden.items()}
+            disp = torch.stack([dispersion_loss(h, cfg.dispersion_variant, cfg.dispersion_tau,
+                                                cfg.dispersion_max_tokens, cfg.dispersion_clamp, cfg.dispersion_eps)
+                                for h in hidden.values()]).mean()
+            losses.update(loss=ce + cfg.dispersion_coeff * disp, dispersion=disp)
+        return None, losses
+
+    # -------------------------------------------------------------------------
+    # Learnable multipliers: optimizer groups, statistics, merging
+
+    def multiplier_parameters(self):
+        return [p for n, p in self.named_parameters() if n.endswith(MULTIPLIER_SUFFIX)]
+
+    def configure_optimizer(self, learning_rate, weight_decay, betas, eps, multiplier_weight_decay,
+                            multiplier_lr_scale, device_type):
+        """AdamW with three groups: matrices (weight_decay), vectors and gains (no decay) and learnable
+        multipliers (their own decay and lr scale: a 'no decay for 1-D' rule would silently give them 0).
+        Each group's lr_scale multiplies the scheduled learning rate."""
+        groups = {"matrices": [], "vectors": [], "multipliers": []}
+        for name, p in self.named_parameters():
+            kind = "multipliers" if name.endswith(MULTIPLIER_SUFFIX) else "matrices" if p.dim() >= 2 else "vectors"
+            groups[kind].append(p)
+        settings = {"matrices": (weight_decay, 1.0), "vectors": (0.0, 1.0),
+                    "multipliers": (multiplier_weight_decay, multiplier_lr_scale)}
+        param_groups = [dict(params=ps, name=kind, weight_decay=settings[kind][0], lr_scale=settings[kind][1],
+                             lr=learning_rate * settings[kind][1]) for kind, ps in groups.items() if ps]
+        fused = device_type == "cuda"  # fused AdamW: one kernel for all parameters
+        return torch.optim.AdamW(param_groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+    @torch.no_grad()
+    def multiplier_stats(self):
+        """Per-layer multiplier statistics that make symmetry drift visible (empty without multipliers):
+        qk_ratio = |r_Q| / |r_K| (Q and K row scales only enter as a product), attn_out / mlp_out = RMS of
+        the row multipliers writing into the residual stream, plus the extremes over all multipliers."""
+        mults = self.multiplier_parameters()
+        if not mults:
+            return {}
+        flat = torch.cat([p.detach().float().flatten() for p in mults])
+        stats = {"mult/min": flat.min().item(), "mult/max": flat.max().item(), "mult/rms": flat.square().mean().sqrt().item()}
+        if self.config.multipliers == "vector":
+            C = self.config.n_embd
+            for i, block in enumerate(self.transformer.h):
+                r = block.attn.c_attn.row_mult.float()
+                stats[f"mult/h{i}.qk_ratio"] = (r[:C].norm() / r[C:2 * C].norm()).item()
+                stats[f"mult/h{i}.attn_out_rms"] = block.attn.c_proj.row_mult.float().square().mean().sqrt().item()
+                stats[f"mult/h{i}.mlp_out_rms"] = block.mlp.c_proj.row_mult.float().square().mean().sqrt().item()
+        return stats
+
+    @torch.no_grad()
+    def merge_multipliers(self):
+        """Fold every multiplier into plain weights; afterwards this is a plain model (config.multipliers = none)
+        computing the same logits. The embedding multiplier c cannot go into the tied weight W alone (the
+        head would see it), so W <- W * c and the final LayerNorm's gain and bias are divided by c: the head
+        then computes (ln_f(x) / c) @ (W * c).T = ln_f(x) @ W.T, exactly as before."""
+        if self.config.multipliers == "none":
+            return self
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.merge_multipliers()
+        c = self.wte_mult.detach()
+        self.transformer.wte.weight.mul_(c)
+        self.transformer.ln_f.weight.div_(c)
+        if self.transformer.ln_f.bias is not None:
+            self.transformer.ln_f.bias.div_(c)
+        del self.wte_mult
+        self.config.multipliers = "none"
+        return self
+
+    # -------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
+                 vocab_limit=None, generators=None):
+        """Yield the next token of every sequence in idx (B, T), max_new_tokens times, with a KV cache: one
+        prefill of the prompt, then one token per step. The context is always the last block_size tokens,
+        exactly as full recomputation would use; once the window must slide, every position changes (learned
+        absolute positions), so the window is prefilled again. temperature 0 = greedy. generators: one
+        torch.Generator per sequence, so each row's sample depends only on its own seed. Stops early once
+        every row has produced stop_token (finished rows keep emitting stop_token)."""
+        B, block = idx.size(0), self.config.block_size
+        dtype = self.lm_head.weight.dtype if not torch.is_autocast_enabled() else torch.get_autocast_dtype(idx.device.type)
+        cache = KVCache(self.config, B, idx.device, dtype)
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        context = idx[:, -block:]
+        x, _ = self.hidden_states(context, cache)
+        for _ in range(max_new_tokens):
+            logits = self.lm_head(x[:, -1, :]).float()  # (B, V)
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = float("-inf")  # padded vocab slots are not real tokens
+            token = sample_token(logits, temperature, top_k, top_p, generators)
+            if stop_token is not None:
+                token = token.masked_fill(finished, stop_token)
+                finished |= token == stop_token
+            yield token
+            if stop_token is not None and finished.all():
+                return
+            context = torch.cat([context, token.unsqueeze(1)], dim=1)
+            if context.size(1) <= block:
+                x, _ = self.hidden_states(context[:, -1:], cache)
+            else:
+                context = context[:, -block:]
+                cache.pos = 0
+                x, _ = self.hidden_states(context, cache)
+
+    # -------------------------------------------------------------------------
+    # Loading weights from elsewhere
+
+    def load_nanogpt_state_dict(self, state_dict):
+        """Load a state dict from this project or from nanoGPT (strips torch.compile's '_orig_mod.' and DDP's
+        'module.' prefixes, and drops nanoGPT's causal-mask buffers)."""
+        clean = {}
+        for key, value in state_dict.items():
+            for prefix in ("_orig_mod.", "module."):
+                key = key[len(prefix):] if key.startswith(prefix) else key
+            if not key.endswith((".attn.bias", ".attn.masked_bias")):
+                clean[key] = value
+        self.load_state_dict(clean)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **overrides):
+        """GPT-2 weights from HuggingFace transformers: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a
+        local directory holding a GPT2LMHeadModel. Requires `pip install transformers`."""
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise ImportError("from_pretrained needs the transformers package: pip install transformers")
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        hc = hf.config
+        args = dict(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, block_size=hc.n_positions,
+                    vocab_size=hc.vocab_size, bias=True,
+                    gelu_approximate="tanh" if hc.activation_function in ("gelu_new", "gelu_pytorch_tanh") else "none")
+        args.update(overrides)
+        model = cls(GPTConfig(**args))
+        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        sd = model.state_dict()
+        for key, value in sd_hf.items():  # HF uses Conv1D (in, out) where we use Linear (out, in)
+            sd[key].copy_(value.t() if key.endswith(transposed) else value)
+        return model
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6N + 12 L H Q T."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
+
+
+def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generators=None):
+    """Pick one token per row of logits (B, V): greedy at temperature 0, else softmax(logits / temperature)
+    restricted to the top_k tokens and the smallest set holding top_p of the probability."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is already full
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    # inverse-CDF sampling with one uniform per row from that row's own generator
+    if generators is None:
+        u = torch.rand(probs.size(0), 1, device=probs.device, dtype=torch.float64)
+    else:
+        u = torch.stack([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+        u = u.to(probs.device)
+    cdf = probs.double().cumsum(-1)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+    return token.clamp(max=probs.size(-1) - 1)
