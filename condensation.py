@@ -4,8 +4,24 @@ one sequence's tokens become with depth. For every layer (embedding output, each
 output) we take the pairwise cosine similarities of a sequence's token vectors; mu(layer) is their mean.
 The score is the rank correlation (Spearman, Kendall) of mu with depth: +1 = similarity rises with every
 layer (condensed), ~0 = no trend, < 0 = dispersing. train.py logs it at every evaluation.
+
+Run as a script, it draws the paper's picture for a checkpoint (needs matplotlib): per layer, the density of
+the token-pair cosines over [-1, 1], and mu(layer) with its Spearman / Kendall scores.
+
+    python condensation.py --out_dir=out/tiny                       # writes out/tiny/condensation.png
+    python condensation.py --out_dir=out/x --which=last --num_seqs=100 --seq_len=512 --out=x.png
 """
+import os
+import sys
+from dataclasses import dataclass
+
 import torch
+
+from common import (CHECKPOINT_NAMES, DataError, autocast, find_checkpoint, load_checkpoint, model_from_checkpoint,
+                    open_split, select_device, select_dtype)
+from config import ConfigError, parse_args
+
+BINS = 128  # histogram bins over [-1, 1], as in the paper's figure
 
 
 def layer_cosines(model, idx):
@@ -19,20 +35,34 @@ def layer_cosines(model, idx):
     model.train(was_training)
     states = [hidden[i] for i in range(n)] + [final]  # layer n: the last block, after the final LayerNorm
     cosines = []
-    for z in states:
-        z = z.float()
-        u = z / z.norm(dim=-1, keepdim=True).clamp(min=1e-3)
-        cosines.append((u @ u.transpose(1, 2)).clamp(-1, 1))
+    with torch.no_grad(), torch.autocast(idx.device.type, enabled=False):  # float32 cosines even under bf16 autocast
+        for z in states:
+            z = z.float()
+            u = z / z.norm(dim=-1, keepdim=True).clamp(min=1e-3)
+            cosines.append((u @ u.transpose(1, 2)).clamp(-1, 1))
     return cosines
 
 
+def layer_statistics(model, idx, batch_size=8, bins=0):
+    """mu(layer): the mean of all T x T cosine entries (diagonal included, as in the paper), averaged over the
+    sequences idx (B, T). With bins > 0 also a (layers, bins) tensor counting the token-pair cosines (i != j) in
+    `bins` equal bins over [-1, 1]: the self-pairs would add a spike of 1/T of the mass at +1 to every layer."""
+    sums, counts = None, None
+    for s in range(0, idx.size(0), batch_size):  # a few sequences at a time: each layer's matrix is B x T x T
+        cosines = layer_cosines(model, idx[s:s + batch_size])
+        means = torch.stack([c.mean(dim=(1, 2)).sum() for c in cosines])
+        sums = means if sums is None else sums + means
+        if bins:
+            pairs = ~torch.eye(idx.size(1), dtype=torch.bool, device=idx.device)
+            hist = torch.stack([torch.histc(c[:, pairs], bins=bins, min=-1, max=1) for c in cosines])
+            counts = hist if counts is None else counts + hist
+    mu = (sums / idx.size(0)).tolist()
+    return (mu, counts.cpu()) if bins else mu
+
+
 def mean_cosine_per_layer(model, idx, batch_size=8):
-    """mu(layer): the mean of all T x T cosine entries (diagonal included), averaged over the sequences."""
-    totals = None
-    for s in range(0, idx.size(0), batch_size):
-        means = torch.stack([c.mean(dim=(1, 2)).sum() for c in layer_cosines(model, idx[s:s + batch_size])])
-        totals = means if totals is None else totals + means
-    return (totals / idx.size(0)).tolist()
+    """mu(layer) for every layer 0..n_layer, averaged over the sequences idx (B, T)."""
+    return layer_statistics(model, idx, batch_size)
 
 
 def _ranks(values):
@@ -87,3 +117,98 @@ def condensation_metrics(model, idx):
     metrics = {"cond/spearman": spearman(depth, mu), "cond/kendall": kendall(depth, mu)}
     metrics.update({f"cond/mean_cos_l{layer}": m for layer, m in enumerate(mu)})
     return metrics
+
+
+# -----------------------------------------------------------------------------
+# The picture: python condensation.py --out_dir=...
+
+@dataclass
+class PictureConfig:
+    out_dir: str = "out"  # a run's directory (or a checkpoint file)
+    which: str = "best"  # checkpoint in out_dir: 'best' (best.pt) | 'last' (last.pt)
+    num_seqs: int = 100  # held-out sequences, evenly spaced over the val split (the paper uses ~100)
+    seq_len: int = 512  # tokens per sequence (the paper: 512); capped at the model's block_size
+    data_dir: str = ""  # token files to take the val split from; '' = the data_dir the checkpoint trained on
+    out: str = ""  # the PNG to write; '' = <out_dir>/condensation.png
+    batch_size: int = 8  # sequences per forward pass
+    device: str = "auto"  # 'auto' | 'cpu' | 'cuda' | 'mps'
+
+
+def import_pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("condensation.py: error: the picture needs matplotlib: pip install matplotlib")
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def draw(counts, mu, title, path):
+    """The paper's figure: left, the density of the token-pair cosines per layer, coloured by relative depth;
+    right, mu against relative depth with its rank correlations."""
+    plt = import_pyplot()
+    from matplotlib.cm import ScalarMappable
+    n = len(mu) - 1  # layers are 0..n
+    depth = [layer / n for layer in range(n + 1)]  # layer / (n_layers - 1)
+    cmap = plt.get_cmap("viridis")
+    edges = torch.linspace(-1, 1, counts.size(1) + 1)
+    density = counts / counts.sum(dim=1, keepdim=True) / (edges[1] - edges[0])  # each layer integrates to 1
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw=dict(width_ratios=[1.4, 1]))
+    for layer in range(n + 1):
+        left.stairs(density[layer].numpy(), edges.numpy(), color=cmap(depth[layer]), linewidth=1.3)
+    left.set(xlim=(-1, 1), yscale="log", xlabel="cosine similarity of token pairs (i != j)", ylabel="density (log scale)",
+             title="cosine distribution per layer")
+    fig.colorbar(ScalarMappable(cmap=cmap), ax=left, label="layer / (n_layers - 1)")
+    right.plot(depth, mu, color="0.6", zorder=1)
+    right.scatter(depth, mu, c=depth, cmap=cmap, vmin=0, vmax=1, zorder=2)
+    rho, tau = spearman(depth, mu), kendall(depth, mu)
+    right.set(xlim=(-0.05, 1.05), ylim=(min(0.0, min(mu) - 0.05), 1.0), xlabel="layer / (n_layers - 1)",
+              ylabel="mean cosine mu(layer)", title=f"Spearman {rho:+.2f}, Kendall {tau:+.2f}")
+    right.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    from train import fixed_windows, stack_windows  # the same evenly spaced val windows as train.py's diagnostic
+    opt = parse_args(PictureConfig, argv)
+    if opt.which not in CHECKPOINT_NAMES:
+        raise ConfigError(f"which must be one of {', '.join(CHECKPOINT_NAMES)}, not {opt.which!r}")
+    if opt.num_seqs <= 0 or opt.seq_len < 2 or opt.batch_size <= 0:
+        raise ConfigError("num_seqs and batch_size must be positive and seq_len at least 2")
+    import_pyplot()  # fail before the slow part when matplotlib is missing
+    path = find_checkpoint(opt.out_dir, opt.which)
+    ckpt = load_checkpoint(path)
+    data_dir = opt.data_dir or ckpt.get("config", {}).get("data_dir")
+    if not data_dir:
+        raise DataError(f"{path} does not say which data it was trained on: pass --data_dir=...")
+    device = select_device(opt.device)
+    model = model_from_checkpoint(ckpt).to(device)
+    seq_len = min(opt.seq_len, model.config.block_size)
+    if seq_len < opt.seq_len:
+        print(f"seq_len {opt.seq_len} > the model's block_size: using {seq_len}")
+    val_tokens, _ = open_split(data_dir, "val")
+    x, _ = stack_windows(val_tokens, fixed_windows(val_tokens, opt.num_seqs, seq_len), seq_len)
+    with autocast(device, select_dtype("auto", device)):
+        mu, counts = layer_statistics(model, x.to(device), opt.batch_size, bins=BINS)
+    depth = list(range(len(mu)))
+    print(f"{path} (iter {ckpt.get('iter_num', '?')}): {opt.num_seqs} val sequences of {seq_len} tokens from {data_dir}")
+    for layer, m in enumerate(mu):
+        name = "embedding" if layer == 0 else "final (post-LN)" if layer == len(mu) - 1 else f"block {layer - 1}"
+        print(f"layer {layer:2d} {name:>16}: mean cosine {m:+.4f}")
+    print(f"condensation: spearman {spearman(depth, mu):+.3f} | kendall {kendall(depth, mu):+.3f}")
+    out = opt.out or os.path.join(os.path.dirname(path), "condensation.png")
+    draw(counts, mu, f"{path} (iter {ckpt.get('iter_num', '?')}), {opt.num_seqs} x {seq_len} val tokens", out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"condensation.py: config error: {e}")
+    except DataError as e:
+        sys.exit(f"condensation.py: error: {e}")

@@ -75,9 +75,9 @@ class ConfigError(ValueError):
     """A mistake in a config file or a command-line override: reported as one line, no traceback."""
 
 
-def _convert(key, value, kind):
-    """value (from a config file, or a string from the command line) as type kind, or ConfigError."""
-    if isinstance(value, str) and kind is not str:
+def _convert(key, value, kind, from_cli):
+    """value (a Python value from a config file, or a string from the command line) as type kind."""
+    if from_cli and kind is not str:
         text = value
         if kind is bool and text.lower() in ("true", "false"):
             return text.lower() == "true"
@@ -92,12 +92,12 @@ def _convert(key, value, kind):
     return value
 
 
-def _set(values, known, key, value, where):
+def _set(values, known, key, value, where, from_cli=False):
     if key not in known:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown key {key!r} in {where}{hint}")
-    values[key] = _convert(key, value, known[key])
+    values[key] = _convert(key, value, known[key], from_cli)
 
 
 def read_config_file(path):
@@ -133,7 +133,7 @@ def parse_args(cls, argv):
                 if known.get(key) is not bool:
                     raise ConfigError(f"--{key} needs a value: --{key}=...")
                 value = "True"
-            _set(values, known, key, value, "the command line")
+            _set(values, known, key, value, "the command line", from_cli=True)
     try:
         config = cls(**values)
     except ValueError as e:  # checks in __post_init__

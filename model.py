@@ -146,12 +146,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         is_causal = True
         if cache is not None:  # write this step's keys/values, attend over everything cached so far
+            assert T == 1 or cache.pos == 0, "the cache takes a prefill from position 0, then one token at a time"
+            # a prefill is causal within itself; a single new token sees every cached position. An if on pos,
+            # not is_causal = T > 1: under torch.compile T and pos may be symbolic, and is_causal must be a bool
+            is_causal = True if cache.pos == 0 else False
             end = cache.pos + T
             cache.k[layer][:, :, cache.pos:end] = k
             cache.v[layer][:, :, cache.pos:end] = v
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-            assert T == 1 or cache.pos == 0, "the cache takes a prefill from position 0, then one token at a time"
-            is_causal = T > 1  # a single new token may see every cached position
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -258,7 +260,7 @@ def dispersion_loss(z, variant="angular_spread", tau=1.0, max_tokens=256, clamp=
             scores = (-sq_dist / tau).masked_fill(~off_diagonal, float("-inf"))
             return (torch.logsumexp(scores.flatten(1), dim=1) - log_pairs).mean() + 0.1 * z.square().mean()
         # decorrelation: squared off-diagonal correlations between tokens (each standardised over features)
-        zs = (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-5)
+        zs = (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True, correction=0) + 1e-5)  # population std: a true correlation
         corr = zs @ zs.transpose(1, 2) / z.size(-1)
         return (corr.square() * off_diagonal).sum((1, 2)).div(L * (L - 1)).mean()
 
@@ -422,7 +424,8 @@ class GPT(nn.Module):
         torch.Generator per sequence, so each row's sample depends only on its own seed. Stops early once
         every row has produced stop_token (finished rows keep emitting stop_token)."""
         B, block = idx.size(0), self.config.block_size
-        dtype = self.lm_head.weight.dtype if not torch.is_autocast_enabled() else torch.get_autocast_dtype(idx.device.type)
+        device_type = idx.device.type  # is_autocast_enabled() without it asks about CUDA only
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.lm_head.weight.dtype
         cache = KVCache(self.config, B, idx.device, dtype)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         context = idx[:, -block:]
@@ -510,5 +513,7 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generators=Non
         u = torch.stack([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
         u = u.to(probs.device)
     cdf = probs.double().cumsum(-1)
-    token = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+    # right=True: the first cdf entry strictly above the draw, so a zero-probability token (a flat step of the
+    # cdf) can never be picked, not even when the draw is exactly 0
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
     return token.clamp(max=probs.size(-1) - 1)

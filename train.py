@@ -78,6 +78,10 @@ def to_device(t, device):
     return t.to(device)
 
 
+def batch_to_device(windows, first, count, device):
+    return tuple(to_device(t, device) for t in windows.batch(first, count))
+
+
 # -----------------------------------------------------------------------------
 # Learning-rate schedule
 
@@ -124,6 +128,36 @@ def build_model(cfg, resume_ckpt):
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     assert not unexpected and all(k.endswith("_mult") for k in missing), (missing, unexpected)
     return model
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step (bench.py times this same function)
+
+def make_optimizer(raw_model, cfg, device_type):
+    return raw_model.configure_optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
+                                         cfg.multiplier_weight_decay, cfg.multiplier_lr_scale, device_type)
+
+
+def train_step(model, optimizer, scaler, ctx, get_batch, accum, clip_params, grad_clip, ddp=False):
+    """Accumulate gradients over `accum` micro-batches (get_batch(i) -> x, y on the device; under DDP the
+    gradients are synchronised on the last one only), clip, and step. Returns the sums over micro-batches of
+    [CE, dispersion] (a device tensor: reading it waits for the GPU) and the global grad norm."""
+    sums = None
+    for micro in range(accum):
+        x, y = get_batch(micro)  # fetched while the GPU still runs the previous micro-batch
+        with model.no_sync() if ddp and micro < accum - 1 else nullcontext():
+            with ctx:
+                _, losses = model(x, y)
+            scaler.scale(losses["loss"] / accum).backward()
+        ce = losses["ce"].detach().float()
+        step_sums = torch.stack([ce, losses["dispersion"].detach().float() if "dispersion" in losses else 0 * ce])
+        sums = step_sums if sums is None else sums + step_sums
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(clip_params, grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm
 
 
 # -----------------------------------------------------------------------------
@@ -210,9 +244,7 @@ def main(argv):
         raise ConfigError(f"{cfg.out_dir} already holds checkpoints: continue with --init_from=resume, "
                           f"or choose another out_dir")
     raw_model = build_model(cfg, resume_ckpt).to(device)
-    optimizer = raw_model.configure_optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                              cfg.adam_eps, cfg.multiplier_weight_decay, cfg.multiplier_lr_scale,
-                                              device_type)
+    optimizer = make_optimizer(raw_model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     clip_params = [p for n, p in raw_model.named_parameters() if not n.endswith("_mult")]  # paper: no multipliers
     iter_num, data_position, best_val_loss = 0, 0, float("inf")
@@ -263,6 +295,8 @@ def main(argv):
             dist.all_reduce(total)
         model.train()
         val_loss = (total[0] / total[1]).item()
+        if not math.isfinite(val_loss):
+            raise FloatingPointError(f"val loss is {val_loss} at iter {iter_num}: stopped without saving")
         result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / val_bytes_per_token}
         if cond_starts and master:
             x, _ = stack_windows(val_tokens, cond_starts, cond_len)
@@ -290,15 +324,13 @@ def main(argv):
     signal.signal(signal.SIGTERM, request_stop)
 
     # --- the training loop
-    next_window = data_position + rank * accum * cfg.batch_size  # this rank's first window of the step
-    x, y = (to_device(t, device) for t in windows.batch(next_window, cfg.batch_size))
     stopping, steps_timed, t0 = False, 0, time.time()
     while True:
         # evaluate and checkpoint every eval_interval steps and at the end (a resumed run's checkpoint holds
         # the evaluation of its first iteration already); a stop request saves without evaluating
         done = iter_num >= cfg.max_iters or stopping
         just_resumed = iter_num == start_iter > 0 and not cfg.eval_only
-        if (done or iter_num % cfg.eval_interval == 0) and not just_resumed:
+        if (done or cfg.eval_only or iter_num % cfg.eval_interval == 0) and not just_resumed:
             if not stopping:
                 result = evaluate()
                 if master:
@@ -318,28 +350,14 @@ def main(argv):
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        sums = torch.zeros(3, device=device)  # ce, dispersion, stop votes
-        for micro in range(accum):
-            with nullcontext() if not ddp or micro == accum - 1 else model.no_sync():
-                with ctx:
-                    _, losses = model(x, y)
-                if micro + 1 < accum:  # fetch the next micro-batch while the GPU works
-                    x, y = (to_device(t, device) for t in windows.batch(next_window + (micro + 1) * cfg.batch_size, cfg.batch_size))
-                scaler.scale(losses["loss"] / accum).backward()
-            sums[0] += losses["ce"].detach().float()
-            if "dispersion" in losses:
-                sums[1] += losses["dispersion"].detach().float()
+        first = data_position + rank * accum * cfg.batch_size  # this rank's windows of the step
+        sums, grad_norm = train_step(model, optimizer, scaler, ctx,
+                                     lambda m: batch_to_device(windows, first + m * cfg.batch_size, cfg.batch_size, device),
+                                     accum, clip_params, cfg.grad_clip, ddp)
         data_position += cfg.gradient_accumulation_steps * cfg.batch_size
-        next_window = data_position + rank * accum * cfg.batch_size
-        x, y = (to_device(t, device) for t in windows.batch(next_window, cfg.batch_size))
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
 
         # the true mean over every micro-batch of every rank; .tolist() waits for the GPU once per step
-        sums[2] = float(bool(stop_signal))
+        sums = torch.cat([sums, torch.tensor([float(bool(stop_signal))], device=device)])  # + stop votes
         if ddp:
             dist.all_reduce(sums)
         ce, disp, stop_votes = sums.tolist()

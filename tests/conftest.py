@@ -41,3 +41,24 @@ def sample_parquet():
     if not SAMPLE_PARQUET.exists():
         pytest.skip(f"{SAMPLE_PARQUET} not found")
     return SAMPLE_PARQUET
+
+
+@pytest.fixture(scope="session")
+def token_dir(tmp_path_factory, sample_parquet):
+    """Token files of the first 4,000 documents of the shared sample (~1.6M tokens), made once per session by
+    the real prepare.py; treat as read-only."""
+    import subprocess
+    out = tmp_path_factory.mktemp("tokens")
+    subprocess.run([sys.executable, str(REPO / "data/fineweb/prepare.py"), str(sample_parquet), f"--out_dir={out}",
+                    "--max_docs=4000", "--val_docs=200", "--num_proc=2"], check=True, capture_output=True)
+    return out
+
+
+def run_script(script, *args, timeout=600, check=True):
+    """Run one of the repo's scripts as a user would (python <script> args...) from the repo root."""
+    import subprocess
+    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result

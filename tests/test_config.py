@@ -1,0 +1,105 @@
+"""The config system: files, overrides, types, and one clear line for every mistake."""
+import pytest
+from conftest import REPO, run_script
+
+from config import ConfigError, TrainConfig, describe, load_train_config, parse_args
+
+NANOGPT_CONFIG = '''
+# config/train_shakespeare_char.py as nanoGPT ships it
+import time
+out_dir = 'out-shakespeare-char'
+eval_interval = 250 # keep frequent because we'll overfit
+eval_iters = 200
+log_interval = 10
+always_save_checkpoint = False
+wandb_log = False
+wandb_project = 'shakespeare-char'
+wandb_run_name = 'mini-gpt' + str(2)
+dataset = 'shakespeare_char'
+gradient_accumulation_steps = 1
+batch_size = 64
+block_size = 256
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.2
+learning_rate = 1e-3
+max_iters = 5000
+lr_decay_iters = 5000
+min_lr = 1e-4
+beta2 = 0.99
+warmup_iters = 100
+'''
+
+
+def test_defaults_and_every_key_documented():
+    cfg = load_train_config([])
+    assert cfg == TrainConfig()
+    text = describe(TrainConfig)
+    for key in TrainConfig.__dataclass_fields__:
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"--{key}="))
+        assert len(line.split(None, 1)[1].strip()) > 10, f"{key} has no documented meaning"
+
+
+def test_nanogpt_config_file_works(tmp_path):
+    path = tmp_path / "train_shakespeare_char.py"
+    path.write_text(NANOGPT_CONFIG)
+    cfg = load_train_config([str(path), "--batch_size=32", "--learning_rate=1", "--compile=False"])
+    assert cfg.n_layer == 6 and cfg.dropout == 0.2 and cfg.wandb_run_name == "mini-gpt2"
+    assert cfg.batch_size == 32 and cfg.compile is False
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)  # nanoGPT failed on --lr=1
+    assert cfg.data_dir == "data/shakespeare_char"
+
+
+def test_files_apply_in_order_then_overrides():
+    cfg = load_train_config([str(REPO / "config/train_fineweb_40m.py"), str(REPO / "config/ablate_dispersion.py"),
+                             "--out_dir=x=y", "--dispersion_layers=3,4"])
+    assert cfg.n_embd == 384 and cfg.dispersion_coeff == 0.1 and cfg.out_dir == "x=y"  # split on the first '='
+    assert cfg.dispersion_block_indices() == [3, 4]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--learning_rat=1e-3"], "unknown key 'learning_rat' in the command line (did you mean 'learning_rate'?)"),
+    (["--batch_size=1.5"], "batch_size expects int, got 1.5"),
+    (["--batch_size=many"], "batch_size expects int, got 'many'"),
+    (["--compile=yes"], "compile expects bool"),
+    (["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
+    (["--lr_schedule=linear"], "lr_schedule must be one of cosine, wsd"),
+    (["--multipliers=matrix"], "multipliers must be"),
+    (["--batch_size=0"], "batch_size must be positive"),
+    (["--max_iters"], "--max_iters needs a value"),
+    (["no/such/config.py"], "cannot read config file no/such/config.py"),
+])
+def test_mistakes_name_the_key(args, message):
+    with pytest.raises(ConfigError) as e:
+        load_train_config(args)
+    assert message in str(e.value)
+
+
+def test_wrong_type_in_file(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("n_layer = '12'\nwarmup = 5\n")
+    with pytest.raises(ConfigError, match="n_layer expects int, got '12'"):
+        load_train_config([str(path)])
+    path.write_text("n_layer = 12\nwarmup = 5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'warmup' in .*c.py \(did you mean 'warmup_iters'\?\)"):
+        load_train_config([str(path)])
+
+
+def test_bool_flag_without_value():
+    assert parse_args(TrainConfig, ["--eval_only"]).eval_only is True
+
+
+def test_train_py_reports_one_line(tmp_path):
+    result = run_script("train.py", "config/train_tiny.py", "--n_layr=2", check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip() == ("train.py: config error: unknown key 'n_layr' in the command line "
+                                     "(did you mean 'n_layer'?)")
+    result = run_script("train.py", "config/train_tiny.py", f"--data_dir={tmp_path}", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "no token data" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_keys():
+    result = run_script("train.py", "--help")
+    assert "--dispersion_coeff=0.0" in result.stdout and "--learning_rate=0.0006" in result.stdout

@@ -1,0 +1,206 @@
+"""train.py: schedule, data order, and whole runs through the real entry point (learning, checkpoints,
+exact resume, clean stops, crash safety)."""
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_script
+
+from common import load_checkpoint
+from config import load_train_config
+from train import TrainWindows, fixed_windows, get_lr
+
+# a few-second version of config/train_tiny.py
+FAST = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
+        "--gradient_accumulation_steps=2", "--eval_iters=2", "--condensation_seqs=2", "--log_interval=1"]
+
+
+def metrics(out_dir, kind):
+    with open(out_dir / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- units
+
+def test_cosine_schedule():
+    cfg = load_train_config(["--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_iters=10", "--lr_decay_iters=110"])
+    lrs = [get_lr(it, cfg) for it in range(130)]
+    assert lrs[0] == pytest.approx(1e-3 / 11) and lrs[9] == pytest.approx(1e-3 * 10 / 11)
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4)  # half-way: the cosine's midpoint
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[110] == lrs[129] == 1e-4
+
+
+def test_wsd_and_constant_schedules():
+    cfg = load_train_config(["--lr_schedule=wsd", "--learning_rate=1e-3", "--min_lr=0.0", "--warmup_iters=10",
+                             "--lr_decay_iters=100", "--wsd_decay_frac=0.2"])
+    assert get_lr(10, cfg) == get_lr(80, cfg) == 1e-3  # stable phase
+    assert get_lr(90, cfg) == pytest.approx(0.5e-3)  # linear decay over the last 20 steps
+    assert get_lr(100, cfg) == 0.0
+    cfg = load_train_config(["--decay_lr=False", "--warmup_iters=0", "--learning_rate=1e-3"])
+    assert get_lr(0, cfg) == get_lr(10**6, cfg) == 1e-3
+
+
+def test_windows_are_drawn_without_replacement():
+    tokens = np.arange(1000, dtype=np.uint16)
+    windows = TrainWindows(tokens, block_size=10, seed=3)
+    n = windows.per_epoch
+    epoch0 = [windows.start(i) for i in range(n)]
+    epoch1 = [windows.start(n + i) for i in range(n)]
+    assert len(set(epoch0)) == n and len(set(epoch1)) == n  # every window once per epoch
+    offset0 = min(epoch0)
+    assert sorted(epoch0) == list(range(offset0, offset0 + 10 * n, 10))  # non-overlapping, one shifted grid
+    assert epoch0 != epoch1  # a new order (and offset) each epoch
+    assert max(epoch0 + epoch1) + 11 <= len(tokens)
+    assert epoch0 == [TrainWindows(tokens, 10, 3).start(i) for i in range(n)]  # the seed fixes the order
+    x, y = windows.batch(5, 3)
+    assert x.shape == (3, 10) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_validation_windows_are_fixed():
+    tokens = np.zeros(10_000, dtype=np.uint16)
+    starts = fixed_windows(tokens, 7, 64)
+    assert starts == fixed_windows(tokens, 7, 64) and starts[0] == 0 and starts[-1] == 10_000 - 65
+
+
+def test_atomic_save_survives_kill_9(tmp_path):
+    """kill -9 in the middle of writing a checkpoint leaves the previous one loadable."""
+    path = tmp_path / "last.pt"
+    writer = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from common import save_checkpoint
+i = 0
+while True:
+    save_checkpoint({{"model": {{"w": torch.full((4_000_000,), float(i))}}, "model_args": {{}}, "i": i}}, {str(path)!r})
+    i += 1
+    print(i, flush=True)
+"""
+    for delay in (0.5, 0.9, 1.3):
+        proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one complete checkpoint exists
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        ckpt = load_checkpoint(str(path))
+        assert torch.all(ckpt["model"]["w"] == ckpt["i"])
+
+
+# --- whole runs
+
+def test_tiny_config_learns(tmp_path, token_dir):
+    """config/train_tiny.py as shipped (shortened): val loss falls far below ln(50304) ~ 10.8 and keeps falling."""
+    out = tmp_path / "out"
+    result = run_script("train.py", "config/train_tiny.py", f"--data_dir={token_dir}", f"--out_dir={out}",
+                        "--max_iters=60", "--eval_interval=20", "--lr_decay_iters=60", "--warmup_iters=10")
+    evals = [r["val_loss"] for r in metrics(out, "eval")]
+    assert len(evals) == 4 and evals[0] > 10.0
+    assert evals[-1] < 7.0 and evals[1] > evals[2] > evals[3]
+    assert (out / "last.pt").exists() and (out / "best.pt").exists()
+    assert "val bpb" in result.stdout and "tok/s" in result.stdout
+    best = load_checkpoint(str(out / "best.pt"))
+    assert best["iter_num"] == 60 and best["best_val_loss"] == min(evals)
+    assert best["config"]["max_iters"] == 60 and best["data_position"] == 60 * 8 * 2
+
+
+def test_best_is_kept_when_val_loss_rises(tmp_path, token_dir):
+    """nanoGPT overwrote best_val_loss with the latest; ours keeps the best. A resumed run with an absurd
+    learning rate makes the val loss rise: best.pt must stay at the earlier, better step."""
+    out = tmp_path / "out"
+    common = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}", "--eval_interval=3"]
+    run_script("train.py", *common, "--max_iters=6")
+    run_script("train.py", *common, "--max_iters=9", "--init_from=resume", "--learning_rate=0.3", "--warmup_iters=0")
+    evals = {r["iter"]: r["val_loss"] for r in metrics(out, "eval")}
+    assert evals[9] > evals[6], "setup: the loss should rise"
+    best = load_checkpoint(str(out / "best.pt"))
+    assert best["iter_num"] == 6 and best["best_val_loss"] == evals[6]
+    assert load_checkpoint(str(out / "last.pt"))["iter_num"] == 9
+
+
+def test_resume_is_exact(tmp_path, token_dir):
+    """Stopped at step 6 and resumed == uninterrupted: identical losses and bit-identical weights (CPU)."""
+    common = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", "--eval_interval=3", "--lr_decay_iters=10",
+              "--warmup_iters=2", "--dispersion_coeff=0.1", "--dispersion_max_tokens=16"]  # random subsets too
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_script("train.py", *common, f"--out_dir={full}", "--max_iters=10")
+    run_script("train.py", *common, f"--out_dir={part}", "--max_iters=6")
+    result = run_script("train.py", *common, f"--out_dir={part}", "--max_iters=10", "--init_from=resume")
+    assert "resumed from" in result.stdout
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms", "tok_s")} for r in rows]
+    assert strip(metrics(full, "train")) == strip(metrics(part, "train"))
+    assert [r["iter"] for r in metrics(part, "train")] == list(range(10))  # no duplicates after resume
+    a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(part / "last.pt"))
+    assert a["iter_num"] == b["iter_num"] == 10
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_sigterm_saves_and_resume_continues_exactly(tmp_path, token_dir):
+    common = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", "--eval_interval=1000",
+              "--lr_decay_iters=20", "--warmup_iters=2"]
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "train.py", *common, f"--out_dir={stopped}", "--max_iters=20"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until a few steps ran
+        if line.startswith("iter      3"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    output = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, output
+    k = load_checkpoint(str(stopped / "last.pt"))["iter_num"]
+    assert 4 <= k < 20 and "SIGTERM" in output
+    run_script("train.py", *common, f"--out_dir={stopped}", "--max_iters=20", "--init_from=resume")
+    full = tmp_path / "full"
+    run_script("train.py", *common, f"--out_dir={full}", "--max_iters=20")
+    a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(stopped / "last.pt"))
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+
+
+def test_kill_9_during_checkpointing_leaves_a_loadable_checkpoint(tmp_path, token_dir):
+    out = tmp_path / "out"
+    args = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}", "--eval_interval=1",
+            "--max_iters=1000", "--condensation_seqs=0"]  # a checkpoint write after every step
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter      4"):
+            break
+    proc.kill()
+    proc.wait()
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["iter_num"] >= 4
+    run_script("train.py", *args[:-2], "--max_iters=8", "--init_from=resume")  # and the run continues from it
+    assert load_checkpoint(str(out / "last.pt"))["iter_num"] == 8
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, token_dir):
+    out = tmp_path / "out"
+    common = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}", "--eval_interval=100"]
+    run_script("train.py", *common, "--max_iters=3")
+    before = sha(out / "last.pt")
+    result = run_script("train.py", *common, "--max_iters=50", "--init_from=resume", "--learning_rate=1e30",
+                        "--warmup_iters=0", "--grad_clip=0", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "stopped without saving" in result.stderr and "last.pt" in result.stderr
+    assert sha(out / "last.pt") == before
+
+
+def test_refuses_to_overwrite_a_run_and_eval_only(tmp_path, token_dir):
+    out = tmp_path / "out"
+    common = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}"]
+    run_script("train.py", *common, "--max_iters=2")
+    result = run_script("train.py", *common, "--max_iters=2", check=False)
+    assert result.returncode != 0 and "already holds checkpoints" in result.stderr
+    result = run_script("train.py", *common, "--init_from=resume", "--eval_only")
+    assert "eval 2: val loss" in result.stdout
