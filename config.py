@@ -172,7 +172,7 @@ def describe(cls):
             m = re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line)
             if m:
                 comments[m.group(1)] = m.group(2)
-    rows = [f"  --{f.name}={f.default!r:<20} {comments.get(f.name, '')}" for f in fields(cls) if f.default is not MISSING]
+    rows = [f"  {f'--{f.name}={f.default!r}':<40} {comments.get(f.name, '')}" for f in fields(cls) if f.default is not MISSING]
     return "keys (set in a config file or as --key=value):\n" + "\n".join(rows)
 
 

@@ -13,7 +13,7 @@ Features (all off or plain by default, switched on through GPTConfig):
 - KV-cache generation (generate), nanoGPT checkpoint keys, and HF GPT-2 weights (from_pretrained).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -89,23 +89,25 @@ class Linear(nn.Linear):
             self.scale_mult = nn.Parameter(torch.ones(1))
 
     def forward(self, x):
-        if self.multipliers == "none":
-            return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def effective_weight(self):
+        """r[:, None] * W * c[None, :] (or s * W). Scaling the weight rather than the activations computes
+        the same y = r * (W (c * x)) but saves exactly the plain layer's activations for backward (scaling
+        bf16 activations by float32 multipliers would keep float32 copies of every output)."""
         if self.multipliers == "vector":
-            y = F.linear(x * self.col_mult, self.weight) * self.row_mult
-        else:
-            y = F.linear(x, self.weight) * self.scale_mult
-        return y if self.bias is None else y + self.bias
+            return self.weight * self.row_mult[:, None] * self.col_mult[None, :]
+        if self.multipliers == "scalar":
+            return self.weight * self.scale_mult
+        return self.weight
 
     @torch.no_grad()
     def merge_multipliers(self):
         """Fold the multipliers into the weight: afterwards a plain Linear computing the same function."""
-        if self.multipliers == "vector":
-            self.weight.mul_(self.row_mult[:, None] * self.col_mult[None, :])
-            del self.row_mult, self.col_mult
-        elif self.multipliers == "scalar":
-            self.weight.mul_(self.scale_mult)
-            del self.scale_mult
+        self.weight.copy_(self.effective_weight())
+        for name in ("row_mult", "col_mult", "scale_mult"):
+            if hasattr(self, name):
+                delattr(self, name)
         self.multipliers = "none"
 
 
@@ -126,8 +128,10 @@ class KVCache:
 
     def __init__(self, config, batch_size, device, dtype):
         shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        # empty, not zeros: attention only reads positions already written (zeroing took ~0.1 s per generate
+        # call for the 40M model on our 2-core CPU)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0
 
 
@@ -260,7 +264,7 @@ def dispersion_loss(z, variant="angular_spread", tau=1.0, max_tokens=256, clamp=
             scores = (-sq_dist / tau).masked_fill(~off_diagonal, float("-inf"))
             return (torch.logsumexp(scores.flatten(1), dim=1) - log_pairs).mean() + 0.1 * z.square().mean()
         # decorrelation: squared off-diagonal correlations between tokens (each standardised over features)
-        zs = (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True, correction=0) + 1e-5)  # population std: a true correlation
+        zs = (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True, correction=0) + 1e-5)  # population std
         corr = zs @ zs.transpose(1, 2) / z.size(-1)
         return (corr.square() * off_diagonal).sum((1, 2)).div(L * (L - 1)).mean()
 
@@ -356,6 +360,11 @@ class GPT(nn.Module):
     def multiplier_parameters(self):
         return [p for n, p in self.named_parameters() if n.endswith(MULTIPLIER_SUFFIX)]
 
+    def parameters_to_clip(self):
+        """Everything but the multipliers: the paper computes the clipping norm without them (including
+        them made early clipping far too aggressive) and does not clip them."""
+        return [p for n, p in self.named_parameters() if not n.endswith(MULTIPLIER_SUFFIX)]
+
     def configure_optimizer(self, learning_rate, weight_decay, betas, eps, multiplier_weight_decay,
                             multiplier_lr_scale, device_type):
         """AdamW with three groups: matrices (weight_decay), vectors and gains (no decay) and learnable
@@ -381,14 +390,17 @@ class GPT(nn.Module):
         if not mults:
             return {}
         flat = torch.cat([p.detach().float().flatten() for p in mults])
-        stats = {"mult/min": flat.min().item(), "mult/max": flat.max().item(), "mult/rms": flat.square().mean().sqrt().item()}
+        stats = {"mult/min": flat.min(), "mult/max": flat.max(), "mult/rms": flat.square().mean().sqrt()}
+        rms = lambda v: v.float().square().mean().sqrt()
         if self.config.multipliers == "vector":
             C = self.config.n_embd
             for i, block in enumerate(self.transformer.h):
                 r = block.attn.c_attn.row_mult.float()
-                stats[f"mult/h{i}.qk_ratio"] = (r[:C].norm() / r[C:2 * C].norm()).item()
-                stats[f"mult/h{i}.attn_out_rms"] = block.attn.c_proj.row_mult.float().square().mean().sqrt().item()
-                stats[f"mult/h{i}.mlp_out_rms"] = block.mlp.c_proj.row_mult.float().square().mean().sqrt().item()
+                stats[f"mult/h{i}.qk_ratio"] = r[:C].norm() / r[C:2 * C].norm()
+                stats[f"mult/h{i}.attn_out_rms"] = rms(block.attn.c_proj.row_mult)
+                stats[f"mult/h{i}.mlp_out_rms"] = rms(block.mlp.c_proj.row_mult)
+        values = torch.stack(list(stats.values())).tolist()  # one GPU sync, not one per statistic
+        stats = dict(zip(stats, values))
         return stats
 
     @torch.no_grad()
@@ -403,12 +415,14 @@ class GPT(nn.Module):
             if isinstance(module, Linear):
                 module.merge_multipliers()
         c = self.wte_mult.detach()
+        if c.abs().min() < 1e-6:
+            raise ValueError("an embedding multiplier is ~0: merging would divide the final LayerNorm by it")
         self.transformer.wte.weight.mul_(c)
         self.transformer.ln_f.weight.div_(c)
         if self.transformer.ln_f.bias is not None:
             self.transformer.ln_f.bias.div_(c)
         del self.wte_mult
-        self.config.multipliers = "none"
+        self.config = replace(self.config, multipliers="none")  # a copy: the config may be shared
         return self
 
     # -------------------------------------------------------------------------
@@ -430,7 +444,7 @@ class GPT(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         context = idx[:, -block:]
         x, _ = self.hidden_states(context, cache)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = self.lm_head(x[:, -1, :]).float()  # (B, V)
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = float("-inf")  # padded vocab slots are not real tokens
@@ -439,12 +453,13 @@ class GPT(nn.Module):
                 token = token.masked_fill(finished, stop_token)
                 finished |= token == stop_token
             yield token
-            if stop_token is not None and finished.all():
-                return
+            if step == max_new_tokens - 1 or (stop_token is not None and finished.all()):
+                return  # no forward pass for a token nobody will read
             context = torch.cat([context, token.unsqueeze(1)], dim=1)
             if context.size(1) <= block:
                 x, _ = self.hidden_states(context[:, -1:], cache)
-            else:
+            else:  # the window slides: every position shifts, so the whole window is prefilled again (as costly
+                # as a step of full recomputation; exact, unlike reusing keys computed at other positions)
                 context = context[:, -block:]
                 cache.pos = 0
                 x, _ = self.hidden_states(context, cache)

@@ -28,7 +28,7 @@ from common import (DataError, autocast, find_checkpoint, load_checkpoint, model
                     peak_flops, save_checkpoint, select_device, select_dtype)
 from condensation import condensation_metrics
 from config import ConfigError, load_train_config, model_args
-from model import ARCH_KEYS, GPT, GPTConfig
+from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
 
 # -----------------------------------------------------------------------------
 # Data: training windows without replacement, validation on fixed windows
@@ -126,7 +126,7 @@ def build_model(cfg, resume_ckpt):
     source.merge_multipliers()
     model = GPT(GPTConfig(**{**args, **{k: getattr(source.config, k) for k in ARCH_KEYS if k != "multipliers"}}))
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    assert not unexpected and all(k.endswith("_mult") for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.endswith(MULTIPLIER_SUFFIX) for k in missing), (missing, unexpected)
     return model
 
 
@@ -246,10 +246,13 @@ def main(argv):
     raw_model = build_model(cfg, resume_ckpt).to(device)
     optimizer = make_optimizer(raw_model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    clip_params = [p for n, p in raw_model.named_parameters() if not n.endswith("_mult")]  # paper: no multipliers
+    clip_params = raw_model.parameters_to_clip()
     iter_num, data_position, best_val_loss = 0, 0, float("inf")
     if resume_ckpt is not None:
+        wanted = [{k: g[k] for k in ("weight_decay", "lr_scale", "betas", "eps")} for g in optimizer.param_groups]
         optimizer.load_state_dict(resume_ckpt["optimizer"])
+        for group, settings in zip(optimizer.param_groups, wanted):  # this run's settings, not the checkpoint's
+            group.update(settings)
         scaler.load_state_dict(resume_ckpt["scaler"])
         iter_num, data_position = resume_ckpt["iter_num"], resume_ckpt["data_position"]
         best_val_loss = resume_ckpt["best_val_loss"]
