@@ -157,8 +157,8 @@ def draw(counts, mu, title, path):
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw=dict(width_ratios=[1.4, 1]))
     for layer in range(n + 1):
         left.stairs(density[layer].numpy(), edges.numpy(), color=cmap(depth[layer]), linewidth=1.3)
-    left.set(xlim=(-1, 1), yscale="log", xlabel="cosine similarity of token pairs (i != j)", ylabel="density (log scale)",
-             title="cosine distribution per layer")
+    left.set(xlim=(-1, 1), yscale="log", xlabel="cosine similarity of token pairs (i != j)",
+             ylabel="density (log scale)", title="cosine distribution per layer")
     fig.colorbar(ScalarMappable(cmap=cmap), ax=left, label="layer / (n_layers - 1)")
     right.plot(depth, mu, color="0.6", zorder=1)
     right.scatter(depth, mu, c=depth, cmap=cmap, vmin=0, vmax=1, zorder=2)
@@ -181,6 +181,9 @@ def main(argv):
         raise ConfigError("num_seqs and batch_size must be positive and seq_len at least 2")
     import_pyplot()  # fail before the slow part when matplotlib is missing
     path = find_checkpoint(opt.out_dir, opt.which)
+    out = opt.out or os.path.join(os.path.dirname(path), "condensation.png")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise DataError(f"cannot write {out}: no such directory")
     ckpt = load_checkpoint(path)
     data_dir = opt.data_dir or ckpt.get("config", {}).get("data_dir")
     if not data_dir:
@@ -195,13 +198,13 @@ def main(argv):
     with autocast(device, select_dtype("auto", device)):
         mu, counts = layer_statistics(model, x.to(device), opt.batch_size, bins=BINS)
     depth = list(range(len(mu)))
-    print(f"{path} (iter {ckpt.get('iter_num', '?')}): {opt.num_seqs} val sequences of {seq_len} tokens from {data_dir}")
+    iteration = ckpt.get("iter_num", "?")
+    print(f"{path} (iter {iteration}): {opt.num_seqs} val sequences of {seq_len} tokens from {data_dir}")
     for layer, m in enumerate(mu):
         name = "embedding" if layer == 0 else "final (post-LN)" if layer == len(mu) - 1 else f"block {layer - 1}"
         print(f"layer {layer:2d} {name:>16}: mean cosine {m:+.4f}")
     print(f"condensation: spearman {spearman(depth, mu):+.3f} | kendall {kendall(depth, mu):+.3f}")
-    out = opt.out or os.path.join(os.path.dirname(path), "condensation.png")
-    draw(counts, mu, f"{path} (iter {ckpt.get('iter_num', '?')}), {opt.num_seqs} x {seq_len} val tokens", out)
+    draw(counts, mu, f"{path} (iter {iteration}), {opt.num_seqs} x {seq_len} val tokens", out)
     print(f"wrote {out}")
 
 

@@ -56,6 +56,10 @@ class GPTConfig:
             raise ValueError(f"dispersion_variant must be one of {', '.join(DISPERSION_VARIANTS)}")
         if self.gelu_approximate not in ("none", "tanh"):
             raise ValueError(f"gelu_approximate must be 'none' or 'tanh', not {self.gelu_approximate!r}")
+        if self.dispersion_coeff < 0 or self.dispersion_tau <= 0 or not 0 <= self.dispersion_clamp < 1 or self.dispersion_eps < 0:
+            raise ValueError("dispersion_coeff must be >= 0, dispersion_tau > 0, dispersion_clamp in [0, 1), dispersion_eps >= 0")
+        if self.dispersion_max_tokens < 2:
+            raise ValueError("dispersion_max_tokens must be at least 2: the loss needs token pairs")
         self.dispersion_block_indices()  # validates dispersion_layers
 
     def dispersion_block_indices(self):

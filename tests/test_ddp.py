@@ -10,9 +10,9 @@ from conftest import REPO, run_script
 
 from common import load_checkpoint
 
-# the dispersion subsets are drawn per micro-batch on each rank, so its random draws differ between world
-# sizes; everything else is deterministic, so it stays off here
-ARGS = ["config/train_tiny.py", "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
+# both research features on; block_size 32 < dispersion_max_tokens, so no random subsets are drawn (with
+# subsampling each rank draws its own subsets, which differ from the single process's)
+ARGS = ["config/train_tiny.py", "--dispersion_coeff=0.1", "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
         "--gradient_accumulation_steps=4", "--eval_iters=4", "--eval_interval=5", "--log_interval=1",
         "--condensation_seqs=2", "--warmup_iters=2", "--lr_decay_iters=10", "--multipliers=vector"]
 
