@@ -7,6 +7,7 @@ Helpers shared by train.py, sample.py, bench.py and data/fineweb/prepare.py:
 """
 import json
 import os
+import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -24,7 +25,22 @@ SPLITS = ("train", "val")
 
 
 class DataError(Exception):
-    """A problem with user-supplied data: printed as one line, no traceback."""
+    """A problem with user-supplied data or files (or a diverged run): printed as one line, no traceback."""
+
+
+def run_main(main):
+    """Run a script's main(argv). The user's mistakes (a bad config, missing data, a bad checkpoint) end with
+    one line on stderr and exit status 1, not a traceback."""
+    from config import ConfigError  # config.py imports model.py; only scripts need this
+    name = os.path.basename(sys.argv[0])
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"{name}: config error: {e}")
+    except DataError as e:
+        sys.exit(f"{name}: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"\n{name}: interrupted")
 
 
 def read_meta(data_dir):

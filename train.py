@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -25,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (DataError, autocast, find_checkpoint, load_checkpoint, model_from_checkpoint, open_split,
-                    peak_flops, save_checkpoint, select_device, select_dtype)
+                    peak_flops, run_main, save_checkpoint, select_device, select_dtype)
 from condensation import condensation_metrics
 from config import ConfigError, load_train_config, model_args
 from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
@@ -299,7 +298,7 @@ def main(argv):
         model.train()
         val_loss = (total[0] / total[1]).item()
         if not math.isfinite(val_loss):
-            raise FloatingPointError(f"val loss is {val_loss} at iter {iter_num}: stopped without saving")
+            raise DataError(f"val loss is {val_loss} at iter {iter_num}: stopped without saving")
         result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / val_bytes_per_token}
         if cond_starts and master:
             x, _ = stack_windows(val_tokens, cond_starts, cond_len)
@@ -367,7 +366,7 @@ def main(argv):
         ce, disp, stopping = ce / cfg.gradient_accumulation_steps, disp / cfg.gradient_accumulation_steps, stop_votes > 0
         if not math.isfinite(ce):
             last = os.path.join(cfg.out_dir, "last.pt")
-            raise FloatingPointError(f"loss is {ce} at iter {iter_num}: stopped without saving (last good checkpoint: "
+            raise DataError(f"loss is {ce} at iter {iter_num}: stopped without saving (last good checkpoint: "
                                      f"{last if os.path.exists(last) else 'none yet'}); try a lower learning_rate")
         iter_num += 1
         steps_timed += 1
@@ -394,9 +393,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"train.py: config error: {e}")
-    except (DataError, FloatingPointError) as e:
-        sys.exit(f"train.py: error: {e}")
+    run_main(main)
