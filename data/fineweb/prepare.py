@@ -48,6 +48,7 @@ from common import FORMAT_NAME, FORMAT_VERSION, SPLITS, TOKEN_DTYPE, DataError, 
 HF_REPO = "HuggingFaceFW/fineweb"
 DEFAULT_INPUT = "hf:sample/10BT/000_00000.parquet"
 BATCH_ROWS = 1024  # documents per task: ~3 MB of FineWeb text, ~0.2 s of tokenizing on one core
+NUM_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 OPTIONS = ("inputs", "text_column", "val_fraction", "val_docs", "seed", "max_docs", "max_tokens",
            "min_language_score")  # the flags that change the output; recorded in meta.json
 
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--max_docs", type=int, default=None, help="stop after this many documents")
     p.add_argument("--max_tokens", type=int, default=None, help="stop before exceeding this many tokens (whole documents)")
     p.add_argument("--min_language_score", type=float, default=None, help="skip rows whose language_score is lower")
-    p.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), help="tokenizer processes")
+    p.add_argument("--num_proc", type=int, default=NUM_CPUS, help="tokenizer processes")
     p.add_argument("--cache_dir", default=None, help="download cache (default: ~/.cache/gpt-prepare, HF's own cache for hf:)")
     args = p.parse_args(argv)
     if not 0 <= args.val_fraction < 1:
@@ -119,15 +120,11 @@ def resolve_inputs(specs, cache_dir):
                 raise DataError(f"cannot download {spec[3:]} from {HF_REPO}: {e}") from None
         elif spec.startswith(("http://", "https://")):
             files.append((download_url(spec, cache_dir), spec))
-        elif os.path.isdir(spec):
-            found = sorted(glob.glob(os.path.join(spec, "**", "*.parquet"), recursive=True))
+        elif os.path.isdir(spec) or glob.has_magic(spec):
+            pattern = os.path.join(spec, "**", "*.parquet") if os.path.isdir(spec) else spec
+            found = sorted(glob.glob(pattern, recursive=True))
             if not found:
-                raise DataError(f"no .parquet files in directory {spec}")
-            files += [(f, f) for f in found]
-        elif glob.has_magic(spec):
-            found = sorted(glob.glob(spec, recursive=True))
-            if not found:
-                raise DataError(f"no files match {spec}")
+                raise DataError(f"no files match {pattern}")
             files += [(f, f) for f in found]
         elif os.path.isfile(spec):
             files.append((spec, spec))
@@ -167,11 +164,18 @@ def in_val(rows, args, val_rows):
     if val_rows is not None:
         return np.isin(rows, val_rows)
     # --val_fraction: splitmix64 hash of (seed, row) as a uniform number in [0, 1)
-    z = rows.astype(np.uint64) + np.uint64(args.seed) * np.uint64(0x9E3779B97F4A7C15)
+    z = rows.astype(np.uint64) + np.uint64(args.seed * 0x9E3779B97F4A7C15 % 2**64)  # arrays wrap mod 2**64
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < args.val_fraction
+
+
+def iter_record_batches(pf, columns):
+    """A file's record batches, one row group at a time: one iter_batches over a whole file holds on to memory
+    as it goes (pyarrow 26: peak RSS 150 MB on the sample, 430 MB on 30 copies of it); this stays flat."""
+    for row_group in range(pf.num_row_groups):
+        yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, row_groups=[row_group])
 
 
 def read_batches(sources, args, val_rows):
@@ -182,7 +186,7 @@ def read_batches(sources, args, val_rows):
     columns = [args.text_column] + (["language_score"] if args.min_language_score is not None else [])
     for pf, path, _ in sources:
         try:
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            for batch in iter_record_batches(pf, columns):
                 text = batch.column(0)
                 nbytes = pc.fill_null(pc.binary_length(text), 0).to_numpy()  # UTF-8 bytes, 0 for null and ""
                 empty, low = nbytes == 0, np.zeros(len(text), bool)
@@ -224,18 +228,31 @@ def load_tokenizer():
 def _init_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and kill are handled once, by the main process,
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # which then terminates the workers
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked by start_pool
     load_tokenizer()
+
+
+def start_pool(num_proc):
+    """Fork the workers with SIGINT/SIGTERM blocked: a Ctrl-C landing during a fork is otherwise swallowed
+    by CPython's at-fork hooks ("Exception ignored in _releaseLock") and the run goes on. Delivered after."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return mp.Pool(num_proc, initializer=_init_worker)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def encode_batch(texts):
     """-> (tokens, lengths): the documents as one uint16 array, each preceded by EOT, and each one's length."""
-    eot, flat, lens = _enc.eot_token, [], np.empty(len(texts), np.int64)
+    eot = np.array([_enc.eot_token], np.uint32)
+    lens, parts = np.empty(len(texts), np.int64), [np.empty(0, np.uint32)]  # (a batch can be all skipped rows)
     for i, text in enumerate(texts):
-        ids = _enc.encode_ordinary(text)  # ordinary: a literal "<|endoftext|>" in a page stays text
-        flat.append(eot)
-        flat += ids
+        # = encode_ordinary (no special tokens: a literal "<|endoftext|>" in a page stays text), but into a
+        # numpy buffer rather than a list of Python ints: ~15% faster
+        ids = _enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        parts += (eot, ids)
         lens[i] = len(ids) + 1
-    return np.array(flat, dtype=TOKEN_DTYPE), lens
+    return np.concatenate(parts).astype(TOKEN_DTYPE), lens  # ids < 2**16, checked in load_tokenizer
 
 
 def encode_in_order(batches, pool, depth):
@@ -263,7 +280,7 @@ def tokenize(sources, args, out):
     stats = {s: dict(documents=0, tokens=0, bytes=0) for s in SPLITS}
     skipped = dict(null_or_empty=0, below_language_score=0)
     load_tokenizer()  # before the fork, so workers start ready
-    pool = mp.Pool(args.num_proc, initializer=_init_worker) if args.num_proc > 1 else None  # 1: in this process
+    pool = start_pool(args.num_proc) if args.num_proc > 1 else None  # 1: tokenize in this process
     t0, n_tokens = time.time(), 0
     bar = tqdm(total=min(total_rows, args.max_docs or total_rows), unit="doc", unit_scale=True, desc="tokenizing")
     try:
@@ -273,15 +290,11 @@ def tokenize(sources, args, out):
                 cut = int(np.searchsorted(np.cumsum(lens), args.max_tokens - n_tokens, side="right"))
                 tokens, lens = tokens[:lens[:cut].sum()], lens[:cut]
             is_val = info["val"][:cut]
-            if is_val.any():  # rare: most batches go to train whole, without a copy
-                val_token = np.repeat(is_val, lens)
-                parts = {"train": tokens[~val_token], "val": tokens[val_token]}
-            else:
-                parts = {"train": tokens, "val": tokens[:0]}
-            for split, docs in (("train", ~is_val), ("val", is_val)):
-                out[split].write(parts[split])
+            val_token = np.repeat(is_val, lens)
+            for split, docs, part in (("train", ~is_val, tokens[~val_token]), ("val", is_val, tokens[val_token])):
+                out[split].write(part)
                 stats[split]["documents"] += int(docs.sum())
-                stats[split]["tokens"] += len(parts[split])
+                stats[split]["tokens"] += len(part)
                 stats[split]["bytes"] += int(info["bytes"][:cut][docs].sum())
             full = cut == len(info["val"])
             last_row = np.inf if full else info["rows"][cut]  # rows from here on were not used
@@ -299,56 +312,58 @@ def tokenize(sources, args, out):
     return stats, skipped, time.time() - t0
 
 
+def write_outputs(args, sources, tmp):
+    """Tokenize into the temp files tmp[...], then rename them into place. meta.json is removed first and
+    renamed last: a run stopped at any point leaves either the old complete output or no meta.json at all
+    (which read_meta refuses), never a mix."""
+    with open(tmp["train"], "wb", buffering=1 << 24) as ftrain, open(tmp["val"], "wb", buffering=1 << 24) as fval:
+        stats, skipped, seconds = tokenize(sources, args, {"train": ftrain, "val": fval})
+        for f in (ftrain, fval):  # on disk before the renames make it visible
+            f.flush()
+            os.fsync(f.fileno())
+    if sum(s["documents"] for s in stats.values()) == 0:
+        raise DataError(f"no documents in the input ({skipped['null_or_empty']} null/empty rows, "
+                        f"{skipped['below_language_score']} below --min_language_score)")
+    meta = dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype="uint16", tokenizer="gpt2",
+                vocab_size=_enc.n_vocab, eot_token=_enc.eot_token, splits=stats,
+                sources=[dict(path=os.path.abspath(path), bytes=os.path.getsize(path), rows=pf.metadata.num_rows,
+                              **({"origin": origin} if origin != path else {})) for pf, path, origin in sources],
+                skipped=skipped, options={k: getattr(args, k) for k in OPTIONS})
+    with open(tmp["meta"], "w") as f:
+        json.dump(meta, f, indent=2)
+    meta_path = os.path.join(args.out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    for split in SPLITS:
+        os.replace(tmp[split], os.path.join(args.out_dir, f"{split}.bin"))
+    os.replace(tmp["meta"], meta_path)
+    return stats, skipped, seconds
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    final = {s: os.path.join(args.out_dir, f"{s}.bin") for s in SPLITS}
-    meta_path = os.path.join(args.out_dir, "meta.json")
-    tmp_paths = {s: os.path.join(args.out_dir, f".{s}.bin.tmp{os.getpid()}") for s in SPLITS}
-    tmp_paths["meta"] = meta_path + f".tmp{os.getpid()}"
+    tmp = {name: os.path.join(args.out_dir, f".{name}.tmp{os.getpid()}") for name in (*SPLITS, "meta")}
     try:
-        enc = load_tokenizer()
-        files = resolve_inputs(args.inputs, args.cache_dir)
-        sources = open_sources(files, args.text_column, args.min_language_score is not None)
-        with open(tmp_paths["train"], "wb", buffering=1 << 24) as ftrain, open(tmp_paths["val"], "wb", buffering=1 << 24) as fval:
-            stats, skipped, seconds = tokenize(sources, args, {"train": ftrain, "val": fval})
-            for f in (ftrain, fval):  # the data must be on disk before the renames make it visible
-                f.flush()
-                os.fsync(f.fileno())
-        n_docs = sum(s["documents"] for s in stats.values())
-        if n_docs == 0:
-            raise DataError(f"no documents in the input ({skipped['null_or_empty']} null/empty rows, "
-                            f"{skipped['below_language_score']} below --min_language_score)")
-        meta = dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype="uint16", tokenizer="gpt2",
-                    vocab_size=enc.n_vocab, eot_token=enc.eot_token, splits=stats,
-                    sources=[dict(path=os.path.abspath(p), bytes=os.path.getsize(p), rows=pf.metadata.num_rows,
-                                  **({"origin": o} if o != p else {})) for (pf, p, o) in sources],
-                    skipped=skipped, options={k: getattr(args, k) for k in OPTIONS})
-        with open(tmp_paths["meta"], "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-        # meta.json goes first and comes back last: a crash in between leaves no meta.json, which read_meta refuses
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
-        for s in SPLITS:
-            os.replace(tmp_paths[s], final[s])
-        os.replace(tmp_paths["meta"], meta_path)
+        load_tokenizer()
+        sources = open_sources(resolve_inputs(args.inputs, args.cache_dir), args.text_column,
+                               args.min_language_score is not None)
+        stats, skipped, seconds = write_outputs(args, sources, tmp)
     except DataError as e:
         sys.exit(f"prepare.py: error: {' '.join(str(e).split())}")  # exit status 1, one line on stderr
     except KeyboardInterrupt:
         print("prepare.py: interrupted; partial output removed", file=sys.stderr)
         sys.exit(130)
     finally:
-        for p in tmp_paths.values():
-            if os.path.exists(p):
-                os.remove(p)
-
-    n_tokens = sum(s["tokens"] for s in stats.values())
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    docs, tokens = (sum(s[k] for s in stats.values()) for k in ("documents", "tokens"))
     print(f"wrote {args.out_dir}: " + " | ".join(
-        f"{s} {v['documents']:,} docs {v['tokens']:,} tokens {v['bytes']:,} bytes" for s, v in stats.items()))
+        f"{split} {s['documents']:,} docs {s['tokens']:,} tokens {s['bytes']:,} bytes" for split, s in stats.items()))
     print(f"skipped {skipped['null_or_empty']:,} null/empty rows, {skipped['below_language_score']:,} below language score")
-    print(f"{n_docs:,} docs, {n_tokens:,} tokens in {seconds:.1f} s: {n_docs / seconds:,.0f} docs/s, "
-          f"{n_tokens / seconds / 1e6:.2f}M tokens/s with {args.num_proc} process(es)")
+    print(f"{docs:,} docs, {tokens:,} tokens in {seconds:.1f} s: {docs / seconds:,.0f} docs/s, "
+          f"{tokens / seconds / 1e6:.2f}M tokens/s with {args.num_proc} process(es)")
     if stats["val"]["documents"] == 0:
         print("warning: the val split is empty; raise --val_fraction or --val_docs", file=sys.stderr)
 

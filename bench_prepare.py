@@ -1,0 +1,183 @@
+"""
+Benchmark data/fineweb/prepare.py against a plain single-process loop over the same parquet input
+(read with pyarrow, encode_ordinary each document, write EOT + tokens as uint16), on 1x and Nx the
+shared sample (the Nx file repeats the sample's row groups). Measures, per run, in a fresh process:
+- wall time of the whole command (imports and pool start-up included) and tokens/s from it,
+- tokens/s of the processing loop alone, as each program reports it,
+- peak RSS of the largest process (wait4's ru_maxrss, what /usr/bin/time -v reports), and the peak
+  PSS summed over the process tree (main + workers, shared pages counted once; sampled every 0.25 s).
+Runs alternate (baseline, prepare, baseline, ...) so that drift in machine speed hits both alike.
+
+  python bench_prepare.py                       # 1x and 10x of ../shared/data/english-sample.parquet
+  python bench_prepare.py --repeat=5 --scale=10 --parquet=path/to/shard.parquet
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+PREPARE = os.path.join(REPO, "data", "fineweb", "prepare.py")
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
+
+# The baseline, run as `python -c BASELINE parquet out.bin`: what a simple fork of nanoGPT would do,
+# but streaming (iter_batches), so its memory is bounded too.
+BASELINE = r"""
+import json, sys, time
+import numpy as np, pyarrow.parquet as pq, tiktoken
+enc = tiktoken.get_encoding("gpt2")
+t0, n = time.perf_counter(), 0
+with open(sys.argv[2], "wb") as f:
+    for batch in pq.ParquetFile(sys.argv[1]).iter_batches(batch_size=1024, columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            if text:
+                ids = np.array([enc.eot_token] + enc.encode_ordinary(text), dtype=np.uint16)
+                f.write(ids.tobytes())
+                n += len(ids)
+print(json.dumps({"tokens": n, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def seed_tiktoken_cache():
+    """This machine cannot download tiktoken's files: point TIKTOKEN_CACHE_DIR at a copy of ../shared's."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        return
+    cache = os.path.join(tempfile.gettempdir(), f"tiktoken-cache-{os.getuid()}")
+    os.makedirs(cache, exist_ok=True)
+    for name, cached in (("vocab.bpe", "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"),
+                         ("encoder.json", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")):
+        if not os.path.exists(os.path.join(cache, cached)) and os.path.exists(os.path.join(SHARED_DATA, name)):
+            shutil.copyfile(os.path.join(SHARED_DATA, name), os.path.join(cache, cached))
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache
+
+
+def tree_pss_kb(pid):
+    """PSS of pid and all its descendants, in kB (0 if it has gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += int(re.search(r"^Pss:\s+(\d+)", f.read(), re.M).group(1))
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, AttributeError):
+            pass
+    return total
+
+
+def busy_seconds():
+    """CPU seconds the whole machine has spent busy (all processes, all CPUs), from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(cmd):
+    """Run cmd; returns (stdout, wall seconds, peak RSS of the largest process in MB, peak tree PSS in MB,
+    CPU seconds of the command, CPU seconds of everything else on the machine meanwhile)."""
+    self0 = time.process_time()  # this process's sampling, not to be counted as "other load"
+    busy0, t0 = busy_seconds(), time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    peak_pss, done = [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.25):  # reading smaps costs ~2 ms of CPU per process
+            peak_pss[0] = max(peak_pss[0], tree_pss_kb(proc.pid))
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child and the workers it reaped
+    wall, busy = time.perf_counter() - t0, busy_seconds() - busy0
+    cpu = usage.ru_utime + usage.ru_stime
+    done.set()
+    sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_prepare.py: {' '.join(cmd)} exited with {proc.returncode}")
+    other = max(0.0, busy - cpu - (time.process_time() - self0))
+    return out, wall, usage.ru_maxrss / 1024, peak_pss[0] / 1024, cpu, other
+
+
+def run_baseline(parquet, tmp):
+    out, wall, rss, pss, cpu, other = measure([sys.executable, "-c", BASELINE, parquet, os.path.join(tmp, "baseline.bin")])
+    r = json.loads(out)
+    return dict(tokens=r["tokens"], wall=wall, loop_tok_s=r["tokens"] / r["seconds"], rss=rss, pss=pss, cpu=cpu, other=other)
+
+
+def run_prepare(parquet, tmp, num_proc):
+    out_dir = os.path.join(tmp, f"prepare{num_proc}")
+    out, wall, rss, pss, cpu, other = measure([sys.executable, PREPARE, parquet, f"--out_dir={out_dir}", f"--num_proc={num_proc}"])
+    m = re.search(r"([\d,]+) tokens in ([\d.]+) s", out)  # prepare.py's summary line
+    tokens = int(m.group(1).replace(",", ""))
+    return dict(tokens=tokens, wall=wall, loop_tok_s=tokens / float(m.group(2)), rss=rss, pss=pss, cpu=cpu, other=other)
+
+
+def machine_parallelism(parquet, tmp):
+    """How much faster two CPU-bound processes finish together than one after the other: the ceiling for
+    any speed-up from 2 processes (2.0 on two idle physical cores; less with SMT siblings or neighbours)."""
+    one = run_baseline(parquet, tmp)["wall"]
+    cmds = [[sys.executable, "-c", BASELINE, parquet, os.path.join(tmp, f"par{i}.bin")] for i in range(2)]
+    t0 = time.perf_counter()
+    for proc in [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in cmds]:
+        proc.wait()
+    return 2 * one / (time.perf_counter() - t0)
+
+
+def make_scaled(parquet, scale, path):
+    """Write `scale` copies of parquet's row groups, one row group at a time (the bench stays small too)."""
+    import pyarrow.parquet as pq
+    src = pq.ParquetFile(parquet)
+    with pq.ParquetWriter(path, src.schema_arrow, compression="zstd") as w:
+        for _ in range(scale):
+            for i in range(src.num_row_groups):
+                w.write_table(src.read_row_group(i))
+    return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--parquet", default=os.path.join(SHARED_DATA, "english-sample.parquet"))
+    p.add_argument("--scale", type=int, default=10, help="size of the large input, in copies of --parquet")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each command on the 1x input (medians reported)")
+    p.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)))
+    args = p.parse_args()
+    seed_tiktoken_cache()
+    print(f"machine: {len(os.sched_getaffinity(0))} CPUs, {os.uname().machine}, python {sys.version.split()[0]}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"parallel capacity of 2 processes on this machine now: {machine_parallelism(args.parquet, tmp):.2f}x")
+        inputs = [("1x", args.parquet, args.repeat),
+                  (f"{args.scale}x", make_scaled(args.parquet, args.scale, os.path.join(tmp, "big.parquet")), 1)]
+        for label, parquet, repeat in inputs:
+            runs = {"baseline (1 process)": [], "prepare --num_proc=1": [], f"prepare --num_proc={args.num_proc}": []}
+            for _ in range(repeat):  # interleaved
+                runs["baseline (1 process)"].append(run_baseline(parquet, tmp))
+                runs["prepare --num_proc=1"].append(run_prepare(parquet, tmp, 1))
+                runs[f"prepare --num_proc={args.num_proc}"].append(run_prepare(parquet, tmp, args.num_proc))
+            base = statistics.median(r["tokens"] / r["wall"] for r in runs["baseline (1 process)"])
+            base_loop = statistics.median(r["loop_tok_s"] for r in runs["baseline (1 process)"])
+            for name, rs in runs.items():
+                med = {k: statistics.median(r[k] for r in rs) for k in ("wall", "loop_tok_s", "rss", "pss", "cpu", "other")}
+                tok_s = statistics.median(r["tokens"] / r["wall"] for r in rs)
+                rows.append((label, name, rs[0]["tokens"], med["wall"], f"{tok_s / 1e6:.2f}M", f"{tok_s / base:.2f}x",
+                             f"{med['loop_tok_s'] / 1e6:.2f}M", f"{med['loop_tok_s'] / base_loop:.2f}x",
+                             med["cpu"], med["other"], med["rss"], med["pss"]))
+    header = ("input", "program", "tokens", "wall s", "tokens/s (wall)", "vs baseline", "tokens/s (loop)", "vs baseline",
+              "CPU s", "other load CPU s", "peak RSS MB (largest process)", "peak PSS MB (all processes)")
+    print("\n| " + " | ".join(header) + " |")
+    print("|---|---|" + "--:|" * (len(header) - 2))
+    for row in rows:
+        print("| " + " | ".join(f"{v:,}" if isinstance(v, int) else f"{v:.1f}" if isinstance(v, float) else v
+                               for v in row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""
+data/fineweb/prepare.py: the token files must decode back to the input documents exactly, be
+deterministic, keep val apart from train, and fail on bad input with one clear line.
+Most tests call main() in-process (fast); a few go through the real entry point in a subprocess.
+"""
+import functools
+import http.server
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from common import DataError, get_tokenizer, open_split, read_meta  # noqa: E402
+
+PREPARE = REPO / "data" / "fineweb" / "prepare.py"
+_spec = importlib.util.spec_from_file_location("prepare", PREPARE)
+prepare = importlib.util.module_from_spec(_spec)
+sys.modules["prepare"] = prepare  # so the worker pool can pickle prepare.encode_batch
+_spec.loader.exec_module(prepare)
+EOT = 50256
+
+
+def run_main(*args):
+    """prepare.main in this process; returns the SystemExit code (None on success)."""
+    try:
+        prepare.main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return None
+
+
+def run_cli(*args):
+    env = dict(os.environ, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    return subprocess.run([sys.executable, str(PREPARE), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+
+
+def write_parquet(path, texts, **columns):
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string()), **columns}), path, row_group_size=7)
+    return path
+
+
+def decode_split(out_dir, split):
+    """The documents of one split, decoded; checks that each is preceded by EOT."""
+    if read_meta(out_dir)["splits"][split]["tokens"] == 0:
+        assert os.path.getsize(os.path.join(out_dir, f"{split}.bin")) == 0
+        return []  # (np.memmap, hence open_split, cannot map an empty file)
+    tokens = np.asarray(open_split(out_dir, split)[0])
+    assert tokens[0] == EOT
+    starts = np.flatnonzero(tokens == EOT)
+    enc = get_tokenizer()
+    return [enc.decode(tokens[a + 1:b].tolist()) for a, b in zip(starts, [*starts[1:], len(tokens)])]
+
+
+def expected_split(texts, args):
+    """The reference: non-empty texts in order, routed by the split function of their row number."""
+    rows = np.array([i for i, t in enumerate(texts) if t])
+    is_val = prepare.in_val(rows, prepare.parse_args(args), None)
+    return [texts[r] for r, v in zip(rows, is_val) if not v], [texts[r] for r, v in zip(rows, is_val) if v]
+
+
+def out_files(out_dir):
+    return sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+
+
+# -----------------------------------------------------------------------------
+# round trip, determinism, split
+
+def test_entry_point_round_trip(sample_parquet, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--max_docs=3000", "--val_fraction=0.02", "--seed=3"]
+    r = run_cli(sample_parquet, f"--out_dir={out}", "--num_proc=2", *flags)
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stdout and "doc/s" in r.stderr  # summary and progress bar
+    texts = pq.read_table(sample_parquet, columns=["text"]).column(0).to_pylist()[:3000]
+    train, val = expected_split(texts, flags)
+    assert 20 < len(val) < 120
+    assert decode_split(out, "train") == train
+    assert decode_split(out, "val") == val
+    meta = read_meta(out)
+    assert meta["dtype"] == "uint16" and meta["tokenizer"] == "gpt2"
+    assert meta["vocab_size"] == 50257 and meta["eot_token"] == EOT
+    for split, docs in (("train", train), ("val", val)):
+        s = meta["splits"][split]
+        assert s["documents"] == len(docs)
+        assert s["bytes"] == sum(len(d.encode()) for d in docs)
+        assert s["tokens"] == os.path.getsize(out / f"{split}.bin") // 2
+    assert meta["sources"] == [{"path": str(sample_parquet), "bytes": os.path.getsize(sample_parquet), "rows": 21256}]
+    assert meta["skipped"] == {"null_or_empty": 0, "below_language_score": 0}
+    assert meta["options"]["max_docs"] == 3000 and meta["options"]["seed"] == 3
+    assert out_files(out) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_identical_across_runs_and_num_proc(sample_parquet, tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for out, n in zip(outs, (2, 2, 1)):
+        assert run_main(sample_parquet, f"--out_dir={out}", f"--num_proc={n}", "--max_docs=2500") is None
+    for name in ("train.bin", "val.bin", "meta.json"):
+        data = [(o / name).read_bytes() for o in outs]
+        assert data[0] == data[1] == data[2], name
+    assert read_meta(outs[0])["splits"]["val"]["documents"] > 0
+
+
+def test_special_token_text_and_unicode(tmp_path):
+    texts = ["a web page that says <|endoftext|> literally", "héllo wörld ✓ 日本語 🙂", " \n\t ",
+             "x" * 5000, "<|endoftext|>"]
+    src = write_parquet(tmp_path / "u.parquet", texts)
+    assert run_main(src, f"--out_dir={tmp_path}", "--num_proc=1", "--val_fraction=0") is None
+    assert decode_split(tmp_path, "train") == texts  # the EOT id appears only as the separator
+    assert decode_split(tmp_path, "val") == []
+
+
+def test_val_docs_exact_disjoint_and_seeded(tmp_path):
+    texts = [f"document number {i}" for i in range(500)]
+    src = write_parquet(tmp_path / "d.parquet", texts)
+    splits = {}
+    for seed in (0, 0, 1):
+        out = tmp_path / f"out{len(splits)}"
+        assert run_main(src, f"--out_dir={out}", "--val_docs=37", f"--seed={seed}", "--num_proc=2") is None
+        train, val = decode_split(out, "train"), decode_split(out, "val")
+        assert len(val) == 37 and not set(train) & set(val) and sorted(train + val) == sorted(texts)
+        assert train == [t for t in texts if t in set(train)]  # order kept within a split
+        splits[len(splits)] = val
+    assert splits[0] == splits[1] and splits[0] != splits[2]
+
+
+def test_split_function_is_per_row():
+    args = prepare.parse_args(["--val_fraction=0.1", "--seed=5"])
+    rows = np.arange(100_000)
+    whole = prepare.in_val(rows, args, None)
+    assert np.array_equal(whole, np.concatenate([prepare.in_val(c, args, None) for c in np.array_split(rows, 37)]))
+    assert 0.095 < whole.mean() < 0.105
+    other = prepare.in_val(rows, prepare.parse_args(["--val_fraction=0.1", "--seed=6"]), None)
+    assert 0.15 < (whole != other).mean() < 0.21  # independent draws: ~2 * 0.1 * 0.9 disagree
+
+
+# -----------------------------------------------------------------------------
+# limits and filters
+
+def test_max_tokens_keeps_whole_documents(sample_parquet, tmp_path):
+    assert run_main(sample_parquet, f"--out_dir={tmp_path}", "--max_tokens=20000", "--val_fraction=0") is None
+    docs = decode_split(tmp_path, "train")
+    meta = read_meta(tmp_path)
+    assert meta["splits"]["train"]["tokens"] <= 20000
+    texts = pq.read_table(sample_parquet, columns=["text"]).column(0).to_pylist()
+    assert docs == texts[:len(docs)]
+    next_len = len(get_tokenizer().encode_ordinary(texts[len(docs)])) + 1
+    assert meta["splits"]["train"]["tokens"] + next_len > 20000
+
+
+def test_null_empty_and_language_score_skipped(tmp_path, capsys):
+    texts = ["first", None, "", "second", "low score", None, "third", "null score"]
+    scores = [0.9, 0.9, 0.9, 0.8, 0.2, 0.1, 0.95, None]
+    src = write_parquet(tmp_path / "n.parquet", texts, language_score=pa.array(scores, pa.float64()))
+    out = tmp_path / "out"
+    assert run_main(src, f"--out_dir={out}", "--val_fraction=0", "--min_language_score=0.5") is None
+    assert decode_split(out, "train") == ["first", "second", "third"]
+    assert read_meta(out)["skipped"] == {"null_or_empty": 3, "below_language_score": 2}
+    assert "skipped 3 null/empty rows, 2 below language score" in capsys.readouterr().out
+    # without the filter only null/empty rows go, and --max_docs stops after the 2nd kept document
+    assert run_main(src, f"--out_dir={out}", "--val_fraction=0", "--max_docs=2") is None
+    assert decode_split(out, "train") == ["first", "second"]
+    assert read_meta(out)["skipped"] == {"null_or_empty": 2, "below_language_score": 0}
+
+
+def test_directory_and_glob_inputs(tmp_path):
+    write_parquet(tmp_path / "b.parquet", ["b1", "b2"])
+    write_parquet(tmp_path / "a.parquet", ["a1"])
+    for spec in (tmp_path, tmp_path / "*.parquet"):
+        out = tmp_path / "out"
+        assert run_main(spec, f"--out_dir={out}", "--val_fraction=0") is None
+        assert decode_split(out, "train") == ["a1", "b1", "b2"]  # files in sorted order
+        assert [Path(s["path"]).name for s in read_meta(out)["sources"]] == ["a.parquet", "b.parquet"]
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line, non-zero exit, no output
+
+def _bad_inputs(tmp_path):
+    good = write_parquet(tmp_path / "good.parquet", [f"doc {i} " * 50 for i in range(200)])
+    data = good.read_bytes()
+    (tmp_path / "truncated.parquet").write_bytes(data[: len(data) // 2])
+    middle = bytearray(data)  # damage the data pages but keep the footer
+    middle[len(data) // 3: len(data) // 3 + 64] = bytes(64)
+    (tmp_path / "damaged.parquet").write_bytes(bytes(middle))
+    (tmp_path / "notes.txt").write_text("not parquet")
+    (tmp_path / "empty_dir").mkdir()
+    write_parquet(tmp_path / "all_empty.parquet", [None, "", None])
+    return {
+        "missing": ([tmp_path / "nope.parquet"], "no such file"),
+        "not_parquet": ([tmp_path / "notes.txt"], "not a readable parquet file"),
+        "truncated": ([tmp_path / "truncated.parquet"], "not a readable parquet file"),
+        "damaged": ([tmp_path / "damaged.parquet"], "cannot read"),
+        "no_column": ([good, "--text_column=content"], "no column 'content'"),
+        "no_score_column": ([good, "--min_language_score=0.5"], "no column 'language_score'"),
+        "empty_input": ([tmp_path / "all_empty.parquet"], "no documents in the input (3 null/empty rows"),
+        "empty_dir": ([tmp_path / "empty_dir"], "no files match"),
+        "no_glob_match": ([tmp_path / "*.nothing"], "no files match"),
+        "bad_url": (["http://127.0.0.1:9/x.parquet", f"--cache_dir={tmp_path / 'cache'}"], "cannot download"),
+    }
+
+
+def test_bad_input_in_process(tmp_path):
+    for name, (args, message) in _bad_inputs(tmp_path).items():
+        out = tmp_path / f"out_{name}"
+        code = run_main(*args, f"--out_dir={out}")
+        assert isinstance(code, str) and code.startswith("prepare.py: error: ") and "\n" not in code, (name, code)
+        assert message in code, (name, code)
+        assert out_files(out) == [], name  # nothing left behind, not even temp files
+    assert run_main("--max_docs=0") == 2 and run_main("--val_fraction=1") == 2  # bad flags: argparse's exit status
+
+
+def test_bad_input_entry_point(tmp_path):
+    cases = _bad_inputs(tmp_path)
+    for name in ("truncated", "no_column"):
+        args, message = cases[name]
+        r = run_cli(*args, f"--out_dir={tmp_path / 'out'}")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("prepare.py: error: ") and message in r.stderr
+    assert out_files(tmp_path / "out") == []
+
+
+def test_interrupted_run_keeps_previous_output(tmp_path, monkeypatch):
+    src = write_parquet(tmp_path / "s.parquet", [f"doc {i}" for i in range(100)])
+    out = tmp_path / "out"
+    assert run_main(src, f"--out_dir={out}", "--val_fraction=0.1") is None
+    before = {name: (out / name).read_bytes() for name in out_files(out)}
+    real = prepare.encode_in_order
+
+    def interrupted(*args):  # Ctrl-C after the first batch has been written
+        it = real(*args)
+        yield next(it)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "encode_in_order", interrupted)
+    for target in (out, tmp_path / "fresh"):
+        assert run_main(src, f"--out_dir={target}", "--val_fraction=0.5", "--num_proc=1") == 130
+    assert {name: (out / name).read_bytes() for name in out_files(out)} == before
+    assert out_files(tmp_path / "fresh") == []
+    open_split(out, "train")
+
+
+def test_ctrl_c_entry_point(sample_parquet, tmp_path):
+    """A real Ctrl-C (SIGINT to the process group) while tokenizing: exit 130, workers gone, no files left."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(PREPARE), str(sample_parquet), f"--out_dir={out}", "--num_proc=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not any(name.startswith(".train") for name in out_files(out)):  # tokenizing has begun
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "prepare.py: interrupted; partial output removed"
+    assert out_files(out) == []
+
+
+# -----------------------------------------------------------------------------
+# remote input
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serves tmp_path/www on 127.0.0.1 from a thread; yields the base URL."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()
+
+
+def test_remote_url(sample_parquet, tmp_path, http_server):
+    base, root = http_server
+    shutil.copyfile(sample_parquet, root / "shard.parquet")
+    cache = tmp_path / "cache"
+    r = run_cli(f"{base}/shard.parquet", f"--out_dir={tmp_path / 'remote'}", f"--cache_dir={cache}", "--max_docs=1500")
+    assert r.returncode == 0, r.stderr
+    assert run_main(sample_parquet, f"--out_dir={tmp_path / 'local'}", "--max_docs=1500") is None
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    cached = list(cache.iterdir())
+    assert len(cached) == 1 and cached[0].read_bytes() == sample_parquet.read_bytes()  # complete, no .part left
+    assert read_meta(tmp_path / "remote")["sources"][0]["origin"] == f"{base}/shard.parquet"
+    code = run_main(f"{base}/missing.parquet", f"--out_dir={tmp_path / 'x'}", f"--cache_dir={cache}")
+    assert "cannot download" in code and "404" in code
+
+
+def test_encode_batch_equals_encode_ordinary(sample_parquet):
+    """The fast path (encode_to_numpy without special tokens) against the plain one, EOT first."""
+    enc = prepare.load_tokenizer()
+    texts = pq.ParquetFile(sample_parquet).read_row_group(0, columns=["text"]).column(0).to_pylist()[:300]
+    texts += ["<|endoftext|> inside", "<|fim_prefix|>", "🙂 naïve"]
+    tokens, lens = prepare.encode_batch(texts)
+    expected = [t for text in texts for t in [EOT] + enc.encode_ordinary(text)]
+    assert tokens.dtype == np.dtype("<u2") and tokens.tolist() == expected
+    assert lens.tolist() == [len(enc.encode_ordinary(t)) + 1 for t in texts]
+    assert len(prepare.encode_batch([])[0]) == 0
