@@ -22,13 +22,12 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from common import autocast, peak_flops, select_device, select_dtype
+from common import autocast, peak_flops, run_main, select_device, select_dtype
 from config import ConfigError, TrainConfig, parse_args, validate
 from train import build_model, make_optimizer, to_device, train_step
 
@@ -82,7 +81,7 @@ class Variant:
         self.optimizer = make_optimizer(self.raw_model, cfg, device_type)
         self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
         self.ctx = autocast(device, dtype)
-        self.clip_params = [p for n, p in self.raw_model.named_parameters() if not n.endswith("_mult")]  # as train.py
+        self.clip_params = self.raw_model.parameters_to_clip()
         gen = torch.Generator().manual_seed(cfg.seed)
         vocab = min(cfg.vocab_size, 50257)  # real GPT-2 ids only, like the token files
         self.windows = [torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1), generator=gen)
@@ -322,7 +321,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"bench.py: config error: {e}")
+    run_main(main)

@@ -1,9 +1,9 @@
 # GPT-2 small (124M) on FineWeb, on a single 12 GB card.
 # Cost: 524,288 tokens per step x 19,073 steps = 10B tokens (the whole FineWeb sample/10BT).
-# Micro-batch 16 with no activation checkpointing: an estimate, not yet measured on a GPU (see BENCHMARKS.md):
-# bf16 activations with flash attention take ~34 x 768 bytes per token per layer = ~5.1 GB at 16 x 1024
-# tokens, plus ~2 GB of fp32 weights, gradients and AdamW state; the chunked cross-entropy never builds the
-# 16 x 1024 x 50304 logits (3.3 GB in float32). If it does not fit: --batch_size=8 --gradient_accumulation_steps=64.
+# Micro-batch 16 with no activation checkpointing: estimated, not yet measured on a GPU (BENCHMARKS.md).
+# Activations measured under CPU bf16 autocast take 0.43 GiB per 1024-token sequence (6.9 GiB at 16), plus ~2 GiB
+# of fp32 weights, gradients and AdamW state and ~0.6 GiB for the 1024-token cross-entropy chunks: ~9.8 GiB of 12.
+# If it does not fit: --batch_size=8 --gradient_accumulation_steps=64 (same tokens per step).
 out_dir = "out/fineweb-124m"
 data_dir = "data/fineweb"
 n_layer = 12
