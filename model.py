@@ -37,7 +37,7 @@ class GPTConfig:
     bias: bool = False  # biases in Linear layers and LayerNorms (GPT-2 had them)
     gelu_approximate: str = "none"  # 'none' (exact GELU, nanoGPT) or 'tanh' (original GPT-2 / HF)
     loss_chunk_size: int = 1024  # tokens per cross-entropy chunk (~6 bytes x vocab each in bf16); 0 = plain F.cross_entropy
-    activation_checkpointing: bool = False  # recompute each block in backward: ~30% slower, far less memory
+    activation_checkpointing: bool = False  # recompute each block in backward: ~10% slower on CPU, far less memory
     multipliers: str = "none"  # learnable multipliers: 'none' | 'scalar' | 'vector' (rows and columns)
     dispersion_coeff: float = 0.0  # lambda of the dispersion loss; 0 = off
     dispersion_tau: float = 1.0  # temperature tau of the dispersion loss

@@ -103,3 +103,9 @@ def test_train_py_reports_one_line(tmp_path):
 def test_help_lists_keys():
     result = run_script("train.py", "--help")
     assert "--dispersion_coeff=0.0" in result.stdout and "--learning_rate=0.0006" in result.stdout
+
+
+def test_readme_documents_every_key():
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key in TrainConfig.__dataclass_fields__ if f"| `{key}` |" not in readme]
+    assert not missing, f"README.md's key table lacks {missing}"
