@@ -6,7 +6,6 @@ Most tests call main() in-process (fast); a few go through the real entry point 
 import functools
 import http.server
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -23,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from common import DataError, get_tokenizer, open_split, read_meta  # noqa: E402
+from common import get_tokenizer, open_split, read_meta  # noqa: E402
 
 PREPARE = REPO / "data" / "fineweb" / "prepare.py"
 _spec = importlib.util.spec_from_file_location("prepare", PREPARE)
@@ -310,3 +309,22 @@ def test_encode_batch_equals_encode_ordinary(sample_parquet):
     assert tokens.dtype == np.dtype("<u2") and tokens.tolist() == expected
     assert lens.tolist() == [len(enc.encode_ordinary(t)) + 1 for t in texts]
     assert len(prepare.encode_batch([])[0]) == 0
+
+
+def test_hf_default_input(sample_parquet, tmp_path, monkeypatch):
+    """No input: the first file of sample/10BT, fetched with huggingface_hub (faked: no hub access here)."""
+    import huggingface_hub
+    calls = []
+
+    def fake_download(**kwargs):
+        calls.append(kwargs)
+        if kwargs["filename"] != "sample/10BT/000_00000.parquet":
+            raise huggingface_hub.errors.EntryNotFoundError("404 Client Error: Entry Not Found")
+        return str(sample_parquet)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert run_main(f"--out_dir={tmp_path}", "--max_docs=100", "--num_proc=1") is None
+    assert calls == [dict(repo_id="HuggingFaceFW/fineweb", repo_type="dataset",
+                          filename="sample/10BT/000_00000.parquet", cache_dir=None)]
+    assert read_meta(tmp_path)["sources"][0]["origin"] == "hf:sample/10BT/000_00000.parquet"
+    code = run_main("hf:sample/10BT/999_00000.parquet", f"--out_dir={tmp_path / 'x'}")
+    assert code.startswith("prepare.py: error: cannot download sample/10BT/999_00000.parquet from HuggingFaceFW/fineweb")
