@@ -1,7 +1,7 @@
-# A tiny GPT that trains on a laptop CPU in about a minute: the quick start and the tests use it.
+# A tiny GPT that trains on a laptop CPU in a minute or two: the CPU quick start and the tests use it.
 # Cost: ~0.4 s per step on 2 CPU cores, ~1.5 minutes in all; measured on 5,000 documents of the English sample:
 # val loss 10.56 at step 0, 5.23 at 50, 4.59 at 200.
-# Data: python data/fineweb/prepare.py --input=<parquet> (see README) writes data/fineweb.
+# Data: python data/fineweb/prepare.py <file.parquet> --out_dir=data/sample, then --data_dir=data/sample (README).
 out_dir = "out/tiny"
 n_layer = 4
 n_head = 4
