@@ -12,13 +12,13 @@ from other processes that comes and goes falls on both in the same seconds. Both
 (checked at every step).
 """
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from config import ConfigError, parse_args
+from common import run_main
+from config import parse_args
 from model import GPT, GPTConfig
 
 
@@ -104,7 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"bench_sample.py: config error: {e}")
+    run_main(main)

@@ -41,6 +41,9 @@ def run_main(main):
         sys.exit(f"{name}: error: {e}")
     except KeyboardInterrupt:
         sys.exit(f"\n{name}: interrupted")
+    except BrokenPipeError:  # e.g. `python sample.py | head`: the reader left; exit quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        sys.exit(1)
 
 
 def read_meta(data_dir):
@@ -75,7 +78,11 @@ def open_split(data_dir, split):
 def get_tokenizer():
     """GPT-2 BPE via tiktoken (downloads its files once into tiktoken's cache, or uses TIKTOKEN_CACHE_DIR)."""
     import tiktoken
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network and no cached files: one line, not a requests traceback
+        raise DataError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads it once; offline, "
+                        f"point TIKTOKEN_CACHE_DIR at a directory holding its files") from e
 
 
 # -----------------------------------------------------------------------------
