@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from common import (CHECKPOINT_NAMES, DataError, autocast, find_checkpoint, load_checkpoint, model_from_checkpoint,
-                    open_split, select_device, select_dtype)
+                    open_split, run_main, select_device, select_dtype)
 from config import ConfigError, parse_args
 
 BINS = 128  # histogram bins over [-1, 1], as in the paper's figure
@@ -209,9 +209,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"condensation.py: config error: {e}")
-    except DataError as e:
-        sys.exit(f"condensation.py: error: {e}")
+    run_main(main)
