@@ -66,6 +66,8 @@ def open_split(data_dir, split):
     if not os.path.isfile(path):
         raise DataError(f"missing {path}")
     expected = meta["splits"][split]["tokens"]
+    if expected == 0:
+        raise DataError(f"the {split} split in {data_dir} is empty: re-run prepare.py with more documents or --val_docs")
     actual = os.path.getsize(path) // TOKEN_DTYPE.itemsize
     if actual != expected:
         raise DataError(f"{path} holds {actual} tokens but meta.json says {expected}: re-run prepare.py")
