@@ -82,7 +82,7 @@ def main(argv):
     merged.merge_multipliers()
     merged = merged.to(cfg.device).eval()
     idx = torch.randint(0, 50257 if not cfg.quick else cfg.vocab_size, (1, cfg.prompt_tokens), device=cfg.device)
-    print(f"{plain.num_params() / 1e6:.1f}M parameters (non-embedding), {cfg.n_layer} layers x {cfg.n_embd}, block "
+    print(f"{plain.num_params() / 1e6:.1f}M parameters (position embeddings not counted), {cfg.n_layer} layers x {cfg.n_embd}, block "
           f"{cfg.block_size}; batch 1, prompt {cfg.prompt_tokens} tokens, greedy; device {cfg.device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
     greedy = lambda model, n: model.generate(idx, n, temperature=0)

@@ -45,6 +45,8 @@ def run_main(main):
     except BrokenPipeError:  # e.g. `python sample.py | head`: the reader left; exit quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         sys.exit(1)
+    except OSError as e:  # an unwritable out_dir, a full disk, no network: the message names the path or host
+        sys.exit(f"{name}: error: {e}")
 
 
 def read_meta(data_dir):
@@ -52,11 +54,20 @@ def read_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise DataError(f"no token data in {data_dir!r} (missing meta.json): run data/fineweb/prepare.py first")
-    with open(path) as f:
-        meta = json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path} is unreadable ({e}): re-run prepare.py")
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is not a prepare.py meta.json: re-run prepare.py")
     if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
         raise DataError(f"{path}: expected format {FORMAT_NAME!r} version {FORMAT_VERSION}, "
                         f"found {meta.get('format')!r} version {meta.get('version')!r}; re-run prepare.py")
+    try:  # the fields the training scripts read
+        [meta["vocab_size"]] + [meta["splits"][s][k] for s in SPLITS for k in ("tokens", "bytes")]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path} lacks the field {e}: re-run prepare.py")
     return meta
 
 
@@ -92,8 +103,18 @@ def get_tokenizer():
 # Device and precision
 
 def select_device(device="auto"):
+    """The device to run on; a device name this machine cannot use is a config error, not a traceback."""
     import torch
+    from config import ConfigError
     if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ConfigError(f"device {device!r} is not a device name: use auto, cpu, cuda, cuda:1 or mps")
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        index = torch.device(device).index
+        if not available.get(kind, False) or kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} is not available on this machine")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -123,7 +144,8 @@ def autocast(device, dtype):
 # -----------------------------------------------------------------------------
 # Checkpoints: plain dicts of tensors and Python types, so torch.load(weights_only=True) reads them.
 # Ours hold: format, model_args (GPTConfig), model, optimizer, scaler, config, iter_num, best_val_loss,
-# rng, data_position. nanoGPT's ckpt.pt holds model_args, model, optimizer, config, iter_num, best_val_loss.
+# rng, data_position, evaluated (whether iter_num's evaluation ran).
+# nanoGPT's ckpt.pt holds model_args, model, optimizer, config, iter_num, best_val_loss.
 
 CHECKPOINT_NAMES = {"best": "best.pt", "last": "last.pt"}
 
@@ -157,7 +179,8 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, or pickled objects we refuse to run
-        raise DataError(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint, or truncated or corrupt "
+                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise DataError(f"{path} is not a GPT checkpoint (no 'model' / 'model_args')")
     return ckpt

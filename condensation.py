@@ -184,6 +184,8 @@ def main(argv):
     out = opt.out or os.path.join(os.path.dirname(path), "condensation.png")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise DataError(f"cannot write {out}: no such directory")
+    if not out.lower().endswith((".png", ".pdf", ".svg")):
+        raise ConfigError(f"out must name a .png, .pdf or .svg file, not {out!r}")
     ckpt = load_checkpoint(path)
     data_dir = opt.data_dir or ckpt.get("config", {}).get("data_dir")
     if not data_dir:

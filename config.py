@@ -10,6 +10,7 @@ the run at start-up with one line naming the key. `python train.py --help` lists
 import ast
 import difflib
 import inspect
+import math
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
 
@@ -26,7 +27,7 @@ class TrainConfig(GPTConfig):
     # --- evaluation, logging, checkpoints
     eval_interval: int = 250  # iterations between evaluations (and checkpoints); the last iteration is always one
     eval_iters: int = 50  # validation micro-batches per evaluation, always the same held-out windows
-    eval_only: bool = False  # evaluate once and exit
+    eval_only: bool = False  # evaluate the init_from model once, print, exit (writes nothing)
     log_interval: int = 10  # iterations between console / metrics lines
     always_save_checkpoint: bool = True  # write last.pt at every evaluation (best.pt only when val loss improves)
     condensation_seqs: int = 32  # held-out sequences for the condensation diagnostic at each eval; 0 = off
@@ -67,8 +68,11 @@ CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "backend": ("auto", "nccl", "gloo"),
 }
-POSITIVE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps",
-            "eval_interval", "eval_iters", "log_interval", "dispersion_max_tokens")
+POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+            "learning_rate", "adam_eps", "multiplier_lr_scale")
+NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "seed", "min_lr", "weight_decay",
+                "multiplier_weight_decay", "grad_clip", "peak_flops")
+FRACTIONS = {"dropout": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0)}  # each in [low, high)
 
 
 class ConfigError(ValueError):
@@ -107,6 +111,8 @@ def read_config_file(path):
             source = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read config file {path}: not UTF-8 text")
     namespace = {}
     try:
         exec(compile(source, path, "exec"), namespace)
@@ -146,13 +152,22 @@ def validate(config):
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {getattr(config, key)!r}")
+    for f in fields(config):
+        if f.type is float and not math.isfinite(getattr(config, f.name)):
+            raise ConfigError(f"{f.name} must be a finite number, not {getattr(config, f.name)}")
     for key in POSITIVE:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive, not {getattr(config, key)}")
-    if not 0.0 <= config.dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), not {config.dropout}")
-    if config.max_iters < 0 or config.warmup_iters < 0 or config.condensation_seqs < 0:
-        raise ConfigError("max_iters, warmup_iters and condensation_seqs must not be negative")
+    for key in NON_NEGATIVE:
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key} must not be negative, not {getattr(config, key)}")
+    for key, (low, high) in FRACTIONS.items():
+        if not low <= getattr(config, key) < high:
+            raise ConfigError(f"{key} must be in [{low:g}, {high:g}), not {getattr(config, key)}")
+    if not 0.0 <= config.wsd_decay_frac <= 1.0:
+        raise ConfigError(f"wsd_decay_frac must be in [0, 1], not {config.wsd_decay_frac}")
+    if config.seed >= 2 ** 63:
+        raise ConfigError(f"seed must be below 2**63, not {config.seed}")
     if config.dataset:
         config.data_dir = f"data/{config.dataset}"
     return config

@@ -48,6 +48,11 @@ class GPTConfig:
     dispersion_eps: float = 1e-2  # z / (||z|| + eps)
 
     def __post_init__(self):
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, not {getattr(self, key)}")
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be >= 0 (0 = plain cross-entropy), not {self.loss_chunk_size}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.multipliers not in ("none", "scalar", "vector"):

@@ -53,6 +53,8 @@ def validate(cfg):
         raise ConfigError(f"temperature must not be negative (0 = greedy), not {cfg.temperature}")
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"top_p must be in (0, 1], not {cfg.top_p}")
+    if not 0 <= cfg.seed < 2 ** 63 - cfg.num_samples:  # torch generators take 64-bit seeds
+        raise ConfigError(f"seed must be in [0, 2**63 - num_samples), not {cfg.seed}")
     return cfg
 
 
@@ -66,6 +68,8 @@ def read_prompt(start):
                 return f.read()
         except OSError as e:
             raise DataError(f"cannot read prompt file {start[5:]}: {e.strerror}")
+        except UnicodeDecodeError:
+            raise DataError(f"cannot read prompt file {start[5:]}: not UTF-8 text")
     return start
 
 

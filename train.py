@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -119,7 +119,10 @@ def build_model(cfg, resume_ckpt):
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(**args))
     if cfg.init_from.startswith("gpt2") and not os.path.exists(cfg.init_from):
-        source = GPT.from_pretrained(cfg.init_from)
+        try:
+            source = GPT.from_pretrained(cfg.init_from)
+        except (ImportError, OSError) as e:  # no transformers, no network, an unknown name
+            raise DataError(f"cannot load {cfg.init_from} from Hugging Face: {(str(e).splitlines() or [''])[0]}")
     else:  # a checkpoint file or directory: its architecture, this config's other options, fresh multipliers
         source = model_from_checkpoint(load_checkpoint(find_checkpoint(cfg.init_from, "last")))
     source.merge_multipliers()
@@ -171,7 +174,7 @@ class MetricsLog:
         kept = []
         if resume_iter is not None and os.path.exists(self.path):
             with open(self.path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
+                records = [json.loads(line) for line in f if line.strip().endswith("}")]  # not a line cut by a kill
             kept = [r for r in records if r["iter"] < resume_iter or r["type"] == "eval" and r["iter"] == resume_iter]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -220,9 +223,35 @@ def main(argv):
     torch.backends.cudnn.allow_tf32 = True
     log = print if master else (lambda *a, **k: None)
 
-    # --- data
+    # --- data (opened first: a wrong data_dir fails before any model is built)
     train_tokens, meta = open_split(cfg.data_dir, "train")
     val_tokens, _ = open_split(cfg.data_dir, "val")
+
+    # --- model, optimizer, resume
+    resume_ckpt = None
+    if cfg.eval_only and cfg.init_from == "scratch":
+        raise ConfigError("eval_only evaluates a trained model: set init_from=resume (out_dir/last.pt), a checkpoint "
+                          "path or gpt2")
+    if cfg.init_from == "resume":
+        path = os.path.join(cfg.out_dir, "last.pt")
+        if not os.path.exists(path):
+            raise DataError(f"init_from=resume but there is no {path}")
+        resume_ckpt = load_checkpoint(path)
+        missing = [k for k in ("optimizer", "scaler", "iter_num", "data_position", "best_val_loss", "rng") if k not in resume_ckpt]
+        if missing:
+            raise DataError(f"{path} was not written by this train.py (no {', '.join(missing)}): start a new run from "
+                            f"it with --init_from={path} instead")
+    elif not cfg.eval_only and any(os.path.exists(os.path.join(cfg.out_dir, n)) for n in ("last.pt", "best.pt")):
+        raise ConfigError(f"{cfg.out_dir} already holds checkpoints: continue with --init_from=resume, "
+                          f"or choose another out_dir")
+    raw_model = build_model(cfg, resume_ckpt).to(device)
+    from_source = {k: getattr(raw_model.config, k) for k in ARCH_KEYS if getattr(raw_model.config, k) != getattr(cfg, k)}
+    if from_source:  # init_from a checkpoint or GPT-2: its architecture wins, and config.json says so
+        log(f"architecture of {cfg.init_from}: " + ", ".join(f"{k}={v!r} (config had {getattr(cfg, k)!r})"
+                                                             for k, v in from_source.items()))
+        cfg = replace(cfg, **from_source)
+
+    # --- data windows (the architecture is final now)
     if meta["vocab_size"] > cfg.vocab_size:
         raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']})")
     windows = TrainWindows(train_tokens, cfg.block_size, cfg.seed)
@@ -232,21 +261,10 @@ def main(argv):
     val_bytes_per_token = meta["splits"]["val"]["bytes"] / meta["splits"]["val"]["tokens"]
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
 
-    # --- model, optimizer, resume
-    resume_ckpt = None
-    if cfg.init_from == "resume":
-        path = os.path.join(cfg.out_dir, "last.pt")
-        if not os.path.exists(path):
-            raise DataError(f"init_from=resume but there is no {path}")
-        resume_ckpt = load_checkpoint(path)
-    elif not cfg.eval_only and any(os.path.exists(os.path.join(cfg.out_dir, n)) for n in ("last.pt", "best.pt")):
-        raise ConfigError(f"{cfg.out_dir} already holds checkpoints: continue with --init_from=resume, "
-                          f"or choose another out_dir")
-    raw_model = build_model(cfg, resume_ckpt).to(device)
     optimizer = make_optimizer(raw_model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     clip_params = raw_model.parameters_to_clip()
-    iter_num, data_position, best_val_loss = 0, 0, float("inf")
+    iter_num, data_position, best_val_loss, resumed_evaluated = 0, 0, float("inf"), False
     if resume_ckpt is not None:
         wanted = [{k: g[k] for k in ("weight_decay", "lr_scale", "betas", "eps")} for g in optimizer.param_groups]
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -255,6 +273,7 @@ def main(argv):
         scaler.load_state_dict(resume_ckpt["scaler"])
         iter_num, data_position = resume_ckpt["iter_num"], resume_ckpt["data_position"]
         best_val_loss = resume_ckpt["best_val_loss"]
+        resumed_evaluated = resume_ckpt.get("evaluated", True)  # did the stopped run evaluate its last iteration?
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
         if "cuda" in resume_ckpt["rng"] and device_type == "cuda":
             torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"])
@@ -265,13 +284,14 @@ def main(argv):
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     flops_peak = peak_flops(device, cfg.peak_flops)
 
-    if master:
+    if master and not cfg.eval_only:  # eval_only prints its result and writes nothing
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
+    if master:
         log("config: " + ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
         log(f"device {device}, dtype {dtype}, {world} process(es), compile {cfg.compile}")
-        log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (non-embedding); "
+        log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (position embeddings not counted); "
             f"{raw_model.flops_per_token() / 1e6:.0f} MFLOPs per token")
         log(f"tokens per step: {cfg.batch_size} batch x {cfg.block_size} block x {cfg.gradient_accumulation_steps} "
             f"accumulation = {tokens_per_step:,} ({accum} micro-batches per process); train split "
@@ -280,7 +300,7 @@ def main(argv):
             log("MFU not reported: unknown GPU peak FLOP/s (set peak_flops)")
         if start_iter:
             log(f"resumed from {cfg.out_dir}/last.pt at iter {start_iter} (best val loss {best_val_loss:.4f})")
-    metrics = MetricsLog(cfg, start_iter if cfg.init_from == "resume" else None) if master else None
+    metrics = MetricsLog(cfg, start_iter if cfg.init_from == "resume" else None) if master and not cfg.eval_only else None
 
     # --- helpers that use the state above
     @torch.no_grad()
@@ -306,12 +326,12 @@ def main(argv):
                 result.update(condensation_metrics(raw_model, to_device(x, device)))
         return result
 
-    def checkpoint(name):
+    def checkpoint(name, evaluated):
         save_checkpoint({
             "format": "gpt-checkpoint", "version": 1, "model_args": asdict(raw_model.config),
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "config": asdict(cfg), "iter_num": iter_num, "best_val_loss": best_val_loss,
-            "data_position": data_position, "tokens_seen": data_position * cfg.block_size,
+            "data_position": data_position, "tokens_seen": data_position * cfg.block_size, "evaluated": evaluated,
             "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
         }, os.path.join(cfg.out_dir, name))
 
@@ -328,23 +348,30 @@ def main(argv):
     # --- the training loop
     stopping, steps_timed, t0 = False, 0, time.time()
     while True:
-        # evaluate and checkpoint every eval_interval steps and at the end (a resumed run's checkpoint holds
-        # the evaluation of its first iteration already); a stop request saves without evaluating
+        # evaluate and checkpoint every eval_interval steps and at the end. A stop request saves without
+        # evaluating; the checkpoint records whether this iteration's evaluation ran, so a resumed run does it
+        # if it did not (and does not repeat it if it did).
         done = iter_num >= cfg.max_iters or stopping
-        just_resumed = iter_num == start_iter > 0 and not cfg.eval_only
-        if (done or cfg.eval_only or iter_num % cfg.eval_interval == 0) and not just_resumed:
-            if not stopping:
-                result = evaluate()
-                if master:
-                    log(f"eval {iter_num}: val loss {result['val_loss']:.4f} | val bpb {result['val_bpb']:.4f}"
-                        + (f" | condensation spearman {result['cond/spearman']:+.2f}" if "cond/spearman" in result else ""))
+        evaluated = False
+        due = done or cfg.eval_only or iter_num % cfg.eval_interval == 0
+        if due and not stopping and not (iter_num == start_iter > 0 and resumed_evaluated and not cfg.eval_only):
+            result = evaluate()
+            evaluated = True
+            if master:
+                log(f"eval {iter_num}: val loss {result['val_loss']:.4f} | val bpb {result['val_bpb']:.4f}"
+                    + (f" | condensation spearman {result['cond/spearman']:+.2f}" if "cond/spearman" in result else ""))
+                if metrics is not None:
                     metrics.write({"type": "eval", "iter": iter_num, **result})
-                    if result["val_loss"] < best_val_loss:
-                        best_val_loss = result["val_loss"]
-                        if iter_num > 0 and not cfg.eval_only:
-                            checkpoint("best.pt")
-            if master and (cfg.always_save_checkpoint or done) and iter_num > 0 and not cfg.eval_only:
-                checkpoint("last.pt")
+                if result["val_loss"] < best_val_loss:
+                    best_val_loss = result["val_loss"]
+                    if iter_num > 0 and not cfg.eval_only:
+                        checkpoint("best.pt", evaluated)
+        if not ddp and stop_signal:  # one process: a Ctrl-C during the evaluation saves now, not after one more step
+            stopping = done = True
+        if master and iter_num > 0 and not cfg.eval_only and (done or evaluated and cfg.always_save_checkpoint):
+            checkpoint("last.pt", evaluated)
+            if done:
+                log(f"saved {cfg.out_dir}/last.pt at iter {iter_num}")
         if done or cfg.eval_only:
             break
 
@@ -385,7 +412,8 @@ def main(argv):
                 line += f" | disp {disp:.4f}"
             record.update(raw_model.multiplier_stats())
             log(line)
-            metrics.write(record)
+            if metrics is not None:
+                metrics.write(record)
             steps_timed, t0 = 0, time.time()
 
     if ddp:

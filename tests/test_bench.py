@@ -164,7 +164,8 @@ def test_bench_user_errors_are_one_line(args, message):
 
 
 @pytest.mark.parametrize("args, message", [(["--steps=0"], "steps >= 1"), (["--bench_steps=3"], "unknown key"),
-                                           (["--compare=multipliers=cubic"], "multipliers must be")])
+                                           (["--compare=multipliers=cubic"], "multipliers must be"),
+                                           (["--json_out=/no/such/dir/x.json"], "no such directory")])
 def test_bench_config_errors(args, message):
     with pytest.raises(ConfigError, match=message):
         bench.main(["config/train_tiny.py", "--device=cpu", *args])

@@ -1,4 +1,8 @@
 """The config system: files, overrides, types, and one clear line for every mistake."""
+import ast
+import re
+from dataclasses import fields
+
 import pytest
 from conftest import REPO, run_script
 
@@ -69,6 +73,16 @@ def test_files_apply_in_order_then_overrides():
     (["--batch_size=0"], "batch_size must be positive"),
     (["--max_iters"], "--max_iters needs a value"),
     (["no/such/config.py"], "cannot read config file no/such/config.py"),
+    (["--n_head=0"], "n_head must be positive, not 0"),
+    (["--learning_rate=-1"], "learning_rate must be positive"),
+    (["--learning_rate=1e400"], "learning_rate must be a finite number"),
+    (["--beta2=1.5"], "beta2 must be in [0, 1)"),
+    (["--min_lr=-1e-4"], "min_lr must not be negative"),
+    (["--weight_decay=-0.1"], "weight_decay must not be negative"),
+    (["--grad_clip=-1"], "grad_clip must not be negative"),
+    (["--seed=-1"], "seed must not be negative"),
+    (["--wsd_decay_frac=2"], "wsd_decay_frac must be in [0, 1]"),
+    (["--loss_chunk_size=-5"], "loss_chunk_size must be >= 0"),
 ])
 def test_mistakes_name_the_key(args, message):
     with pytest.raises(ConfigError) as e:
@@ -84,6 +98,22 @@ def test_wrong_type_in_file(tmp_path):
     path.write_text("n_layer = 12\nwarmup = 5\n")
     with pytest.raises(ConfigError, match=r"unknown key 'warmup' in .*c.py \(did you mean 'warmup_iters'\?\)"):
         load_train_config([str(path)])
+
+
+def test_config_file_that_is_not_text(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_bytes(b"\xff\xfe n_layer = 2")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_train_config([str(path)])
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "is not a device name"), ("", "is not a device name"),
+                                             ("cuda:99", "is not available on this machine")])
+def test_unusable_device_is_a_config_error(device, message):
+    from common import select_device
+    with pytest.raises(ConfigError, match=message):
+        select_device(device)
+    assert select_device("cpu") == "cpu"
 
 
 def test_bool_flag_without_value():
@@ -106,6 +136,10 @@ def test_help_lists_keys():
 
 
 def test_readme_documents_every_key():
+    """Every key has a row in README.md's key table, and the row's first entry is the key's real default."""
     readme = (REPO / "README.md").read_text()
     missing = [key for key in TrainConfig.__dataclass_fields__ if f"| `{key}` |" not in readme]
     assert not missing, f"README.md's key table lacks {missing}"
+    for f in fields(TrainConfig):
+        row = re.search(rf"^\| `{f.name}` \| `([^`]*)` \|", readme, re.M)
+        assert row and ast.literal_eval(row.group(1)) == f.default, f"README.md's default of {f.name}"

@@ -390,6 +390,8 @@ def test_picture_command_draws_a_checkpoint(runs, tmp_path):
     assert printed == pytest.approx([final[f"cond/mean_cos_l{i}"] for i in range(N_LAYER + 1)], abs=1e-4)
     assert f"spearman {final['cond/spearman']:+.3f}" in result.stdout
     assert "using 32" in result.stdout  # seq_len capped at block_size, and said so
+    result = run_script("condensation.py", f"--out_dir={out_dir}", f"--out={tmp_path / 'picture.txt'}", check=False)
+    assert result.returncode == 1 and "out must name a .png, .pdf or .svg file" in result.stderr
 
 
 def test_picture_command_errors_are_one_line(tmp_path):

@@ -91,7 +91,7 @@ def test_nanogpt_checkpoint_loads(tmp_path, bias):
 def test_checkpoint_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match="cannot load checkpoint"):
+    with pytest.raises(DataError, match="cannot load checkpoint .*: not a PyTorch checkpoint, or truncated or corrupt"):
         load_checkpoint(str(bad))
     ckpt = nanogpt_checkpoint(tiny())
     ckpt["model_args"]["n_embd"] = 64  # weights no longer match

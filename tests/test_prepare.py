@@ -198,6 +198,7 @@ def _bad_inputs(tmp_path):
     (tmp_path / "notes.txt").write_text("not parquet")
     (tmp_path / "empty_dir").mkdir()
     write_parquet(tmp_path / "all_empty.parquet", [None, "", None])
+    pq.write_table(pa.table({"text": pa.array([b"bytes, not text"], pa.binary())}), tmp_path / "binary.parquet")
     return {
         "missing": ([tmp_path / "nope.parquet"], "no such file"),
         "not_parquet": ([tmp_path / "notes.txt"], "not a readable parquet file"),
@@ -206,6 +207,8 @@ def _bad_inputs(tmp_path):
         "no_column": ([good, "--text_column=content"], "no column 'content'"),
         "no_score_column": ([good, "--min_language_score=0.5"], "no column 'language_score'"),
         "empty_input": ([tmp_path / "all_empty.parquet"], "no documents in the input (3 null/empty rows"),
+        "binary_column": ([tmp_path / "binary.parquet"], "column 'text' holds binary, not text"),
+        "too_long_for_max_tokens": ([good, "--max_tokens=1"], "the first document alone exceeds --max_tokens=1"),
         "empty_dir": ([tmp_path / "empty_dir"], "no files match"),
         "no_glob_match": ([tmp_path / "*.nothing"], "no files match"),
         "bad_url": (["http://127.0.0.1:9/x.parquet", f"--cache_dir={tmp_path / 'cache'}"], "cannot download"),

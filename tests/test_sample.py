@@ -302,7 +302,10 @@ def test_sample_script_errors_are_one_line(tmp_path):
         ([f"--out_dir={tmp_path / 'char_level'}"], "vocab_size 65, fewer than the GPT-2 tokenizer's 50257"),
         ([f"--out_dir={tmp_path / 'char_level'}", "--which=worst"], "which must be best or last"),
         ([f"--start=FILE:{tmp_path / 'nothing.txt'}"], "cannot read prompt file"),
+        ([f"--out_dir={tmp_path / 'char_level'}", f"--start=FILE:{tmp_path / 'latin1.txt'}"], "not UTF-8 text"),
+        ([f"--out_dir={tmp_path / 'char_level'}", "--seed=-1"], "seed must be in [0, 2**63 - num_samples)"),
     ]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     for args, message in cases:  # in-process: every message
         with pytest.raises((DataError, ConfigError), match=re.escape(message)):
             sample.main(args)

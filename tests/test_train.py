@@ -2,6 +2,7 @@
 exact resume, clean stops, crash safety)."""
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from conftest import REPO, run_script
 
 from common import load_checkpoint
 from config import load_train_config
+import train
 from train import TrainWindows, fixed_windows, get_lr
 
 # a few-second version of config/train_tiny.py
@@ -205,5 +207,115 @@ def test_refuses_to_overwrite_a_run_and_eval_only(tmp_path, token_dir):
     run_script("train.py", *common, "--max_iters=2")
     result = run_script("train.py", *common, "--max_iters=2", check=False)
     assert result.returncode != 0 and "already holds checkpoints" in result.stderr
-    result = run_script("train.py", *common, "--init_from=resume", "--eval_only")
-    assert "eval 2: val loss" in result.stdout
+    written = {name: sha(out / name) for name in ("metrics.jsonl", "config.json", "last.pt", "best.pt")}
+    last_eval = metrics(out, "eval")[-1]
+    for source in ("--init_from=resume", f"--init_from={out}"):
+        result = run_script("train.py", *common, source, "--eval_only")
+        assert f"val loss {last_eval['val_loss']:.4f}" in result.stdout  # the trained model, not a fresh one
+        assert {name: sha(out / name) for name in written} == written  # and nothing in out_dir touched
+    result = run_script("train.py", *common, "--eval_only", check=False)
+    assert result.returncode == 1 and "eval_only evaluates a trained model" in result.stderr
+
+
+def run_main_in_process(args, monkeypatch, **patches):
+    """train.main in this process (to patch its helpers), restoring the signal handlers it installs."""
+    monkeypatch.chdir(REPO)
+    for name, value in patches.items():
+        monkeypatch.setattr(train, name, value)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.main(args)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def test_stop_before_an_evaluation_is_evaluated_on_resume(tmp_path, token_dir, monkeypatch):
+    """Ctrl-C in the step that leads to an evaluation: the run saves without evaluating, and the resumed run
+    evaluates that iteration (metrics.jsonl, best.pt), with the same result as an uninterrupted run."""
+    common = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", "--eval_interval=4", "--max_iters=6"]
+    steps = []
+
+    def step_with_ctrl_c(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 4:  # the step from iter 3 to iter 4
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_train_step(*args, **kwargs)
+    real_train_step = train.train_step
+    stopped, full = tmp_path / "stopped", tmp_path / "full"
+    run_main_in_process([*common, f"--out_dir={stopped}"], monkeypatch, train_step=step_with_ctrl_c)
+    ckpt = load_checkpoint(str(stopped / "last.pt"))
+    assert ckpt["iter_num"] == 4 and ckpt["evaluated"] is False
+    assert [r["iter"] for r in metrics(stopped, "eval")] == [0]
+    run_script("train.py", *common, f"--out_dir={stopped}", "--init_from=resume")
+    run_script("train.py", *common, f"--out_dir={full}")
+    assert [r["iter"] for r in metrics(stopped, "eval")] == [0, 4, 6]
+    assert metrics(stopped, "eval") == metrics(full, "eval")
+    assert load_checkpoint(str(stopped / "best.pt"))["iter_num"] == load_checkpoint(str(full / "best.pt"))["iter_num"]
+
+
+def test_stop_during_an_evaluation_saves_without_another_step(tmp_path, token_dir, monkeypatch):
+    """Ctrl-C while evaluating (one process): last.pt is saved right after the evaluation, and the resumed run
+    does not evaluate that iteration again."""
+    out = tmp_path / "out"
+    common = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}", "--eval_interval=4",
+              "--max_iters=6"]
+    evals = []
+
+    def condensation_with_ctrl_c(*args, **kwargs):
+        evals.append(1)
+        if len(evals) == 2:  # the evaluation at iter 4
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_condensation(*args, **kwargs)
+    real_condensation = train.condensation_metrics
+    run_main_in_process(common, monkeypatch, condensation_metrics=condensation_with_ctrl_c)
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["iter_num"] == 4 and ckpt["evaluated"] is True
+    result = run_script("train.py", *common, "--init_from=resume")
+    assert "eval 4:" not in result.stdout
+    assert [r["iter"] for r in metrics(out, "eval")] == [0, 4, 6]
+
+
+def test_metrics_line_cut_by_a_kill_does_not_block_resume(tmp_path, token_dir):
+    out = tmp_path / "out"
+    common = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}", "--eval_interval=2"]
+    run_script("train.py", *common, "--max_iters=2")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "iter": 2, "lo')  # what kill -9 mid-write leaves
+    run_script("train.py", *common, "--max_iters=4", "--init_from=resume")
+    assert [r["iter"] for r in metrics(out, "train")] == [0, 1, 2, 3]
+
+
+def test_init_from_a_checkpoint_takes_its_architecture(tmp_path, token_dir):
+    """A new run from another run's checkpoint uses that checkpoint's architecture and says so (config.json too)."""
+    common = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", "--max_iters=2"]
+    run_script("train.py", *common, f"--out_dir={tmp_path / 'a'}")
+    result = run_script("train.py", *common, f"--out_dir={tmp_path / 'b'}", f"--init_from={tmp_path / 'a'}",
+                        "--n_layer=3", "--block_size=48")
+    assert "architecture of" in result.stdout and "n_layer=2 (config had 3)" in result.stdout
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["n_layer"] == 2 and saved["block_size"] == 32
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is unreadable"), ("[]", "is not a prepare.py meta.json"),
+    ('{"format": "gpt-tokens", "version": 1, "vocab_size": 50257, "splits": {"train": {"tokens": 5, "bytes": 9}}}',
+     "lacks the field 'val'"),
+])
+def test_damaged_meta_json_is_one_clear_error(tmp_path, content, message):
+    from common import DataError, read_meta
+    (tmp_path / "meta.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_meta(tmp_path)
+
+
+def test_resume_from_a_checkpoint_of_another_program(tmp_path, token_dir):
+    """A nanoGPT ckpt.pt renamed last.pt has no optimizer/scaler/rng state to resume: one line says what to do."""
+    out = tmp_path / "out"
+    common = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}"]
+    run_script("train.py", *common, "--max_iters=1")
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    torch.save({k: ckpt[k] for k in ("model", "model_args", "iter_num", "best_val_loss", "config")}, out / "last.pt")
+    result = run_script("train.py", *common, "--max_iters=2", "--init_from=resume", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "was not written by this train.py (no optimizer, scaler, data_position, rng)" in result.stderr

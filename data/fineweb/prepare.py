@@ -146,6 +146,9 @@ def open_sources(files, text_column, need_score):
         names = pf.schema_arrow.names
         if text_column not in names:
             raise DataError(f"{path}: no column {text_column!r} (columns: {', '.join(names)}); see --text_column")
+        kind = pf.schema_arrow.field(text_column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{path}: column {text_column!r} holds {kind}, not text; see --text_column")
         if need_score and "language_score" not in names:
             raise DataError(f"{path}: no column 'language_score', needed by --min_language_score")
         sources.append((pf, path, origin))
@@ -219,10 +222,7 @@ _enc = None  # the tokenizer, one per process
 def load_tokenizer():
     global _enc
     if _enc is None:  # forked workers inherit the main process's tokenizer; spawned ones load it
-        try:
-            _enc = get_tokenizer()
-        except Exception as e:  # typically: offline, with tiktoken's files not yet cached
-            raise DataError(f"cannot load the GPT-2 tokenizer: {e}") from None
+        _enc = get_tokenizer()  # a DataError with one clear line when offline without tiktoken's files
         assert _enc.n_vocab <= np.iinfo(TOKEN_DTYPE).max + 1, "token ids must fit the token dtype"
     return _enc
 
@@ -325,7 +325,8 @@ def write_outputs(args, sources, tmp):
             os.fsync(f.fileno())
     if sum(s["documents"] for s in stats.values()) == 0:
         raise DataError(f"no documents in the input ({skipped['null_or_empty']} null/empty rows, "
-                        f"{skipped['below_language_score']} below --min_language_score)")
+                        f"{skipped['below_language_score']} below --min_language_score"
+                        + (f"; or the first document alone exceeds --max_tokens={args.max_tokens}" if args.max_tokens else "") + ")")
     meta = dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype="uint16", tokenizer="gpt2",
                 vocab_size=_enc.n_vocab, eot_token=_enc.eot_token, splits=stats,
                 sources=[dict(path=os.path.abspath(path), bytes=os.path.getsize(path), rows=pf.metadata.num_rows,
@@ -366,8 +367,9 @@ def main(argv=None):
     print(f"skipped {skipped['null_or_empty']:,} null/empty rows, {skipped['below_language_score']:,} below language score")
     print(f"{docs:,} docs, {tokens:,} tokens in {seconds:.1f} s: {docs / seconds:,.0f} docs/s, "
           f"{tokens / seconds / 1e6:.2f}M tokens/s with {args.num_proc} process(es)")
-    if stats["val"]["documents"] == 0:
-        print("warning: the val split is empty; raise --val_fraction or --val_docs", file=sys.stderr)
+    for split, advice in (("val", "raise --val_fraction or --val_docs"), ("train", "lower --val_docs or --val_fraction")):
+        if stats[split]["documents"] == 0:
+            print(f"warning: the {split} split is empty; {advice}", file=sys.stderr)
 
 
 if __name__ == "__main__":
