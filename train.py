@@ -354,7 +354,8 @@ def main(argv):
         done = iter_num >= cfg.max_iters or stopping
         evaluated = False
         due = done or cfg.eval_only or iter_num % cfg.eval_interval == 0
-        if due and not stopping and not (iter_num == start_iter > 0 and resumed_evaluated and not cfg.eval_only):
+        already_evaluated = iter_num == start_iter > 0 and resumed_evaluated and not cfg.eval_only  # by the stopped run
+        if due and not stopping and not already_evaluated:
             result = evaluate()
             evaluated = True
             if master:
