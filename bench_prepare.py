@@ -17,13 +17,14 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+from common import seed_tiktoken_cache
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PREPARE = os.path.join(REPO, "data", "fineweb", "prepare.py")
@@ -45,19 +46,6 @@ with open(sys.argv[2], "wb") as f:
                 n += len(ids)
 print(json.dumps({"tokens": n, "seconds": time.perf_counter() - t0}))
 """
-
-
-def seed_tiktoken_cache():
-    """This machine cannot download tiktoken's files: point TIKTOKEN_CACHE_DIR at a copy of ../shared's."""
-    if "TIKTOKEN_CACHE_DIR" in os.environ:
-        return
-    cache = os.path.join(tempfile.gettempdir(), f"tiktoken-cache-{os.getuid()}")
-    os.makedirs(cache, exist_ok=True)
-    for name, cached in (("vocab.bpe", "6d1cbeee0f20b3d9449abfede4726ed8212e3aee"),
-                         ("encoder.json", "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")):
-        if not os.path.exists(os.path.join(cache, cached)) and os.path.exists(os.path.join(SHARED_DATA, name)):
-            shutil.copyfile(os.path.join(SHARED_DATA, name), os.path.join(cache, cached))
-    os.environ["TIKTOKEN_CACHE_DIR"] = cache
 
 
 def tree_pss_kb(pid):
@@ -176,7 +164,7 @@ def main():
     p.add_argument("--tries", type=int, default=5, help="attempts per run at a quiet measurement")
     p.add_argument("--quiet_timeout", type=float, default=600, help="seconds to wait for a quiet machine, per attempt")
     args = p.parse_args()
-    seed_tiktoken_cache()
+    seed_tiktoken_cache(SHARED_DATA)
     print(f"machine: {len(os.sched_getaffinity(0))} CPUs, {os.uname().machine}, python {sys.version.split()[0]}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

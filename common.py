@@ -65,7 +65,9 @@ def read_meta(data_dir):
         raise DataError(f"{path}: expected format {FORMAT_NAME!r} version {FORMAT_VERSION}, "
                         f"found {meta.get('format')!r} version {meta.get('version')!r}; re-run prepare.py")
     try:  # the fields the training scripts read
-        [meta["vocab_size"]] + [meta["splits"][s][k] for s in SPLITS for k in ("tokens", "bytes")]
+        meta["vocab_size"]
+        for split in SPLITS:
+            meta["splits"][split]["tokens"], meta["splits"][split]["bytes"]
     except (KeyError, TypeError) as e:
         raise DataError(f"{path} lacks the field {e}: re-run prepare.py")
     return meta
@@ -89,6 +91,28 @@ def open_split(data_dir, split):
 # -----------------------------------------------------------------------------
 # Tokenizer
 
+# tiktoken's cache names each file by the sha1 of its download URL (see ../shared/README.md)
+TIKTOKEN_CACHE_NAMES = {"vocab.bpe": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
+                        "encoder.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",
+                        "gpt2.tiktoken": "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"}
+
+
+def seed_tiktoken_cache(files_dir):
+    """Offline machines (the tests, the benchmarks here): copy GPT-2's BPE files from files_dir into a cache
+    directory under the names tiktoken looks for, and point TIKTOKEN_CACHE_DIR there (unless already set)."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        return
+    import shutil
+    import tempfile
+    cache = os.path.join(tempfile.gettempdir(), f"tiktoken-cache-{os.getuid()}")
+    os.makedirs(cache, exist_ok=True)
+    for name, cached_name in TIKTOKEN_CACHE_NAMES.items():
+        target = os.path.join(cache, cached_name)
+        if not os.path.exists(target) and os.path.exists(os.path.join(files_dir, name)):
+            shutil.copyfile(os.path.join(files_dir, name), target)
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache
+
+
 def get_tokenizer():
     """GPT-2 BPE via tiktoken (downloads its files once into tiktoken's cache, or uses TIKTOKEN_CACHE_DIR)."""
     import tiktoken
@@ -108,12 +132,11 @@ def select_device(device="auto"):
     from config import ConfigError
     if device != "auto":
         try:
-            kind = torch.device(device).type
+            parsed = torch.device(device)
         except RuntimeError:
             raise ConfigError(f"device {device!r} is not a device name: use auto, cpu, cuda, cuda:1 or mps")
         available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        index = torch.device(device).index
-        if not available.get(kind, False) or kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        if not available.get(parsed.type, False) or parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
             raise ConfigError(f"device {device!r} is not available on this machine")
         return device
     if torch.cuda.is_available():

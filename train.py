@@ -264,7 +264,7 @@ def main(argv):
     optimizer = make_optimizer(raw_model, cfg, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     clip_params = raw_model.parameters_to_clip()
-    iter_num, data_position, best_val_loss, resumed_evaluated = 0, 0, float("inf"), False
+    iter_num, data_position, best_val_loss, skip_eval_at = 0, 0, float("inf"), None
     if resume_ckpt is not None:
         wanted = [{k: g[k] for k in ("weight_decay", "lr_scale", "betas", "eps")} for g in optimizer.param_groups]
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -273,7 +273,8 @@ def main(argv):
         scaler.load_state_dict(resume_ckpt["scaler"])
         iter_num, data_position = resume_ckpt["iter_num"], resume_ckpt["data_position"]
         best_val_loss = resume_ckpt["best_val_loss"]
-        resumed_evaluated = resume_ckpt.get("evaluated", True)  # did the stopped run evaluate its last iteration?
+        if resume_ckpt.get("evaluated", True) and not cfg.eval_only:  # the stopped run evaluated its last iteration
+            skip_eval_at = iter_num
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
         if "cuda" in resume_ckpt["rng"] and device_type == "cuda":
             torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"])
@@ -326,7 +327,7 @@ def main(argv):
                 result.update(condensation_metrics(raw_model, to_device(x, device)))
         return result
 
-    def checkpoint(name, evaluated):
+    def checkpoint(name):
         save_checkpoint({
             "format": "gpt-checkpoint", "version": 1, "model_args": asdict(raw_model.config),
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -354,8 +355,7 @@ def main(argv):
         done = iter_num >= cfg.max_iters or stopping
         evaluated = False
         due = done or cfg.eval_only or iter_num % cfg.eval_interval == 0
-        already_evaluated = iter_num == start_iter > 0 and resumed_evaluated and not cfg.eval_only  # by the stopped run
-        if due and not stopping and not already_evaluated:
+        if due and not stopping and iter_num != skip_eval_at:
             result = evaluate()
             evaluated = True
             if master:
@@ -366,11 +366,11 @@ def main(argv):
                 if result["val_loss"] < best_val_loss:
                     best_val_loss = result["val_loss"]
                     if iter_num > 0 and not cfg.eval_only:
-                        checkpoint("best.pt", evaluated)
+                        checkpoint("best.pt")
         if not ddp and stop_signal:  # one process: a Ctrl-C during the evaluation saves now, not after one more step
             stopping = done = True
         if master and iter_num > 0 and not cfg.eval_only and (done or evaluated and cfg.always_save_checkpoint):
-            checkpoint("last.pt", evaluated)
+            checkpoint("last.pt")
             if done:
                 log(f"saved {cfg.out_dir}/last.pt at iter {iter_num}")
         if done or cfg.eval_only:
@@ -413,8 +413,7 @@ def main(argv):
                 line += f" | disp {disp:.4f}"
             record.update(raw_model.multiplier_stats())
             log(line)
-            if metrics is not None:
-                metrics.write(record)
+            metrics.write(record)
             steps_timed, t0 = 0, time.time()
 
     if ddp:

@@ -21,4 +21,4 @@ warmup_iters = 300
 lr_decay_iters = 6000
 min_lr = 5e-5
 eval_interval = 250
-eval_iters = 50  # 50 x 16 x 1024 = 819,200 validation tokens (prepare.py --val_docs=2000 gives ~1.4M)
+eval_iters = 50  # 50 x 16 x 1024 = 819,200 validation tokens (compare the val tokens prepare.py prints)

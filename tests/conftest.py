@@ -4,8 +4,6 @@ Shared test set-up. Everything runs on CPU with tiny models and the real data in
   would fetch, under the names it looks for) and TIKTOKEN_CACHE_DIR points there for this process and
   every subprocess the tests start.
 """
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,24 +14,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE_PARQUET = SHARED_DATA / "english-sample.parquet"
 sys.path.insert(0, str(REPO))
 
-# file name in tiktoken's cache = sha1 of the download URL (see ../shared/README.md)
-_TIKTOKEN_FILES = {
-    "vocab.bpe": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
-    "encoder.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",
-    "gpt2.tiktoken": "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4",
-}
-
 
 def pytest_configure(config):
-    if "TIKTOKEN_CACHE_DIR" in os.environ:
-        return
-    cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"tiktoken-cache-{os.getuid()}"
-    cache.mkdir(parents=True, exist_ok=True)
-    for name, cached_name in _TIKTOKEN_FILES.items():
-        target = cache / cached_name
-        if not target.exists() and (SHARED_DATA / name).exists():
-            shutil.copyfile(SHARED_DATA / name, target)
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    from common import seed_tiktoken_cache
+    seed_tiktoken_cache(SHARED_DATA)
 
 
 @pytest.fixture(scope="session")
