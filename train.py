@@ -416,7 +416,8 @@ def main(argv):
             metrics.write(record)
             steps_timed, t0 = 0, time.time()
 
-    if ddp:
+    if ddp:  # wait for rank 0's checkpoint write: a rank tearing gloo down early can abort its peers
+        dist.barrier()
         dist.destroy_process_group()
 
 
