@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (CHECKPOINT_NAMES, DataError, autocast, find_checkpoint, load_checkpoint, model_from_checkpoint,
-                    open_split, run_main, select_device, select_dtype)
-from config import ConfigError, parse_args
+from checkpoint import CHECKPOINT_NAMES, find_checkpoint, load_checkpoint, model_from_checkpoint
+from config import parse_args
+from device import autocast, select_device, select_dtype
+from errors import ConfigError, DataError, run_main
+from tokens import fixed_windows, open_split, stack_windows
 
 BINS = 128  # histogram bins over [-1, 1], as in the paper's figure
 
@@ -173,7 +175,6 @@ def draw(counts, mu, title, path):
 
 
 def main(argv):
-    from train import fixed_windows, stack_windows  # the same evenly spaced val windows as train.py's diagnostic
     opt = parse_args(PictureConfig, argv)
     if opt.which not in CHECKPOINT_NAMES:
         raise ConfigError(f"which must be one of {', '.join(CHECKPOINT_NAMES)}, not {opt.which!r}")

@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
 
+from errors import ConfigError
 from model import GPTConfig
 
 
@@ -73,10 +74,6 @@ POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_
 NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "seed", "min_lr", "weight_decay",
                 "multiplier_weight_decay", "grad_clip", "peak_flops")
 FRACTIONS = {"dropout": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0)}  # each in [low, high)
-
-
-class ConfigError(ValueError):
-    """A mistake in a config file or a command-line override: reported as one line, no traceback."""
 
 
 def _convert(key, value, kind, from_cli):
@@ -187,7 +184,7 @@ def describe(cls):
             m = re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line)
             if m:
                 comments[m.group(1)] = m.group(2)
-    rows = [f"  {f'--{f.name}={f.default!r}':<40} {comments.get(f.name, '')}" for f in fields(cls) if f.default is not MISSING]
+    rows = [f"  {f'--{f.name}={f.default!r}':<40}  {comments.get(f.name, '')}" for f in fields(cls) if f.default is not MISSING]
     return "keys (set in a config file or as --key=value):\n" + "\n".join(rows)
 
 

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (DataError, autocast, find_checkpoint, get_tokenizer, load_checkpoint, model_from_checkpoint,
-                    run_main, select_device, select_dtype)
-from config import ConfigError, parse_args
+from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from config import parse_args
+from device import autocast, select_device, select_dtype
+from errors import ConfigError, DataError, run_main
+from tokens import get_tokenizer
 
 
 @dataclass

@@ -9,6 +9,9 @@ AdamW, gradient accumulation, exact resume, and the same script under torchrun f
 
 Writes to out_dir: last.pt and best.pt (best val loss), metrics.jsonl, config.json.
 Ctrl-C or SIGTERM: the current step finishes, last.pt is saved, and the run exits cleanly.
+
+Read top to bottom: the schedule, the model, one optimizer step, the metrics log, then main's chapters
+(processes and device, resume, evaluation and checkpoints, the log line) and the loop itself at the end.
 """
 import json
 import math
@@ -16,70 +19,19 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (DataError, autocast, find_checkpoint, load_checkpoint, model_from_checkpoint, open_split,
-                    peak_flops, run_main, save_checkpoint, select_device, select_dtype)
+from checkpoint import code_version, find_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from condensation import condensation_metrics
-from config import ConfigError, load_train_config, model_args
+from config import load_train_config, model_args
+from device import autocast, peak_flops, select_device, select_dtype, to_device
+from errors import ConfigError, DataError, run_main
 from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
-
-# -----------------------------------------------------------------------------
-# Data: training windows without replacement, validation on fixed windows
-
-
-class TrainWindows:
-    """Non-overlapping windows of block_size + 1 tokens, visited in a seeded shuffled order without replacement.
-    Epoch e shuffles with seed (seed, e) and shifts every window by a random offset, so later epochs see new
-    boundaries. `position` (windows consumed so far, over all ranks) is all a checkpoint needs to resume."""
-
-    def __init__(self, tokens, block_size, seed):
-        self.tokens, self.block_size, self.seed = tokens, block_size, seed
-        self.per_epoch = (len(tokens) - 1) // block_size - 1  # so that any offset < block_size still fits
-        if self.per_epoch < 1:
-            raise DataError(f"the train split ({len(tokens)} tokens) is shorter than two blocks of {block_size}")
-        self._epoch, self._offset, self._order = None, 0, None
-
-    def start(self, index):
-        """Token offset of the window with global index `index` (0, 1, 2, ... across epochs)."""
-        epoch, i = divmod(index, self.per_epoch)
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._epoch, self._offset, self._order = epoch, int(rng.integers(self.block_size)), rng.permutation(self.per_epoch)
-        return self._offset + int(self._order[i]) * self.block_size
-
-    def batch(self, first, count):
-        return stack_windows(self.tokens, [self.start(first + j) for j in range(count)], self.block_size)
-
-
-def stack_windows(tokens, starts, block_size):
-    """Inputs x and targets y (each (len(starts), block_size), int64) for windows starting at `starts`."""
-    rows = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
-    data = torch.from_numpy(rows)
-    return data[:, :-1], data[:, 1:]
-
-
-def fixed_windows(tokens, count, length):
-    """`count` evenly spaced window starts over a split: the same tokens at every eval and in every run."""
-    if len(tokens) < length + 1:
-        raise DataError(f"the val split ({len(tokens)} tokens) is shorter than one window of {length}")
-    return np.linspace(0, len(tokens) - length - 1, count).astype(np.int64).tolist()
-
-
-def to_device(t, device):
-    if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def batch_to_device(windows, first, count, device):
-    return tuple(to_device(t, device) for t in windows.batch(first, count))
-
+from tokens import TrainWindows, fixed_windows, open_split, stack_windows
 
 # -----------------------------------------------------------------------------
 # Learning-rate schedule
@@ -167,7 +119,8 @@ def train_step(model, optimizer, scaler, ctx, get_batch, accum, clip_params, gra
 
 class MetricsLog:
     """metrics.jsonl in out_dir (always) and wandb (when asked). On resume, records after the checkpoint's
-    iteration are dropped, so the file shows one consistent curve."""
+    iteration are dropped, so the file shows one consistent curve; the trimmed file replaces the old one
+    atomically, so a kill at that moment loses nothing."""
 
     def __init__(self, cfg, resume_iter):
         self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -176,8 +129,9 @@ class MetricsLog:
             with open(self.path) as f:
                 records = [json.loads(line) for line in f if line.strip().endswith("}")]  # not a line cut by a kill
             kept = [r for r in records if r["iter"] < resume_iter or r["type"] == "eval" and r["iter"] == resume_iter]
-        with open(self.path, "w") as f:
+        with open(self.path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(self.path + ".tmp", self.path)
         self.wandb = None
         if cfg.wandb_log:
             try:
@@ -195,12 +149,46 @@ class MetricsLog:
                            step=record["iter"])
 
 
+def log_line(record, raw_model):
+    """The console line of a train record: step | loss | lr | grad norm | ms | tok/s [| mfu] [| disp]."""
+    line = (f"iter {record['iter']:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"norm {record['grad_norm']:6.3f} | {record['ms']:8.1f} ms | {record['tok_s']:9,.0f} tok/s")
+    if "mfu" in record:
+        line += f" | mfu {100 * record['mfu']:5.1f}%"
+    if "dispersion" in record:
+        line += f" | disp {record['dispersion']:.4f}"
+    return line
+
+
 # -----------------------------------------------------------------------------
+# main's chapters
 
-def main(argv):
-    cfg = load_train_config(argv)
+@dataclass
+class Runtime:
+    """Where this process runs: its rank among `world` processes, device, precision, autocast context."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world: int
+    device: str
+    dtype: str
+    accum: int  # micro-batches per optimizer step on this rank
 
-    # --- distributed set-up, device, precision
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+    def log(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+
+def setup_runtime(cfg):
+    """Processes (torchrun sets RANK / WORLD_SIZE), device and precision."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
     device = select_device(cfg.device)
@@ -210,215 +198,280 @@ def main(argv):
             torch.cuda.set_device(device)
         backend = cfg.backend if cfg.backend != "auto" else "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
-    master = rank == 0
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
                           f"the number of processes ({world})")
-    accum = cfg.gradient_accumulation_steps // world  # micro-batches per optimizer step on this rank
-    dtype = select_dtype(cfg.dtype, device)
-    device_type = device.split(":")[0]
-    ctx = autocast(device, dtype)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    log = print if master else (lambda *a, **k: None)
+    return Runtime(ddp, rank, local_rank, world, device, select_dtype(cfg.dtype, device),
+                   cfg.gradient_accumulation_steps // world)
 
-    # --- data (opened first: a wrong data_dir fails before any model is built)
-    train_tokens, meta = open_split(cfg.data_dir, "train")
-    val_tokens, _ = open_split(cfg.data_dir, "val")
 
-    # --- model, optimizer, resume
-    resume_ckpt = None
+RESUME_KEYS = ("optimizer", "scaler", "iter_num", "data_position", "best_val_loss", "rng")
+
+
+def read_resume_checkpoint(cfg):
+    """The checkpoint to continue from with init_from=resume: last.pt, or best.pt when the run was killed after
+    its first best.pt and before its first last.pt (best.pt holds the same full training state). None for a new
+    run, which refuses an out_dir that already holds a run's checkpoints."""
     if cfg.eval_only and cfg.init_from == "scratch":
         raise ConfigError("eval_only evaluates a trained model: set init_from=resume (out_dir/last.pt), a checkpoint "
                           "path or gpt2")
-    if cfg.init_from == "resume":
-        path = os.path.join(cfg.out_dir, "last.pt")
-        if not os.path.exists(path):
-            raise DataError(f"init_from=resume but there is no {path}")
-        resume_ckpt = load_checkpoint(path)
-        missing = [k for k in ("optimizer", "scaler", "iter_num", "data_position", "best_val_loss", "rng") if k not in resume_ckpt]
-        if missing:
-            raise DataError(f"{path} was not written by this train.py (no {', '.join(missing)}): start a new run from "
-                            f"it with --init_from={path} instead")
-    elif not cfg.eval_only and any(os.path.exists(os.path.join(cfg.out_dir, n)) for n in ("last.pt", "best.pt")):
-        raise ConfigError(f"{cfg.out_dir} already holds checkpoints: continue with --init_from=resume, "
-                          f"or choose another out_dir")
-    raw_model = build_model(cfg, resume_ckpt).to(device)
-    from_source = {k: getattr(raw_model.config, k) for k in ARCH_KEYS if getattr(raw_model.config, k) != getattr(cfg, k)}
-    if from_source:  # init_from a checkpoint or GPT-2: its architecture wins, and config.json says so
-        log(f"architecture of {cfg.init_from}: " + ", ".join(f"{k}={v!r} (config had {getattr(cfg, k)!r})"
-                                                             for k, v in from_source.items()))
-        cfg = replace(cfg, **from_source)
+    existing = [n for n in ("last.pt", "best.pt") if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if cfg.init_from != "resume":
+        if existing and not cfg.eval_only:
+            raise ConfigError(f"{cfg.out_dir} already holds checkpoints ({', '.join(existing)}): continue that run "
+                              f"with --init_from=resume, or choose another out_dir")
+        return None
+    if not existing:
+        raise DataError(f"init_from=resume but {cfg.out_dir} holds no last.pt or best.pt")
+    path = os.path.join(cfg.out_dir, existing[0])
+    ckpt = load_checkpoint(path)
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise DataError(f"{path} was not written by this train.py (no {', '.join(missing)}): start a new run from "
+                        f"it with --init_from={path} instead")
+    ckpt["path"] = path
+    return ckpt
 
-    # --- data windows (the architecture is final now)
-    if meta["vocab_size"] > cfg.vocab_size:
-        raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']})")
-    windows = TrainWindows(train_tokens, cfg.block_size, cfg.seed)
-    val_starts = fixed_windows(val_tokens, cfg.eval_iters * cfg.batch_size, cfg.block_size)
-    cond_len = min(512, cfg.block_size)
-    cond_starts = fixed_windows(val_tokens, cfg.condensation_seqs, cond_len) if cfg.condensation_seqs else []
-    val_bytes_per_token = meta["splits"]["val"]["bytes"] / meta["splits"]["val"]["tokens"]
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
 
-    optimizer = make_optimizer(raw_model, cfg, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    clip_params = raw_model.parameters_to_clip()
-    iter_num, data_position, best_val_loss, skip_eval_at = 0, 0, float("inf"), None
-    if resume_ckpt is not None:
-        wanted = [{k: g[k] for k in ("weight_decay", "lr_scale", "betas", "eps")} for g in optimizer.param_groups]
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        for group, settings in zip(optimizer.param_groups, wanted):  # this run's settings, not the checkpoint's
-            group.update(settings)
-        scaler.load_state_dict(resume_ckpt["scaler"])
-        iter_num, data_position = resume_ckpt["iter_num"], resume_ckpt["data_position"]
-        best_val_loss = resume_ckpt["best_val_loss"]
-        if resume_ckpt.get("evaluated", True) and not cfg.eval_only:  # the stopped run evaluated its last iteration
-            skip_eval_at = iter_num
-        torch.set_rng_state(resume_ckpt["rng"]["torch"])
-        if "cuda" in resume_ckpt["rng"] and device_type == "cuda":
-            torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"])
-        del resume_ckpt  # free the memory it holds
-    start_iter = iter_num
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    flops_peak = peak_flops(device, cfg.peak_flops)
+@dataclass
+class Progress:
+    """Everything besides weights, optimizer and RNG that a stopped run needs to continue exactly."""
+    iter_num: int = 0  # optimizer steps taken
+    data_position: int = 0  # training windows consumed, over all ranks
+    best_val_loss: float = float("inf")
+    evaluated: bool = False  # whether iter_num's evaluation ran (a resumed run runs it if not)
 
-    if master and not cfg.eval_only:  # eval_only prints its result and writes nothing
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
-    if master:
-        log("config: " + ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
-        log(f"device {device}, dtype {dtype}, {world} process(es), compile {cfg.compile}")
-        log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (position embeddings not counted); "
-            f"{raw_model.flops_per_token() / 1e6:.0f} MFLOPs per token")
-        log(f"tokens per step: {cfg.batch_size} batch x {cfg.block_size} block x {cfg.gradient_accumulation_steps} "
-            f"accumulation = {tokens_per_step:,} ({accum} micro-batches per process); train split "
-            f"{len(train_tokens):,} tokens = {len(train_tokens) / tokens_per_step:.1f} steps per epoch")
-        if flops_peak is None and device_type == "cuda":
-            log("MFU not reported: unknown GPU peak FLOP/s (set peak_flops)")
-        if start_iter:
-            log(f"resumed from {cfg.out_dir}/last.pt at iter {start_iter} (best val loss {best_val_loss:.4f})")
-    metrics = MetricsLog(cfg, start_iter if cfg.init_from == "resume" else None) if master and not cfg.eval_only else None
 
-    # --- helpers that use the state above
+def restore(ckpt, optimizer, scaler, rt):
+    """Load a checkpoint's optimizer, scaler and RNG state; return its Progress."""
+    wanted = [{k: g[k] for k in ("weight_decay", "lr_scale", "betas", "eps")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, settings in zip(optimizer.param_groups, wanted):  # this run's settings, not the checkpoint's
+        group.update(settings)
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if "cuda" in ckpt["rng"] and rt.device_type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    return Progress(ckpt["iter_num"], ckpt["data_position"], ckpt["best_val_loss"], ckpt.get("evaluated", True))
+
+
+def save(name, cfg, raw_model, optimizer, scaler, progress, rt):
+    """Write out_dir/name with everything an exact resume needs (atomically: a kill leaves the old file)."""
+    save_checkpoint({
+        "format": "gpt-checkpoint", "version": 1, "code_version": code_version(), "model_args": asdict(raw_model.config),
+        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "config": asdict(cfg), **asdict(progress), "tokens_seen": progress.data_position * cfg.block_size,
+        "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if rt.device_type == "cuda" else {})},
+    }, os.path.join(cfg.out_dir, name))
+
+
+class Evaluator:
+    """Mean CE over fixed validation windows (spread over ranks), bits per byte and the condensation scores."""
+
+    def __init__(self, cfg, val_tokens, meta, rt):
+        self.cfg, self.tokens, self.rt = cfg, val_tokens, rt
+        self.starts = fixed_windows(val_tokens, cfg.eval_iters * cfg.batch_size, cfg.block_size)
+        self.cond_len = min(512, cfg.block_size)
+        self.cond_starts = fixed_windows(val_tokens, cfg.condensation_seqs, self.cond_len) if cfg.condensation_seqs else []
+        self.bytes_per_token = meta["splits"]["val"]["bytes"] / meta["splits"]["val"]["tokens"]
+
     @torch.no_grad()
-    def evaluate():
-        """Mean CE over the fixed validation windows (spread over ranks), bits per byte, condensation."""
+    def __call__(self, model, raw_model, iter_num):
+        cfg, rt = self.cfg, self.rt
         model.eval()
-        total = torch.zeros(2, device=device, dtype=torch.float64)  # sum of window losses, window count
-        for b in range(rank, cfg.eval_iters, world):
-            x, y = stack_windows(val_tokens, val_starts[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.block_size)
-            with ctx:
-                _, losses = model(to_device(x, device), to_device(y, device))
-            total += torch.stack([losses["ce"].double() * x.size(0), torch.tensor(x.size(0), device=device, dtype=torch.float64)])
-        if ddp:
+        total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # sum of window losses, window count
+        for b in range(rt.rank, cfg.eval_iters, rt.world):
+            x, y = stack_windows(self.tokens, self.starts[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.block_size)
+            with autocast(rt.device, rt.dtype):
+                _, losses = model(to_device(x, rt.device), to_device(y, rt.device))
+            total += torch.stack([losses["ce"].double() * x.size(0), torch.tensor(x.size(0), device=rt.device, dtype=torch.float64)])
+        if rt.ddp:
             dist.all_reduce(total)
         model.train()
         val_loss = (total[0] / total[1]).item()
         if not math.isfinite(val_loss):
             raise DataError(f"val loss is {val_loss} at iter {iter_num}: stopped without saving")
-        result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / val_bytes_per_token}
-        if cond_starts and master:
-            x, _ = stack_windows(val_tokens, cond_starts, cond_len)
-            with ctx:
-                result.update(condensation_metrics(raw_model, to_device(x, device)))
+        result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.bytes_per_token}
+        if self.cond_starts and rt.master:
+            x, _ = stack_windows(self.tokens, self.cond_starts, self.cond_len)
+            with autocast(rt.device, rt.dtype):
+                result.update(condensation_metrics(raw_model, to_device(x, rt.device)))
         return result
 
-    def checkpoint(name):
-        save_checkpoint({
-            "format": "gpt-checkpoint", "version": 1, "model_args": asdict(raw_model.config),
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "config": asdict(cfg), "iter_num": iter_num, "best_val_loss": best_val_loss,
-            "data_position": data_position, "tokens_seen": data_position * cfg.block_size, "evaluated": evaluated,
-            "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
-        }, os.path.join(cfg.out_dir, name))
 
-    stop_signal = []  # set by Ctrl-C / SIGTERM; acted on only once all ranks agree, after a step
+def print_start(cfg, rt, raw_model, train_tokens, progress, resumed_from, flops_peak):
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    rt.log(f"code {code_version()}")
+    rt.log("config: " + ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
+    rt.log(f"device {rt.device}, dtype {rt.dtype}, {rt.world} process(es), compile {cfg.compile}")
+    rt.log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (position embeddings not counted); "
+           f"{raw_model.flops_per_token() / 1e6:.0f} MFLOPs per token")
+    rt.log(f"tokens per step: {cfg.batch_size} batch x {cfg.block_size} block x {cfg.gradient_accumulation_steps} "
+           f"accumulation = {tokens_per_step:,} ({rt.accum} micro-batches per process); train split "
+           f"{len(train_tokens):,} tokens = {len(train_tokens) / tokens_per_step:.1f} steps per epoch")
+    if flops_peak is None and rt.device_type == "cuda":
+        rt.log("MFU not reported: unknown GPU peak FLOP/s (set peak_flops)")
+    if resumed_from:
+        rt.log(f"resumed from {resumed_from} at iter {progress.iter_num} (best val loss {progress.best_val_loss:.4f})")
 
-    def request_stop(signum, frame):
-        stop_signal.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
-        log(f"\n{signal.Signals(signum).name}: finishing this step, then saving {cfg.out_dir}/last.pt")
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+class StopRequest:
+    """Ctrl-C / SIGTERM: remembered, and acted on only once all ranks agree, after a step. A second one kills."""
 
-    # --- the training loop
-    stopping, steps_timed, t0 = False, 0, time.time()
+    def __init__(self, cfg, rt):
+        self.signals, self.cfg, self.rt = [], cfg, rt
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        self.signals.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+        self.rt.log(f"\n{signal.Signals(signum).name}: finishing this step, then saving {self.cfg.out_dir}/last.pt")
+
+    def __bool__(self):
+        return bool(self.signals)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    cfg = load_train_config(argv)
+    rt = setup_runtime(cfg)
+    train_tokens, meta = open_split(cfg.data_dir, "train")  # opened first: a wrong data_dir fails before any model
+    val_tokens, _ = open_split(cfg.data_dir, "val")
+
+    # --- model, optimizer, and the state of a resumed run
+    ckpt = read_resume_checkpoint(cfg)
+    if ckpt is not None and ckpt["iter_num"] >= cfg.max_iters and not cfg.eval_only:
+        rt.log(f"{ckpt['path']} is at iter {ckpt['iter_num']}: this run already reached max_iters {cfg.max_iters}. "
+               f"Nothing to do (raise --max_iters to train further)")
+        return
+    raw_model = build_model(cfg, ckpt).to(rt.device)
+    from_source = {k: getattr(raw_model.config, k) for k in ARCH_KEYS if getattr(raw_model.config, k) != getattr(cfg, k)}
+    if from_source:  # init_from a checkpoint or GPT-2: its architecture wins, and config.json says so
+        rt.log(f"architecture of {cfg.init_from}: " + ", ".join(f"{k}={v!r} (config had {getattr(cfg, k)!r})"
+                                                                for k, v in from_source.items()))
+        cfg = replace(cfg, **from_source)
+    if meta["vocab_size"] > cfg.vocab_size:
+        raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']})")
+    optimizer = make_optimizer(raw_model, cfg, rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
+    progress = restore(ckpt, optimizer, scaler, rt) if ckpt is not None else Progress()
+    resumed_from = ckpt["path"] if ckpt is not None else None
+    del ckpt  # free the memory it holds
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    # --- what the loop reads and writes
+    windows = TrainWindows(train_tokens, cfg.block_size, cfg.seed)
+    evaluate = Evaluator(cfg, val_tokens, meta, rt)
+    flops_peak = peak_flops(rt.device, cfg.peak_flops)
+    if rt.master and not cfg.eval_only:  # eval_only prints its result and writes nothing
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump({**asdict(cfg), "code_version": code_version()}, f, indent=1)
+    print_start(cfg, rt, raw_model, train_tokens, progress, resumed_from, flops_peak)
+    metrics = MetricsLog(cfg, progress.iter_num if resumed_from else None) if rt.master and not cfg.eval_only else None
+    if cfg.eval_only:
+        rt.log(eval_line(progress.iter_num, evaluate(model, raw_model, progress.iter_num)))
+        return
+    train_loop(cfg, rt, model, raw_model, optimizer, scaler, windows, evaluate, metrics, progress, flops_peak)
+    if rt.ddp:  # wait for rank 0's checkpoint write: a rank tearing gloo down early can abort its peers
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def eval_line(iter_num, result):
+    return (f"eval {iter_num}: val loss {result['val_loss']:.4f} | val bpb {result['val_bpb']:.4f}"
+            + (f" | condensation spearman {result['cond/spearman']:+.2f}" if "cond/spearman" in result else ""))
+
+
+def evaluate_due(cfg, rt, model, raw_model, evaluate, metrics, progress, stopping):
+    """Evaluate this iteration unless a stop was requested or the stopped run that this one resumes already did.
+    Returns whether val loss improved on the best so far."""
+    if stopping or progress.evaluated:
+        return False
+    result = evaluate(model, raw_model, progress.iter_num)
+    progress.evaluated = True
+    rt.log(eval_line(progress.iter_num, result))
+    if rt.master:
+        metrics.write({"type": "eval", "iter": progress.iter_num, **result})
+    if result["val_loss"] >= progress.best_val_loss:
+        return False
+    progress.best_val_loss = result["val_loss"]
+    return True
+
+
+def write_checkpoints(cfg, rt, raw_model, optimizer, scaler, progress, done, improved):
+    """last.pt at every evaluation (always_save_checkpoint) and at the end, then best.pt when val loss improved.
+    last.pt first: a kill between the two never leaves a best.pt newer than last.pt."""
+    if not rt.master or progress.iter_num == 0:
+        return
+    if done or (progress.evaluated and cfg.always_save_checkpoint):
+        save("last.pt", cfg, raw_model, optimizer, scaler, progress, rt)
+        if done:
+            rt.log(f"saved {cfg.out_dir}/last.pt at iter {progress.iter_num}")
+    if improved:
+        save("best.pt", cfg, raw_model, optimizer, scaler, progress, rt)
+
+
+def train_loop(cfg, rt, model, raw_model, optimizer, scaler, windows, evaluate, metrics, progress, flops_peak):
+    """Until max_iters or a stop: evaluate and checkpoint when due, one optimizer step, the log line."""
+    stop, stopping = StopRequest(cfg, rt), False
+    clip_params = raw_model.parameters_to_clip()
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    steps_timed, t0 = 0, time.time()
     while True:
-        # evaluate and checkpoint every eval_interval steps and at the end. A stop request saves without
+        # every eval_interval steps and at the end: evaluate, then checkpoint. A stop request saves without
         # evaluating; the checkpoint records whether this iteration's evaluation ran, so a resumed run does it
         # if it did not (and does not repeat it if it did).
-        done = iter_num >= cfg.max_iters or stopping
-        evaluated = False
-        due = done or cfg.eval_only or iter_num % cfg.eval_interval == 0
-        if due and not stopping and iter_num != skip_eval_at:
-            result = evaluate()
-            evaluated = True
-            if master:
-                log(f"eval {iter_num}: val loss {result['val_loss']:.4f} | val bpb {result['val_bpb']:.4f}"
-                    + (f" | condensation spearman {result['cond/spearman']:+.2f}" if "cond/spearman" in result else ""))
-                if metrics is not None:
-                    metrics.write({"type": "eval", "iter": iter_num, **result})
-                if result["val_loss"] < best_val_loss:
-                    best_val_loss = result["val_loss"]
-                    if iter_num > 0 and not cfg.eval_only:
-                        checkpoint("best.pt")
-        if not ddp and stop_signal:  # one process: a Ctrl-C during the evaluation saves now, not after one more step
-            stopping = done = True
-        if master and iter_num > 0 and not cfg.eval_only and (done or evaluated and cfg.always_save_checkpoint):
-            checkpoint("last.pt")
-            if done:
-                log(f"saved {cfg.out_dir}/last.pt at iter {iter_num}")
-        if done or cfg.eval_only:
-            break
+        done = progress.iter_num >= cfg.max_iters or stopping
+        if done or progress.iter_num % cfg.eval_interval == 0:
+            improved = evaluate_due(cfg, rt, model, raw_model, evaluate, metrics, progress, stopping)
+            done = done or (not rt.ddp and bool(stop))  # one process: a Ctrl-C during the evaluation saves now
+            write_checkpoints(cfg, rt, raw_model, optimizer, scaler, progress, done, improved)
+        if done:
+            return
 
         # one optimizer step: accum micro-batches on each rank, gradients synchronised on the last one
-        lr = get_lr(iter_num, cfg)
+        lr = get_lr(progress.iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        first = data_position + rank * accum * cfg.batch_size  # this rank's windows of the step
-        sums, grad_norm = train_step(model, optimizer, scaler, ctx,
-                                     lambda m: batch_to_device(windows, first + m * cfg.batch_size, cfg.batch_size, device),
-                                     accum, clip_params, cfg.grad_clip, ddp)
-        data_position += cfg.gradient_accumulation_steps * cfg.batch_size
+        first = progress.data_position + rt.rank * rt.accum * cfg.batch_size  # this rank's windows of the step
+        get_batch = lambda m: tuple(to_device(t, rt.device) for t in windows.batch(first + m * cfg.batch_size, cfg.batch_size))
+        sums, grad_norm = train_step(model, optimizer, scaler, autocast(rt.device, rt.dtype), get_batch, rt.accum,
+                                     clip_params, cfg.grad_clip, rt.ddp)
+        progress.data_position += cfg.gradient_accumulation_steps * cfg.batch_size
 
         # the true mean over every micro-batch of every rank; .tolist() waits for the GPU once per step
-        sums = torch.cat([sums, torch.tensor([float(bool(stop_signal))], device=device)])  # + stop votes
-        if ddp:
+        sums = torch.cat([sums, torch.tensor([float(bool(stop))], device=rt.device)])  # + stop votes
+        if rt.ddp:
             dist.all_reduce(sums)
         ce, disp, stop_votes = sums.tolist()
         ce, disp, stopping = ce / cfg.gradient_accumulation_steps, disp / cfg.gradient_accumulation_steps, stop_votes > 0
         if not math.isfinite(ce):
             last = os.path.join(cfg.out_dir, "last.pt")
-            raise DataError(f"loss is {ce} at iter {iter_num}: stopped without saving (last good checkpoint: "
-                                     f"{last if os.path.exists(last) else 'none yet'}); try a lower learning_rate")
-        iter_num += 1
+            raise DataError(f"loss is {ce} at iter {progress.iter_num}: stopped without saving (last good checkpoint: "
+                            f"{last if os.path.exists(last) else 'none yet'}); try a lower learning_rate")
+        progress.iter_num += 1
+        progress.evaluated = False
         steps_timed += 1
-        if master and (iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters):
+        if rt.master and (progress.iter_num % cfg.log_interval == 0 or progress.iter_num == cfg.max_iters):
             dt = (time.time() - t0) / steps_timed
-            tok_s = tokens_per_step / dt
-            record = {"type": "train", "iter": iter_num - 1, "loss": ce, "lr": lr, "grad_norm": grad_norm.item(),
-                      "ms": 1000 * dt, "tok_s": tok_s, "tokens": data_position * cfg.block_size}
-            line = (f"iter {iter_num - 1:6d} | loss {ce:.4f} | lr {lr:.2e} | norm {record['grad_norm']:6.3f} | "
-                    f"{1000 * dt:8.1f} ms | {tok_s:9,.0f} tok/s")
+            record = {"type": "train", "iter": progress.iter_num - 1, "loss": ce, "lr": lr, "grad_norm": grad_norm.item(),
+                      "ms": 1000 * dt, "tok_s": tokens_per_step / dt, "tokens": progress.data_position * cfg.block_size}
             if flops_peak:
-                record["mfu"] = raw_model.flops_per_token() * tok_s / flops_peak
-                line += f" | mfu {100 * record['mfu']:5.1f}%"
+                record["mfu"] = raw_model.flops_per_token() * record["tok_s"] / flops_peak
             if raw_model.config.dispersion_coeff > 0:
                 record["dispersion"] = disp
-                line += f" | disp {disp:.4f}"
             record.update(raw_model.multiplier_stats())
-            log(line)
+            rt.log(log_line(record, raw_model))
             metrics.write(record)
             steps_timed, t0 = 0, time.time()
-
-    if ddp:  # wait for rank 0's checkpoint write: a rank tearing gloo down early can abort its peers
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """
 Shared test set-up. Everything runs on CPU with tiny models and the real data in ../shared:
+- the fast lane, `python -m pytest -m "not slow"`, runs the units in well under a minute; the whole suite is
+  what CI and the README run.
 - tiktoken cannot download here, so its cache is seeded from ../shared/data (the same files tiktoken
   would fetch, under the names it looks for) and TIKTOKEN_CACHE_DIR points there for this process and
   every subprocess the tests start.
@@ -16,8 +18,16 @@ sys.path.insert(0, str(REPO))
 
 
 def pytest_configure(config):
-    from common import seed_tiktoken_cache
+    from tokens import seed_tiktoken_cache
     seed_tiktoken_cache(SHARED_DATA)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that needs prepared tokens (prepare.py in a subprocess, then real training runs) is slow;
+    other slow tests carry @pytest.mark.slow themselves."""
+    for item in items:
+        if "token_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

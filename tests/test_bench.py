@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench
+from bench import bench
 from config import ConfigError
 from conftest import run_script
 from model import GPT, GPTConfig, cross_entropy
@@ -138,7 +138,7 @@ TINY = ["config/train_tiny.py", "--n_layer=1", "--n_head=2", "--n_embd=32", "--b
 
 def test_bench_smoke_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_script("bench.py", *TINY, "--compare=dispersion,multipliers,loss_chunk_size=0", "--peak_flops=1e12",
+    result = run_script("bench/bench.py", *TINY, "--compare=dispersion,multipliers,loss_chunk_size=0", "--peak_flops=1e12",
                         f"--json_out={out}", timeout=240)
     report = json.loads(out.read_text())
     assert [v["name"] for v in report["variants"]] == ["base", "dispersion", "multipliers", "loss_chunk_size=0"]
@@ -158,7 +158,7 @@ def test_bench_smoke_on_cpu(tmp_path):
     (["--find_max_batch"], "need a CUDA device"),
 ])
 def test_bench_user_errors_are_one_line(args, message):
-    result = run_script("bench.py", "config/train_tiny.py", "--device=cpu", *args, check=False, timeout=60)
+    result = run_script("bench/bench.py", "config/train_tiny.py", "--device=cpu", *args, check=False, timeout=60)
     assert result.returncode != 0 and message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

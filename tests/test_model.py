@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from common import DataError, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from errors import DataError
 from model import GPT, GPTConfig
 
 

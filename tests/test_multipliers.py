@@ -12,12 +12,13 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from common import load_checkpoint, open_split
+from checkpoint import load_checkpoint
+from tokens import open_split, stack_windows
 from config import ConfigError, TrainConfig, load_train_config
 from conftest import run_script
 from model import GPT, MULTIPLIER_SUFFIX, GPTConfig, _RowColumnScaled
 import train
-from train import make_optimizer, stack_windows, train_step
+from train import make_optimizer, train_step
 
 TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)  # GPT-2's vocabulary, real tokens
 NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)

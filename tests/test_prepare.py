@@ -6,6 +6,7 @@ Most tests call main() in-process (fast); a few go through the real entry point 
 import functools
 import http.server
 import importlib.util
+import io
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from common import get_tokenizer, open_split, read_meta  # noqa: E402
+from tokens import get_tokenizer, open_split, read_meta  # noqa: E402
 
 PREPARE = REPO / "data" / "fineweb" / "prepare.py"
 _spec = importlib.util.spec_from_file_location("prepare", PREPARE)
@@ -272,34 +273,106 @@ def test_ctrl_c_entry_point(sample_parquet, tmp_path):
 # -----------------------------------------------------------------------------
 # remote input
 
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """http.server's file handler plus byte ranges (Range: bytes=a-b -> 206), counting the bytes it sends."""
+    sent = 0
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        header = self.headers.get("Range")
+        if self.command == "HEAD":
+            f = super().send_head()  # the plain headers (Content-Length) ...
+            if f:
+                f.close()
+            return None
+        if not header:
+            return super().send_head()
+        path = self.translate_path(self.path)
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return None
+        start, end = map(int, header.removeprefix("bytes=").split("-"))
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start + 1)
+        self.send_response(206)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/{os.path.getsize(path)}")
+        self.end_headers()
+        type(self).sent += len(data)
+        return io.BytesIO(data)
+
+    def end_headers(self):
+        self.send_header("Accept-Ranges", "bytes")
+        super().end_headers()
+
+
 @pytest.fixture
 def http_server(tmp_path):
-    """Serves tmp_path/www on 127.0.0.1 from a thread; yields the base URL."""
+    """Serves tmp_path/www on 127.0.0.1 from a thread, with byte ranges; yields the base URL, root, handler."""
     root = tmp_path / "www"
     root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    handler = type("Handler", (RangeHandler,), {"sent": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    yield f"http://127.0.0.1:{server.server_address[1]}", root, handler
     server.shutdown()
     server.server_close()
 
 
-def test_remote_url(sample_parquet, tmp_path, http_server):
-    base, root = http_server
-    shutil.copyfile(sample_parquet, root / "shard.parquet")
+def test_remote_url_downloaded_whole(tmp_path, http_server):
+    """Without a cap, a URL is downloaded once into the cache (complete, no .part left) and read locally."""
+    base, root, _ = http_server
+    src = write_parquet(root / "shard.parquet", [f"document {i} " * 20 for i in range(300)])
     cache = tmp_path / "cache"
-    r = run_cli(f"{base}/shard.parquet", f"--out_dir={tmp_path / 'remote'}", f"--cache_dir={cache}", "--max_docs=1500")
+    r = run_cli(f"{base}/shard.parquet", f"--out_dir={tmp_path / 'remote'}", f"--cache_dir={cache}")
     assert r.returncode == 0, r.stderr
-    assert run_main(sample_parquet, f"--out_dir={tmp_path / 'local'}", "--max_docs=1500") is None
+    assert run_main(src, f"--out_dir={tmp_path / 'local'}") is None
     for name in ("train.bin", "val.bin"):
         assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     cached = list(cache.iterdir())
-    assert len(cached) == 1 and cached[0].read_bytes() == sample_parquet.read_bytes()  # complete, no .part left
+    assert len(cached) == 1 and cached[0].read_bytes() == src.read_bytes()
     assert read_meta(tmp_path / "remote")["sources"][0]["origin"] == f"{base}/shard.parquet"
     code = run_main(f"{base}/missing.parquet", f"--out_dir={tmp_path / 'x'}", f"--cache_dir={cache}")
     assert "cannot download" in code and "404" in code
+
+
+def test_remote_url_with_max_docs_reads_only_what_it_needs(sample_parquet, tmp_path, http_server):
+    """--max_docs on a remote file: range requests fetch the footer and the first row groups only, nothing is
+    cached, and the tokens equal those of the same run on the local file."""
+    base, root, handler = http_server
+    shutil.copyfile(sample_parquet, root / "shard.parquet")
+    cache = tmp_path / "cache"
+    r = run_cli(f"{base}/shard.parquet", f"--out_dir={tmp_path / 'remote'}", f"--cache_dir={cache}",
+                "--max_docs=1500", "--val_docs=50")
+    assert r.returncode == 0, r.stderr
+    assert run_main(sample_parquet, f"--out_dir={tmp_path / 'local'}", "--max_docs=1500", "--val_docs=50") is None
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert 0 < handler.sent < sample_parquet.stat().st_size / 3  # the sample has 11 row groups; 1 is needed
+    assert not cache.exists()
+    source = read_meta(tmp_path / "remote")["sources"][0]
+    assert source["bytes"] == sample_parquet.stat().st_size and source["path"] == f"{base}/shard.parquet"
+    code = run_main(f"{base}/missing.parquet", f"--out_dir={tmp_path / 'x'}", "--max_docs=5")
+    assert code.startswith("prepare.py: error: cannot open") and "404" in code
+
+
+def test_remote_without_byte_ranges_is_one_line(sample_parquet, tmp_path):
+    root = tmp_path / "plain"
+    root.mkdir()
+    shutil.copyfile(sample_parquet, root / "shard.parquet")
+    quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard.parquet"
+        code = run_main(url, f"--out_dir={tmp_path / 'x'}", "--max_docs=5")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "does not serve byte ranges" in code and "\n" not in code
 
 
 def test_encode_batch_equals_encode_ordinary(sample_parquet):
@@ -314,23 +387,35 @@ def test_encode_batch_equals_encode_ordinary(sample_parquet):
     assert len(prepare.encode_batch([])[0]) == 0
 
 
-def test_hf_default_input(sample_parquet, tmp_path, monkeypatch):
-    """No input: the first file of sample/10BT, fetched with huggingface_hub (faked: no hub access here)."""
+def test_hf_default_input(tmp_path, monkeypatch, http_server):
+    """No input: the first file of sample/10BT. Without a cap it is fetched with huggingface_hub (faked: no hub
+    access here); with --max_docs it is read in place from its hub URL (here: a local server)."""
     import huggingface_hub
+    small = write_parquet(tmp_path / "small.parquet", [f"doc {i} " * 9 for i in range(60)])
     calls = []
 
     def fake_download(**kwargs):
         calls.append(kwargs)
         if kwargs["filename"] != "sample/10BT/000_00000.parquet":
             raise huggingface_hub.errors.EntryNotFoundError("404 Client Error: Entry Not Found")
-        return str(sample_parquet)
+        return str(small)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    assert run_main(f"--out_dir={tmp_path}", "--max_docs=100", "--num_proc=1") is None
+    assert run_main(f"--out_dir={tmp_path / 'a'}", "--num_proc=1") is None
     assert calls == [dict(repo_id="HuggingFaceFW/fineweb", repo_type="dataset",
                           filename="sample/10BT/000_00000.parquet", cache_dir=None)]
-    assert read_meta(tmp_path)["sources"][0]["origin"] == "hf:sample/10BT/000_00000.parquet"
+    assert read_meta(tmp_path / "a")["sources"][0]["origin"] == "hf:sample/10BT/000_00000.parquet"
     code = run_main("hf:sample/10BT/999_00000.parquet", f"--out_dir={tmp_path / 'x'}")
     assert code.startswith("prepare.py: error: cannot download sample/10BT/999_00000.parquet from HuggingFaceFW/fineweb")
+
+    base, root, _ = http_server
+    assert prepare.hf_url("sample/10BT/000_00000.parquet") == \
+        "https://huggingface.co/datasets/HuggingFaceFW/fineweb/resolve/main/sample/10BT/000_00000.parquet"
+    (root / "sample" / "10BT").mkdir(parents=True)
+    shutil.copyfile(small, root / "sample" / "10BT" / "000_00000.parquet")
+    monkeypatch.setattr(prepare, "hf_url", lambda path: f"{base}/{path}")
+    assert run_main(f"--out_dir={tmp_path / 'b'}", "--max_docs=50", "--num_proc=1") is None
+    assert len(calls) == 2  # no download this time
+    assert read_meta(tmp_path / "b")["splits"]["train"]["documents"] + read_meta(tmp_path / "b")["splits"]["val"]["documents"] == 50
 
 
 def test_prepare_does_not_import_torch():

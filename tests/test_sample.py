@@ -10,7 +10,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from common import DataError, get_tokenizer
+from errors import DataError
+from tokens import get_tokenizer
 from config import ConfigError
 from conftest import REPO, run_script
 from model import GPT, GPTConfig, sample_token
@@ -321,6 +322,6 @@ def test_sample_script_errors_are_one_line(tmp_path):
 
 def test_bench_sample_quick():
     # the benchmark checks that both paths generate the same tokens, also past block_size (80 tokens, block 64)
-    result = run_script("bench_sample.py", "--quick", "--threads=1")
+    result = run_script("bench/bench_sample.py", "--quick", "--threads=1")
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 16 |") or line.startswith("| 80 (")]
     assert len(rows) == 2 and "merged / plain time" in result.stdout

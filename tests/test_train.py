@@ -13,10 +13,11 @@ import pytest
 import torch
 from conftest import REPO, run_script
 
-from common import load_checkpoint
+from checkpoint import load_checkpoint
 from config import load_train_config
 import train
-from train import TrainWindows, fixed_windows, get_lr
+from tokens import TrainWindows, fixed_windows
+from train import get_lr
 
 # a few-second version of config/train_tiny.py
 FAST = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
@@ -82,7 +83,7 @@ def test_atomic_save_survives_kill_9(tmp_path):
     writer = f"""
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
-from common import save_checkpoint
+from checkpoint import save_checkpoint
 i = 0
 while True:
     save_checkpoint({{"model": {{"w": torch.full((4_000_000,), float(i))}}, "model_args": {{}}, "i": i}}, {str(path)!r})
@@ -303,7 +304,8 @@ def test_init_from_a_checkpoint_takes_its_architecture(tmp_path, token_dir):
      "lacks the field 'val'"),
 ])
 def test_damaged_meta_json_is_one_clear_error(tmp_path, content, message):
-    from common import DataError, read_meta
+    from errors import DataError
+    from tokens import read_meta
     (tmp_path / "meta.json").write_text(content)
     with pytest.raises(DataError, match=message):
         read_meta(tmp_path)
@@ -319,3 +321,80 @@ def test_resume_from_a_checkpoint_of_another_program(tmp_path, token_dir):
     result = run_script("train.py", *common, "--max_iters=2", "--init_from=resume", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "was not written by this train.py (no optimizer, scaler, data_position, rng)" in result.stderr
+
+
+# --- issue: fault campaign (dead end, finished runs, atomic metrics) and provenance
+
+@pytest.mark.slow
+def test_kill_after_the_first_best_pt_can_resume(tmp_path, token_dir):
+    """The old dead end: killed after the first best.pt and before any last.pt (always_save_checkpoint=False
+    writes last.pt only at the end). A new run refuses the directory and names the way out; resume takes best.pt,
+    which holds the full training state, and continues."""
+    out = tmp_path / "out"
+    args = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}", "--eval_interval=2",
+            "--always_save_checkpoint=False", "--condensation_seqs=0"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "--max_iters=1000"], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("eval 4:"):  # best.pt of iter 2 exists; the evaluation of iter 4 just ran
+            break
+    proc.kill()
+    proc.wait()
+    assert (out / "best.pt").exists() and not (out / "last.pt").exists()
+    result = run_script("train.py", *args, "--max_iters=8", check=False)
+    assert result.returncode == 1 and "--init_from=resume" in result.stderr and "best.pt" in result.stderr
+    result = run_script("train.py", *args, "--max_iters=8", "--init_from=resume")
+    assert "resumed from" in result.stdout and "best.pt" in result.stdout
+    assert load_checkpoint(str(out / "last.pt"))["iter_num"] == 8
+
+
+def test_last_pt_is_written_before_best_pt(tmp_path, token_dir, monkeypatch):
+    written = []
+    monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: written.append(os.path.basename(path)))
+    run_main_in_process(["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={tmp_path / 'o'}",
+                         "--eval_interval=2", "--max_iters=4", "--condensation_seqs=0"], monkeypatch)
+    assert written == ["last.pt", "best.pt", "last.pt", "best.pt"]
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, token_dir):
+    """Job schedulers restart finished jobs: the run says it is finished and leaves every file as it was."""
+    out = tmp_path / "out"
+    common = ["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}", "--max_iters=3"]
+    run_script("train.py", *common)
+    files = {name: sha(out / name) for name in ("metrics.jsonl", "config.json", "last.pt", "best.pt")}
+    for _ in range(2):
+        result = run_script("train.py", *common, "--init_from=resume")
+        assert "already reached max_iters 3" in result.stdout
+    assert {name: sha(out / name) for name in files} == files
+    assert [r["iter"] for r in metrics(out, "eval")] == [0, 3]
+
+
+def test_metrics_trim_on_resume_is_atomic(tmp_path, monkeypatch):
+    """A kill while the trimmed metrics.jsonl is written leaves the old file whole."""
+    records = [{"type": "train", "iter": i, "loss": 1.0} for i in range(5)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = path.read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.os, "replace", killed)
+    cfg = load_train_config([f"--out_dir={tmp_path}"])
+    with pytest.raises(KeyboardInterrupt):
+        train.MetricsLog(cfg, resume_iter=2)
+    assert path.read_text() == before
+    monkeypatch.undo()
+    train.MetricsLog(cfg, resume_iter=2)
+    assert [json.loads(line)["iter"] for line in path.read_text().splitlines()] == [0, 1]
+
+
+def test_code_version_is_recorded(tmp_path, token_dir):
+    from checkpoint import code_version
+    out = tmp_path / "out"
+    result = run_script("train.py", "config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}",
+                        "--max_iters=1")
+    version = code_version()
+    assert version != "unknown" and len(version.split()[0]) >= 7  # the tests run in a git checkout
+    assert f"code {version}" in result.stdout
+    assert json.loads((out / "config.json").read_text())["code_version"] == version
+    assert load_checkpoint(str(out / "last.pt"))["code_version"] == version

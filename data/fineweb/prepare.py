@@ -12,6 +12,9 @@ Commands:
   python data/fineweb/prepare.py                              # downloads sample/10BT/000_00000.parquet
   python data/fineweb/prepare.py hf:sample/10BT/001_00000.parquet shards/ 'more/*.parquet'
   python data/fineweb/prepare.py https://host/x.parquet --out_dir=data/web --max_docs=10000
+  python data/fineweb/prepare.py --max_docs=5000 --val_docs=200 --out_dir=data/sample   # reads ~first row groups
+With --max_docs or --max_tokens, a remote file (hf: or http(s)) is not downloaded: its footer and then only the
+row groups needed are read with HTTP range requests (nothing cached). Without them it is downloaded once.
   python data/fineweb/prepare.py ../shared/data/english-sample.parquet --val_fraction=0.01
 
 Output (in --out_dir, default: this script's directory; format defined in common.py):
@@ -30,6 +33,7 @@ import argparse
 import collections
 import glob
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -45,7 +49,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-from common import FORMAT_NAME, FORMAT_VERSION, SPLITS, TOKEN_DTYPE, DataError, get_tokenizer  # noqa: E402
+from errors import DataError  # noqa: E402
+from tokens import FORMAT_NAME, FORMAT_VERSION, SPLITS, TOKEN_DTYPE, get_tokenizer  # noqa: E402
 
 HF_REPO = "HuggingFaceFW/fineweb"
 DEFAULT_INPUT = "hf:sample/10BT/000_00000.parquet"
@@ -109,11 +114,64 @@ def download_url(url, cache_dir):
     return path
 
 
-def resolve_inputs(specs, cache_dir):
-    """Expand the input arguments into a list of (local path, origin) in a fixed (sorted) order."""
+class RemoteFile(io.RawIOBase):
+    """A remote file read through HTTP range requests, seekable: pyarrow reads a parquet file's footer and then
+    only the row groups it needs, so a capped run (--max_docs) fetches a small part of a 2 GB shard."""
+
+    def __init__(self, url):
+        super().__init__()
+        try:  # a HEAD request: the size, whether ranges work, and the final address after redirects
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60) as r:
+                self.url, self.size = r.geturl(), int(r.headers.get("Content-Length") or -1)
+                ranges = r.headers.get("Accept-Ranges", "")
+        except OSError as e:
+            raise DataError(f"cannot open {url}: {e}") from None
+        if self.size < 0 or ranges != "bytes":
+            raise DataError(f"{url}: the server does not serve byte ranges; drop --max_docs/--max_tokens to download it whole")
+        self.pos, self.fetched = 0, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def readinto(self, buffer):
+        n = min(len(buffer), self.size - self.pos)
+        if n <= 0:
+            return 0
+        request = urllib.request.Request(self.url, headers={"Range": f"bytes={self.pos}-{self.pos + n - 1}"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                data = r.read()
+        except OSError as e:
+            raise DataError(f"reading {self.url}: {e}") from None
+        if len(data) != n:
+            raise DataError(f"{self.url}: asked for {n} bytes at {self.pos}, got {len(data)}")
+        buffer[:n] = data
+        self.pos, self.fetched = self.pos + n, self.fetched + n
+        return n
+
+
+def hf_url(path):
+    return f"https://huggingface.co/datasets/{HF_REPO}/resolve/main/{path}"
+
+
+def resolve_inputs(specs, cache_dir, stream=False):
+    """Expand the input arguments into a list of (local path or streamed URL, origin) in a fixed (sorted) order.
+    stream: remote files are read in place with range requests instead of downloaded."""
     files = []
     for spec in specs:
-        if spec.startswith("hf:"):
+        if stream and spec.startswith(("hf:", "http://", "https://")):
+            files.append((hf_url(spec[3:]) if spec.startswith("hf:") else spec, spec))
+        elif spec.startswith("hf:"):
             from huggingface_hub import hf_hub_download  # slow import, only when needed
             try:
                 files.append((hf_hub_download(repo_id=HF_REPO, repo_type="dataset", filename=spec[3:],
@@ -139,8 +197,10 @@ def open_sources(files, text_column, need_score):
     """Open every parquet file up front (reads only the footers) so bad input fails before any work."""
     sources = []
     for path, origin in files:
+        streamed = path.startswith(("http://", "https://"))
         try:
-            pf = pq.ParquetFile(path)
+            handle = io.BufferedReader(RemoteFile(path), buffer_size=1 << 20) if streamed else path
+            pf = pq.ParquetFile(handle)
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
         names = pf.schema_arrow.names
@@ -151,7 +211,7 @@ def open_sources(files, text_column, need_score):
             raise DataError(f"{path}: column {text_column!r} holds {kind}, not text; see --text_column")
         if need_score and "language_score" not in names:
             raise DataError(f"{path}: no column 'language_score', needed by --min_language_score")
-        sources.append((pf, path, origin))
+        sources.append((pf, path, origin, handle.raw.size if streamed else os.path.getsize(path)))
     return sources
 
 
@@ -189,7 +249,7 @@ def read_batches(sources, args, val_rows):
     UTF-8 sizes, val flags, and the row numbers of the skipped rows, by reason)."""
     row0, docs = 0, 0  # global row number of the batch's first row, documents yielded so far
     columns = [args.text_column] + (["language_score"] if args.min_language_score is not None else [])
-    for pf, path, _ in sources:
+    for pf, path, _, _ in sources:
         try:
             for batch in iter_record_batches(pf, columns):
                 text = batch.column(0)
@@ -275,7 +335,7 @@ def encode_in_order(batches, pool, depth):
 
 def tokenize(sources, args, out):
     """Write all documents to the open files out["train"], out["val"]; returns the stats for meta.json."""
-    total_rows = sum(pf.metadata.num_rows for pf, _, _ in sources)
+    total_rows = sum(pf.metadata.num_rows for pf, _, _, _ in sources)
     val_rows = None
     if args.val_docs is not None:
         val_rows = val_rows_for_count(args.val_docs, min(total_rows, args.max_docs or total_rows), args.seed)
@@ -329,8 +389,9 @@ def write_outputs(args, sources, tmp):
                         + (f"; or the first document alone exceeds --max_tokens={args.max_tokens}" if args.max_tokens else "") + ")")
     meta = dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype="uint16", tokenizer="gpt2",
                 vocab_size=_enc.n_vocab, eot_token=_enc.eot_token, splits=stats,
-                sources=[dict(path=os.path.abspath(path), bytes=os.path.getsize(path), rows=pf.metadata.num_rows,
-                              **({"origin": origin} if origin != path else {})) for pf, path, origin in sources],
+                sources=[dict(path=path if path.startswith(("http://", "https://")) else os.path.abspath(path),
+                              bytes=nbytes, rows=pf.metadata.num_rows, **({"origin": origin} if origin != path else {}))
+                         for pf, path, origin, nbytes in sources],
                 skipped=skipped, options={k: getattr(args, k) for k in OPTIONS})
     with open(tmp["meta"], "w") as f:
         json.dump(meta, f, indent=2)
@@ -349,7 +410,8 @@ def main(argv=None):
     tmp = {name: os.path.join(args.out_dir, f".{name}.tmp{os.getpid()}") for name in (*SPLITS, "meta")}
     try:
         load_tokenizer()
-        sources = open_sources(resolve_inputs(args.inputs, args.cache_dir), args.text_column,
+        stream = args.max_docs is not None or args.max_tokens is not None  # read only what is needed
+        sources = open_sources(resolve_inputs(args.inputs, args.cache_dir, stream), args.text_column,
                                args.min_language_score is not None)
         stats, skipped, seconds = write_outputs(args, sources, tmp)
     except DataError as e:

@@ -2,10 +2,10 @@
 Training throughput and memory of any train.py config, measured with train.py's own train_step (same model,
 optimizer, autocast, torch.compile, gradient accumulation) on random tokens: the speed does not depend on them.
 
-    python bench.py config/train_tiny.py                                           # seconds on a CPU
-    python bench.py config/train_fineweb_40m.py --batch_size=1 --gradient_accumulation_steps=1 --compile=False \
+    python bench/bench.py config/train_tiny.py                                           # seconds on a CPU
+    python bench/bench.py config/train_fineweb_40m.py --batch_size=1 --gradient_accumulation_steps=1 --compile=False \
         --compare=dispersion,multipliers,both                                     # feature overheads on a CPU
-    python bench.py config/train_fineweb.py --max_memory_gb=12 --find_max_batch    # GPU: what fits a 12 GB card
+    python bench/bench.py config/train_fineweb.py --max_memory_gb=12 --find_max_batch    # GPU: what fits a 12 GB card
 
 Every train.py key works (config files, then --key=value), plus the bench keys at the end of BenchConfig.
 `--compare` adds variants to the config as given ("base"): a name from VARIANTS, an overlay config file, or
@@ -22,16 +22,20 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from common import autocast, peak_flops, run_main, select_device, select_dtype
-from config import ConfigError, TrainConfig, parse_args, validate
-from train import build_model, make_optimizer, to_device, train_step
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: run as python bench/<name>.py
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+from config import TrainConfig, parse_args, validate
+from device import autocast, peak_flops, select_device, select_dtype, to_device
+from errors import ConfigError, run_main
+from train import build_model, make_optimizer, train_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {  # name -> the overlay (config files and --key=value) that turns it on, applied after the command line
     "dispersion": ["config/ablate_dispersion.py"],
     "multipliers": ["config/ablate_multipliers.py"],

@@ -1,0 +1,138 @@
+"""
+Tokens: the GPT-2 tokenizer, the token files that data/fineweb/prepare.py writes (train.bin / val.bin /
+meta.json), and the windows train.py, condensation.py and the benchmarks cut from them: training windows
+visited without replacement, and fixed, evenly spaced validation windows.
+numpy only at import: prepare.py uses this module and must not pay ~1.5 s and ~220 MB for importing torch.
+"""
+import json
+import os
+
+import numpy as np
+
+from errors import DataError
+
+# -----------------------------------------------------------------------------
+# Token files: a directory with train.bin, val.bin (raw little-endian uint16 tokens, documents
+# separated by the EOT token) and meta.json describing them. Bumping FORMAT_VERSION makes old
+# directories fail loudly instead of being misread.
+
+TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50,257 ids fit in uint16
+FORMAT_NAME = "gpt-tokens"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def read_meta(data_dir):
+    """Read and check data_dir/meta.json; raise DataError with a clear message if unusable."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise DataError(f"no token data in {data_dir!r} (missing meta.json): run data/fineweb/prepare.py first")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path} is unreadable ({e}): re-run prepare.py")
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is not a prepare.py meta.json: re-run prepare.py")
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path}: expected format {FORMAT_NAME!r} version {FORMAT_VERSION}, "
+                        f"found {meta.get('format')!r} version {meta.get('version')!r}; re-run prepare.py")
+    try:  # the fields the training scripts read
+        meta["vocab_size"]
+        for split in SPLITS:
+            meta["splits"][split]["tokens"], meta["splits"][split]["bytes"]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path} lacks the field {e}: re-run prepare.py")
+    return meta
+
+
+def open_split(data_dir, split):
+    """Memory-map one split's tokens (read-only, nothing loaded into RAM). Returns (tokens, meta)."""
+    meta = read_meta(data_dir)
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path):
+        raise DataError(f"missing {path}")
+    expected = meta["splits"][split]["tokens"]
+    if expected == 0:
+        raise DataError(f"the {split} split in {data_dir} is empty: re-run prepare.py with more documents or --val_docs")
+    actual = os.path.getsize(path) // TOKEN_DTYPE.itemsize
+    if actual != expected:
+        raise DataError(f"{path} holds {actual} tokens but meta.json says {expected}: re-run prepare.py")
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r"), meta
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+# tiktoken's cache names each file by the sha1 of its download URL (see ../shared/README.md)
+TIKTOKEN_CACHE_NAMES = {"vocab.bpe": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
+                        "encoder.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",
+                        "gpt2.tiktoken": "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"}
+
+
+def seed_tiktoken_cache(files_dir):
+    """Offline machines (the tests, the benchmarks here): copy GPT-2's BPE files from files_dir into a cache
+    directory under the names tiktoken looks for, and point TIKTOKEN_CACHE_DIR there (unless already set)."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        return
+    import shutil
+    import tempfile
+    cache = os.path.join(tempfile.gettempdir(), f"tiktoken-cache-{os.getuid()}")
+    os.makedirs(cache, exist_ok=True)
+    for name, cached_name in TIKTOKEN_CACHE_NAMES.items():
+        target = os.path.join(cache, cached_name)
+        if not os.path.exists(target) and os.path.exists(os.path.join(files_dir, name)):
+            shutil.copyfile(os.path.join(files_dir, name), target)
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache
+
+
+def get_tokenizer():
+    """GPT-2 BPE via tiktoken (downloads its files once into tiktoken's cache, or uses TIKTOKEN_CACHE_DIR)."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network and no cached files: one line, not a requests traceback
+        raise DataError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads it once; offline, "
+                        f"point TIKTOKEN_CACHE_DIR at a directory holding its files") from e
+
+
+# -----------------------------------------------------------------------------
+# Windows: training order without replacement, fixed validation windows
+
+class TrainWindows:
+    """Non-overlapping windows of block_size + 1 tokens, visited in a seeded shuffled order without replacement.
+    Epoch e shuffles with seed (seed, e) and shifts every window by a random offset, so later epochs see new
+    boundaries. `position` (windows consumed so far, over all ranks) is all a checkpoint needs to resume."""
+
+    def __init__(self, tokens, block_size, seed):
+        self.tokens, self.block_size, self.seed = tokens, block_size, seed
+        self.per_epoch = (len(tokens) - 1) // block_size - 1  # so that any offset < block_size still fits
+        if self.per_epoch < 1:
+            raise DataError(f"the train split ({len(tokens)} tokens) is shorter than two blocks of {block_size}")
+        self._epoch, self._offset, self._order = None, 0, None
+
+    def start(self, index):
+        """Token offset of the window with global index `index` (0, 1, 2, ... across epochs)."""
+        epoch, i = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch, self._offset, self._order = epoch, int(rng.integers(self.block_size)), rng.permutation(self.per_epoch)
+        return self._offset + int(self._order[i]) * self.block_size
+
+    def batch(self, first, count):
+        return stack_windows(self.tokens, [self.start(first + j) for j in range(count)], self.block_size)
+
+
+def stack_windows(tokens, starts, block_size):
+    """Inputs x and targets y (each (len(starts), block_size), int64) for windows starting at `starts`."""
+    import torch
+    rows = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
+    data = torch.from_numpy(rows)
+    return data[:, :-1], data[:, 1:]
+
+
+def fixed_windows(tokens, count, length):
+    """`count` evenly spaced window starts over a split: the same tokens at every eval and in every run."""
+    if len(tokens) < length + 1:
+        raise DataError(f"the val split ({len(tokens)} tokens) is shorter than one window of {length}")
+    return np.linspace(0, len(tokens) - length - 1, count).astype(np.int64).tolist()
