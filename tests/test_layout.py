@@ -3,7 +3,6 @@ The code's layout, checked: library modules sit in layers and never import the s
 and no function in the project is longer than a reader can follow without scrolling.
 """
 import ast
-from pathlib import Path
 
 from conftest import REPO
 

@@ -6,7 +6,6 @@ sample instead of the FineWeb shard: no hub here).
 import importlib.util
 import re
 import shlex
-import sys
 
 import pytest
 from conftest import REPO, SAMPLE_PARQUET, run_script
