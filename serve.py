@@ -76,7 +76,7 @@ def validate(cfg):
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    prompt: Union[str, list[str]] = ""  # a list holds exactly one prompt (clients such as LangChain send lists)
+    prompt: Union[str, list[str]] = ""  # a list holds exactly one prompt (some clients send lists)
     max_tokens: int = Field(16, ge=0)  # OpenAI's defaults: 16 tokens, temperature 1, no top-p
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -94,6 +94,22 @@ def error(status, message, param=None, kind="invalid_request_error", code=None, 
     """An error in OpenAI's format."""
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def parse_request(body, cfg):
+    """(the request, None) or (None, the 400 response saying what is wrong with it)."""
+    try:
+        body = json.loads(body)
+    except ValueError as e:  # bad JSON or not UTF-8
+        return None, error(400, f"the body is not valid JSON: {e}")
+    try:
+        req = CompletionRequest.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None  # the field, not the part of a union
+        message = "not supported by this server" if first["type"] == "extra_forbidden" else first["msg"]
+        return None, error(400, f"{param}: {message}" if param else message, param)
+    return req, check_limits(req, cfg)
 
 
 def check_limits(req, cfg):
@@ -197,39 +213,46 @@ class Engine:
         if self.pending >= self.queue_size:
             return False
         self.pending += 1
-        asyncio.get_running_loop().run_in_executor(self.worker, self.run, job).add_done_callback(self._finished)
+        self.worker.submit(self.run, job)
         return True
 
-    def _finished(self, future):
+    def _finished(self):
         self.pending -= 1
 
     def run(self, job):
-        """Generate the job's choices on the worker thread, sending text as it becomes final."""
+        """Run one job on the worker thread, then free its place in the queue."""
+        last = ("done", 0)
         if job.cancelled.is_set():  # its client left while it waited
             self.stats["cancelled"] += 1
-            return
-        self.stats["busy"] = True
+        else:
+            self.stats["busy"] = True
+            try:
+                last = ("done", self.generate(job))
+            except Exception as e:  # e.g. out of memory: this request fails, the server goes on
+                self.stats["failed"] += 1
+                last = ("error", f"generation failed: {type(e).__name__}: {e}")
+            finally:
+                self.stats["busy"] = False
+        job.loop.call_soon_threadsafe(self._finished)  # before the last event: a client that sends its next
+        job.emit(*last)  # request on [DONE] finds the place free (callbacks run in the order they were scheduled)
+
+    def generate(self, job):
+        """Generate the job's choices, sending text as it becomes final; returns the tokens generated."""
         choices = [Choice(self.enc, job.stops) for _ in range(job.sampling.num_samples)]
-        try:
-            with autocast(self.device, self.dtype):
-                for i, token in stream_tokens(self.model, job.prompt, job.sampling, self.enc.n_vocab, self.enc.eot_token):
-                    if job.cancelled.is_set():
-                        break  # leaving the loop closes the generator: no more forward passes
-                    self.stats["tokens_generated"] += 1
-                    if choices[i].finish_reason is None:  # else: ended by a stop string, the batch runs for the others
-                        job.emit("text", i, choices[i].add(token), choices[i].finish_reason)
-                    if all(c.finish_reason for c in choices):
-                        break
-            for i, c in enumerate(choices):
-                if c.finish_reason is None and not job.cancelled.is_set():
-                    job.emit("text", i, c.end("length"), "length")
-            self.stats["cancelled" if job.cancelled.is_set() else "completed"] += 1
-            job.emit("done", sum(c.tokens for c in choices))
-        except Exception as e:  # e.g. out of memory: this request fails, the server goes on
-            self.stats["failed"] += 1
-            job.emit("error", f"generation failed: {type(e).__name__}: {e}")
-        finally:
-            self.stats["busy"] = False
+        with autocast(self.device, self.dtype):
+            for i, token in stream_tokens(self.model, job.prompt, job.sampling, self.enc.n_vocab, self.enc.eot_token):
+                if job.cancelled.is_set():
+                    break  # leaving the loop closes the generator: no more forward passes
+                self.stats["tokens_generated"] += 1
+                if choices[i].finish_reason is None:  # else it ended at a stop string; the batch runs for the others
+                    job.emit("text", i, choices[i].add(token), choices[i].finish_reason)
+                if all(c.finish_reason for c in choices):
+                    break
+        for i, c in enumerate(choices):
+            if c.finish_reason is None and not job.cancelled.is_set():
+                job.emit("text", i, c.end("length"), "length")
+        self.stats["cancelled" if job.cancelled.is_set() else "completed"] += 1
+        return sum(c.tokens for c in choices)
 
 
 # -----------------------------------------------------------------------------
@@ -297,18 +320,7 @@ def make_app(engine, cfg, model_name):
     async def completions(request: Request):
         if int(request.headers.get("content-length") or 0) > 4 * cfg.max_prompt_chars + 65536:
             return error(413, "the request body is too large")
-        try:
-            body = json.loads(await request.body())
-        except ValueError as e:  # bad JSON or not UTF-8
-            return error(400, f"the body is not valid JSON: {e}")
-        try:
-            req = CompletionRequest.model_validate(body)
-        except ValidationError as e:
-            first = e.errors()[0]
-            param = str(first["loc"][0]) if first["loc"] else None  # the field, not the part of a union
-            message = "not supported by this server" if first["type"] == "extra_forbidden" else first["msg"]
-            return error(400, f"{param}: {message}" if param else message, param)
-        problem = check_limits(req, cfg)
+        req, problem = parse_request(await request.body(), cfg)
         if problem is not None:
             return problem
         job, note = new_job(req, engine)

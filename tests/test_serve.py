@@ -265,6 +265,9 @@ def test_openai_client(server):
     chunks = list(client.completions.create(model=model, prompt="Once upon a time", max_tokens=10, seed=5,
                                             temperature=0.7, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == reply.choices[0].text
+    greedy = client.completions.create(model=model, prompt="Once upon a time", max_tokens=10, extra_body={"top_k": 1})
+    assert greedy.choices[0].text == client.completions.create(model=model, prompt="Once upon a time", max_tokens=10,
+                                                               temperature=0).choices[0].text
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=model, prompt="Hi", temperature=3.0)
 
@@ -304,10 +307,17 @@ def test_page_in_a_real_browser(server, tmp_path):
 @pytest.mark.slow
 def test_serve_script_errors_are_one_line(tmp_path):
     cases = [([f"--out_dir={tmp_path / 'missing'}"], "no such checkpoint or directory"),
-             (["--port=70000"], "port must be in 1..65535"), (["--queue_size=0"], "queue_size must be at least 1")]
+             (["--port=70000"], "port must be in 1..65535")]
     procs = [subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args, _ in cases]
     for proc, (_, message) in zip(procs, cases):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 1 and err.startswith("serve.py: ") and message in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_load_serve_script_quick(server):
+    result = run_script("bench/load_serve.py", f"--port={server}", "--clients=2", "--requests=3", "--max_tokens=4")
+    assert "2 clients x 3 requests x 4 tokens: 6 of 6 completed, 0 problems" in result.stdout
+    assert "latency      p50" in result.stdout and "tokens/s" in result.stdout
