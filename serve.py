@@ -15,7 +15,9 @@ requests get 400 with OpenAI's error format. Reference: docs/serve.md. `python s
 """
 import asyncio
 import json
+import os
 import random
+import socket
 import sys
 import threading
 import time
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from common import autocast, get_tokenizer, run_main, select_device, select_dtype
+from common import DataError, autocast, get_tokenizer, run_main, select_device, select_dtype
 from config import ConfigError, parse_args
 from generation import Sampling, encode_prompt, load_model, stream_tokens, text_stream
 
@@ -118,7 +120,7 @@ def check_limits(req, cfg):
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     for ok, param, message in [
         (len(prompts) == 1, "prompt", "one prompt per request (a list must hold exactly one string)"),
-        (len(prompts[0]) <= cfg.max_prompt_chars, "prompt", f"the prompt is longer than {cfg.max_prompt_chars} characters"),
+        (sum(map(len, prompts)) <= cfg.max_prompt_chars, "prompt", f"the prompt is longer than {cfg.max_prompt_chars} characters"),
         (req.max_tokens <= cfg.max_tokens, "max_tokens", f"max_tokens is at most {cfg.max_tokens} on this server"),
         (req.n <= cfg.max_n, "n", f"n is at most {cfg.max_n} on this server"),
         (req.seed is None or req.seed < 2 ** 63 - req.n, "seed", "seed must be below 2**63 - n"),
@@ -362,12 +364,15 @@ def main(argv):
     print(f"{info}; {model.num_params() / 1e6:.1f}M parameters on {device} in {dtype}", file=sys.stderr)
     engine = Engine(model, enc, device, dtype, cfg.queue_size)
     app = make_app(engine, cfg, model_name=cfg.out_dir.rstrip("/") or cfg.out_dir)
+    try:  # bound here rather than by uvicorn: a port in use is one line, before "serving on"
+        sock = socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+    except OSError as e:
+        raise DataError(f"cannot listen on {cfg.host}:{cfg.port}: {os.strerror(e.errno) if e.errno else e}")
     print(f"serving on http://{cfg.host}:{cfg.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         engine.worker.shutdown(wait=False, cancel_futures=True)
-
 
 if __name__ == "__main__":
     run_main(main)

@@ -203,6 +203,8 @@ def test_bad_requests_get_400_in_openai_format(server):
         ('[1, 2]', None, "valid dictionary"),
         ({"prompt": 5}, "prompt", "prompt"),
         ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
+        ({"prompt": []}, "prompt", "one prompt per request"),
+        ({"temperature": float("nan")}, "temperature", "less than or equal to 2"),
         ({"prompt": "x" * 100_001}, "prompt", "longer than 100000 characters"),
         ({"max_tokens": "10"}, "max_tokens", "valid integer"),
         ({"max_tokens": MAX_TOKENS + 1}, "max_tokens", f"at most {MAX_TOKENS}"),
@@ -305,15 +307,19 @@ def test_page_in_a_real_browser(server, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_script_errors_are_one_line(tmp_path):
+def test_serve_script_errors_are_one_line(checkpoint_dir, tmp_path):
+    taken = socket.create_server(("127.0.0.1", 0))
     cases = [([f"--out_dir={tmp_path / 'missing'}"], "no such checkpoint or directory"),
+             ([f"--out_dir={checkpoint_dir}", f"--port={taken.getsockname()[1]}"], "cannot listen on 127.0.0.1:"),
              (["--port=70000"], "port must be in 1..65535")]
     procs = [subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args, _ in cases]
     for proc, (_, message) in zip(procs, cases):
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 1 and err.startswith("serve.py: ") and message in err, err
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        out, err = proc.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if not line.startswith(str(checkpoint_dir))]  # the loaded model
+        assert proc.returncode == 1 and lines[0].startswith("serve.py: ") and message in lines[0], err
+        assert "Traceback" not in err and len(lines) == 1 and out == "", err
+    taken.close()
 
 
 @pytest.mark.slow
