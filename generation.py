@@ -14,13 +14,14 @@ from common import DataError, find_checkpoint, load_checkpoint, model_from_check
 
 @dataclass
 class Sampling:
-    """The settings generate_samples and stream_tokens read (sample.py's SampleConfig has the same fields)."""
-    num_samples: int = 1  # samples from the same prompt, generated together as one batch
-    max_new_tokens: int = 500  # tokens generated per sample (fewer when a sample reaches its stop token)
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int = 200  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    seed: int = 1337  # sample i uses a generator seeded seed + i
+    """The settings generate_samples and stream_tokens read (sample.py's SampleConfig has the same fields, with
+    their defaults and meaning)."""
+    num_samples: int  # samples from the same prompt, generated together as one batch
+    max_new_tokens: int  # tokens generated per sample (fewer when a sample reaches its stop token)
+    temperature: float  # 0 = greedy
+    top_k: int  # 0 = off
+    top_p: float  # 1.0 = off
+    seed: int  # sample i uses a generator seeded seed + i
 
 
 def load_model(cfg, device, n_vocab):
