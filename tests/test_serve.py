@@ -49,6 +49,36 @@ def test_choice_cuts_at_the_first_stop_string_and_never_sends_part_of_one():
     assert choice.add(tokens[0]) == "The" and choice.add(enc.eot_token) == "" and choice.finish_reason == "stop"
 
 
+def test_a_failing_generation_fails_its_request_not_the_server(monkeypatch):
+    """In-process (Starlette's test client): the model raises mid-generation; plain and streamed requests get the
+    error in OpenAI's format, and the next request is served."""
+    testclient = pytest.importorskip("starlette.testclient")  # needs httpx
+    import serve
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50304)).eval()
+    engine = serve.Engine(model, get_tokenizer(), "cpu", "float32", queue_size=2)
+    client = testclient.TestClient(serve.make_app(engine, serve.ServeConfig(), "tiny"))
+    forward, calls = model.hidden_states, []
+
+    def failing(*args, **kwargs):  # the prefill and the first step work, the second step fails
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("boom")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", failing)
+    reply = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5})
+    assert reply.status_code == 500 and reply.json()["error"]["message"] == "generation failed: RuntimeError: boom"
+    calls.clear()
+    streamed = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "stream": True}).text
+    assert '{"error": {"message": "generation failed: RuntimeError: boom"' in streamed
+    assert streamed.endswith("data: [DONE]\n\n") and '"finish_reason": "length"' not in streamed
+    monkeypatch.setattr(model, "hidden_states", forward)
+    reply = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
+    assert client.get("/health").json()["failed"] == 2
+
+
 # -----------------------------------------------------------------------------
 # The server
 
