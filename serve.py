@@ -172,7 +172,7 @@ class Choice:
 class Job:
     """One request's generation. The worker thread sends its events to the request's coroutine through an
     asyncio queue: ('text', choice index, new text, finish_reason or None), then ('done', completion tokens) or
-    ('error', message). Setting `cancelled` stops the worker at its next token."""
+    ('error', message, HTTP status). Setting `cancelled` stops the worker at its next token."""
 
     def __init__(self, prompt, sampling, stops):
         self.prompt, self.sampling, self.stops = prompt, sampling, stops
@@ -208,6 +208,7 @@ class Engine:
         self.model, self.enc, self.device, self.dtype, self.queue_size = model, enc, device, dtype, queue_size
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.pending = 0  # jobs submitted and not finished (running or waiting); changed on the event loop only
+        self.jobs = set()  # those jobs, for cancel_all
         self.stats = {"busy": False, "completed": 0, "cancelled": 0, "failed": 0, "tokens_generated": 0}
 
     def submit(self, job):
@@ -215,16 +216,22 @@ class Engine:
         if self.pending >= self.queue_size:
             return False
         self.pending += 1
+        self.jobs.add(job)
         self.worker.submit(self.run, job)
         return True
 
-    def _finished(self):
+    def _finished(self, job):
         self.pending -= 1
+        self.jobs.discard(job)
+
+    def cancel_all(self):
+        """Stop every job (at shutdown): the running one at its next token; their responses then end."""
+        for job in list(self.jobs):
+            job.cancelled.set()
 
     def run(self, job):
         """Run one job on the worker thread, then free its place in the queue."""
-        last = ("done", 0)
-        if job.cancelled.is_set():  # its client left while it waited
+        if job.cancelled.is_set():  # its client left, or the server stops, while it waited
             self.stats["cancelled"] += 1
         else:
             self.stats["busy"] = True
@@ -232,10 +239,12 @@ class Engine:
                 last = ("done", self.generate(job))
             except Exception as e:  # e.g. out of memory: this request fails, the server goes on
                 self.stats["failed"] += 1
-                last = ("error", f"generation failed: {type(e).__name__}: {e}")
+                last = ("error", f"generation failed: {type(e).__name__}: {e}", 500)
             finally:
                 self.stats["busy"] = False
-        job.loop.call_soon_threadsafe(self._finished)  # before the last event: a client that sends its next
+        if job.cancelled.is_set():  # only a server shutting down still has a client to tell
+            last = ("error", "generation stopped: the server is shutting down", 503)
+        job.loop.call_soon_threadsafe(self._finished, job)  # before the last event: a client that sends its next
         job.emit(*last)  # request on [DONE] finds the place free (callbacks run in the order they were scheduled)
 
     def generate(self, job):
@@ -297,7 +306,7 @@ async def collect(job, head, usage, request):
                 texts[event[1]] += event[2]
                 reasons[event[1]] = event[3]
             elif event[0] == "error":
-                return error(500, event[1], kind="server_error")
+                return error(event[2], event[1], kind="server_error")
             else:
                 usage.update(completion_tokens=event[1], total_tokens=usage["prompt_tokens"] + event[1])
     finally:
@@ -369,8 +378,14 @@ def main(argv):
     except OSError as e:
         raise DataError(f"cannot listen on {cfg.host}:{cfg.port}: {os.strerror(e.errno) if e.errno else e}")
     print(f"serving on http://{cfg.host}:{cfg.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # Ctrl-C or SIGTERM: uvicorn waits for open responses, so end them
+            engine.cancel_all()
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
     finally:
         engine.worker.shutdown(wait=False, cancel_futures=True)
 

@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from common import get_tokenizer, save_checkpoint  # noqa: E402
+from config import ConfigError  # noqa: E402
 from conftest import REPO, run_script  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from serve import Choice  # noqa: E402
@@ -104,8 +105,9 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint_dir):
-    """The real serve.py on a free port of 127.0.0.1, with room for 2 requests (the queue test fills it)."""
+def server_process(checkpoint_dir):
+    """The real serve.py on a free port of 127.0.0.1, with room for 2 requests (the queue test fills it):
+    (process, port)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), f"--out_dir={checkpoint_dir}", f"--port={port}",
                              "--queue_size=2", f"--max_tokens={MAX_TOKENS}", "--device=cpu"], cwd=REPO,
@@ -120,12 +122,18 @@ def server(checkpoint_dir):
                 proc.kill()
                 pytest.fail(f"serve.py did not start:\n{proc.stdout.read()}")
             time.sleep(0.2)
-    yield port
+    yield proc, port
     proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    """The server's port."""
+    return server_process[1]
 
 
 def request(port, method, path, body=None, raw=None):
@@ -340,8 +348,7 @@ def test_page_in_a_real_browser(server, tmp_path):
 def test_serve_script_errors_are_one_line(checkpoint_dir, tmp_path):
     taken = socket.create_server(("127.0.0.1", 0))
     cases = [([f"--out_dir={tmp_path / 'missing'}"], "no such checkpoint or directory"),
-             ([f"--out_dir={checkpoint_dir}", f"--port={taken.getsockname()[1]}"], "cannot listen on 127.0.0.1:"),
-             (["--port=70000"], "port must be in 1..65535")]
+             ([f"--out_dir={checkpoint_dir}", f"--port={taken.getsockname()[1]}"], "cannot listen on 127.0.0.1:")]
     procs = [subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args, _ in cases]
     for proc, (_, message) in zip(procs, cases):
@@ -350,6 +357,11 @@ def test_serve_script_errors_are_one_line(checkpoint_dir, tmp_path):
         assert proc.returncode == 1 and lines[0].startswith("serve.py: ") and message in lines[0], err
         assert "Traceback" not in err and len(lines) == 1 and out == "", err
     taken.close()
+    import serve
+    for key, value, message in [("port", 70000, "port must be in 1..65535"), ("queue_size", 0, "queue_size must be at"),
+                                ("which", "worst", "which must be best or last")]:
+        with pytest.raises(ConfigError, match=message):
+            serve.validate(serve.ServeConfig(**{key: value}))
 
 
 @pytest.mark.slow
@@ -357,3 +369,24 @@ def test_load_serve_script_quick(server):
     result = run_script("bench/load_serve.py", f"--port={server}", "--clients=2", "--requests=3", "--max_tokens=4")
     assert "2 clients x 3 requests x 4 tokens: 6 of 6 completed, 0 problems" in result.stdout
     assert "latency      p50" in result.stdout and "tokens/s" in result.stdout
+
+
+@pytest.mark.slow
+def test_shutdown_ends_open_responses(server_process):
+    """Last in this file: it stops the server. SIGTERM (as Ctrl-C) with a generation running and one waiting: both
+    clients hear why, and the server exits at once instead of waiting for the generations to end."""
+    proc, port = server_process
+    long = {"prompt": "Tell me", "max_tokens": MAX_TOKENS, "n": 8, "seed": 0}
+    conn, response = open_stream(port, long)
+    next(events(response))
+    waiting = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    waiting.request("POST", "/v1/completions", body=json.dumps(long), headers={"Content-Type": "application/json"})
+    wait_until(lambda: health(port)["pending"] == 2)
+    t0 = time.time()
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert time.time() - t0 < 10
+    rest = list(events(response))
+    assert rest[-1] == "[DONE]" and rest[-2]["error"]["message"] == "generation stopped: the server is shutting down"
+    reply = waiting.getresponse()
+    assert reply.status == 503 and "shutting down" in json.loads(reply.read())["error"]["message"]
