@@ -13,17 +13,14 @@ samples are generated together as one batch: the first is streamed, the others f
 Sample i draws from its own generator seeded seed + i, so `--num_samples=3 --seed=5` gives as third sample
 exactly what `--seed=7` gives alone. `python sample.py --help` lists every option.
 """
-import codecs
 import sys
 import time
 from dataclasses import dataclass
 
-import torch
-
-from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from config import parse_args
 from device import autocast, select_device, select_dtype
 from errors import ConfigError, DataError, run_main
+from generation import encode_prompt, generate_samples, load_model, text_stream
 from tokens import get_tokenizer
 
 
@@ -75,51 +72,6 @@ def read_prompt(start):
     return start
 
 
-def load_model(cfg, device, n_vocab):
-    """The checkpoint's model on device, multipliers merged, in eval mode; plus a line describing it."""
-    path = find_checkpoint(cfg.out_dir, cfg.which)
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt)
-    if model.config.vocab_size < n_vocab:
-        raise DataError(f"{path} has vocab_size {model.config.vocab_size}, fewer than the GPT-2 tokenizer's {n_vocab} "
-                        f"tokens: it was trained with another tokenizer, which sample.py does not support")
-    model.merge_multipliers()  # the same function, as plain weights: no multiplier work per token
-    val = ckpt.get("best_val_loss")
-    info = f"{path}: iter {ckpt.get('iter_num', '?')}" + (f", best val loss {float(val):.4f}" if val is not None else "")
-    del ckpt
-    return model.to(device).eval(), info
-
-
-def text_stream(enc):
-    """A function from tokens to the text they complete. GPT-2 tokens are byte sequences and one UTF-8 character
-    may be split across two tokens: its bytes are held back until it is complete, so nothing half-printed."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tiktoken's decode uses errors="replace"
-    return lambda tokens, final=False: decoder.decode(b"".join(enc.decode_single_token_bytes(t) for t in tokens), final)
-
-
-def generate_samples(model, prompt, cfg, vocab_limit, stop=None, on_token=None):
-    """cfg.num_samples continuations of prompt (token ids), generated as one batch. Returns each sample's new
-    tokens (without the stop token that ended it) and the number of tokens generated (stop tokens included).
-    on_token(t) is called with each new token of the first sample as soon as it exists."""
-    device = model.lm_head.weight.device
-    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
-    generators = [torch.Generator(device=device).manual_seed(cfg.seed + i) for i in range(cfg.num_samples)]
-    samples, done, n_tokens = [[] for _ in range(cfg.num_samples)], [False] * cfg.num_samples, 0
-    for step in model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
-                               stop_token=stop, vocab_limit=vocab_limit, generators=generators):
-        for i, token in enumerate(step.tolist()):  # .tolist() waits for the device: once per step
-            if done[i]:  # generate repeats stop_token for finished samples until all are done
-                continue
-            n_tokens += 1
-            if token == stop:
-                done[i] = True
-                continue
-            samples[i].append(token)
-            if i == 0 and on_token is not None:
-                on_token(token)
-    return samples, n_tokens
-
-
 def main(argv):
     cfg = validate(parse_args(SampleConfig, argv))
     device = select_device(cfg.device)
@@ -129,16 +81,11 @@ def main(argv):
     text = read_prompt(cfg.start)  # before the model: a wrong path fails at once
     model, info = load_model(cfg, device, enc.n_vocab)
     print(f"{info}; {model.num_params() / 1e6:.1f}M parameters on {device} in {dtype}", file=sys.stderr)
-    if cfg.compile:
-        model.hidden_states = torch.compile(model.hidden_states)  # generate() runs the trunk through this
 
     # --- the prompt: cropped to the model's context, as generation would see it anyway
-    prompt = enc.encode(text, allowed_special="all") if text else [eot]
-    block = model.config.block_size
-    if len(prompt) > block:
-        print(f"warning: the prompt has {len(prompt)} tokens, more than block_size {block}: only its last {block} "
-              f"are used (and shown)", file=sys.stderr)
-        prompt = prompt[-block:]
+    prompt, cropped = encode_prompt(enc, text, model.config.block_size)
+    if cropped:
+        print(f"warning: {cropped} (and shown)", file=sys.stderr)
 
     # --- generate as one batch, streaming the first sample
     shown = [] if text == "" else prompt  # the default prompt (end-of-text) is not shown

@@ -1,0 +1,93 @@
+"""
+Generation from a checkpoint, shared by sample.py (the terminal) and serve.py (the HTTP server), so that the same
+seed and settings give the same text in both: loading the model, the prompt (cropped to the context), the batch of
+seeded samples, and decoding tokens to whole characters as they arrive. The sampling itself (KV cache, temperature,
+top-k, top-p) is GPT.generate and sample_token in model.py.
+"""
+import codecs
+from dataclasses import dataclass
+
+import torch
+
+from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from errors import DataError
+
+
+@dataclass
+class Sampling:
+    """The settings generate_samples and stream_tokens read (sample.py's SampleConfig has the same fields, with
+    their defaults and meaning)."""
+    num_samples: int  # samples from the same prompt, generated together as one batch
+    max_new_tokens: int  # tokens generated per sample (fewer when a sample reaches its stop token)
+    temperature: float  # 0 = greedy
+    top_k: int  # 0 = off
+    top_p: float  # 1.0 = off
+    seed: int  # sample i uses a generator seeded seed + i
+
+
+def load_model(cfg, device, n_vocab):
+    """The checkpoint's model (cfg.out_dir, cfg.which) on device, multipliers merged, in eval mode, its trunk
+    compiled when cfg.compile; plus a line describing it."""
+    path = find_checkpoint(cfg.out_dir, cfg.which)
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt)
+    if model.config.vocab_size < n_vocab:
+        raise DataError(f"{path} has vocab_size {model.config.vocab_size}, fewer than the GPT-2 tokenizer's {n_vocab} "
+                        f"tokens: it was trained with another tokenizer, which sample.py and serve.py do not support")
+    model.merge_multipliers()  # the same function, as plain weights: no multiplier work per token
+    val = ckpt.get("best_val_loss")
+    info = f"{path}: iter {ckpt.get('iter_num', '?')}" + (f", best val loss {float(val):.4f}" if val is not None else "")
+    del ckpt
+    model = model.to(device).eval()
+    if cfg.compile:
+        model.hidden_states = torch.compile(model.hidden_states)  # generate() runs the trunk through this
+    return model, info
+
+
+def encode_prompt(enc, text, block_size):
+    """The prompt's tokens as generation sees them (an empty prompt = a new document: the end-of-text token),
+    cropped to the last block_size; plus a note saying so when cropped, else None."""
+    prompt = enc.encode(text, allowed_special="all") if text else [enc.eot_token]
+    if len(prompt) <= block_size:
+        return prompt, None
+    return prompt[-block_size:], (f"the prompt has {len(prompt)} tokens, more than block_size {block_size}: only its "
+                                  f"last {block_size} are used")
+
+
+def text_stream(enc):
+    """A function from tokens to the text they complete. GPT-2 tokens are byte sequences and one UTF-8 character
+    may be split across two tokens: its bytes are held back until it is complete, so nothing half-printed."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tiktoken's decode uses errors="replace"
+    return lambda tokens, final=False: decoder.decode(b"".join(enc.decode_single_token_bytes(t) for t in tokens), final)
+
+
+def stream_tokens(model, prompt, cfg, vocab_limit, stop=None):
+    """Yield (i, token) for each new token of sample i, for cfg.num_samples continuations of prompt (token ids)
+    generated as one batch, step by step. A sample's stop token is yielded once; after it, that sample yields
+    nothing more. Closing this generator early ends the generation (no further forward passes)."""
+    device = model.lm_head.weight.device
+    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
+    generators = [torch.Generator(device=device).manual_seed(cfg.seed + i) for i in range(cfg.num_samples)]
+    done = [False] * cfg.num_samples
+    for step in model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
+                               stop_token=stop, vocab_limit=vocab_limit, generators=generators):
+        for i, token in enumerate(step.tolist()):  # .tolist() waits for the device: once per step
+            if done[i]:  # generate repeats stop_token for finished samples until all are done
+                continue
+            done[i] = token == stop
+            yield i, token
+
+
+def generate_samples(model, prompt, cfg, vocab_limit, stop=None, on_token=None):
+    """cfg.num_samples continuations of prompt (token ids), generated as one batch. Returns each sample's new
+    tokens (without the stop token that ended it) and the number of tokens generated (stop tokens included).
+    on_token(t) is called with each new token of the first sample as soon as it exists."""
+    samples, n_tokens = [[] for _ in range(cfg.num_samples)], 0
+    for i, token in stream_tokens(model, prompt, cfg, vocab_limit, stop):
+        n_tokens += 1
+        if token == stop:
+            continue
+        samples[i].append(token)
+        if i == 0 and on_token is not None:
+            on_token(token)
+    return samples, n_tokens

@@ -1,0 +1,395 @@
+"""
+An OpenAI-compatible completion server for a trained GPT, and a small web page to try the model in a browser.
+
+    pip install -r requirements-serve.txt             # FastAPI and uvicorn: optional extras
+    python serve.py --out_dir=out/fineweb-40m          # then open http://127.0.0.1:8000
+    curl -s http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" \\
+        -d '{"prompt": "The meaning of life is", "max_tokens": 40, "temperature": 0.8, "top_k": 200, "seed": 7}'
+
+Endpoints: POST /v1/completions (OpenAI's completions API: prompt, max_tokens, temperature, top_p, top_k, stop,
+seed, n, stream), GET /v1/models, GET /health and GET / (the page, serve.html: no CDN, works offline).
+Generation is generation.py's, as in sample.py: the same prompt, seed and settings give the same text. The one
+model runs one request at a time, in arrival order, on one worker thread (no two requests share a KV cache);
+at most --queue_size requests wait or run, more get 429. A client that disconnects stops its generation. Bad
+requests get 400 with OpenAI's error format. Reference: docs/serve.md. `python serve.py --help` lists every option.
+"""
+import asyncio
+import json
+import os
+import random
+import socket
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from config import parse_args
+from device import autocast, select_device, select_dtype
+from errors import ConfigError, DataError, run_main
+from generation import Sampling, encode_prompt, load_model, stream_tokens, text_stream
+from tokens import get_tokenizer
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.exceptions import HTTPException
+except ImportError as e:  # optional extras: as a script, say so in one line
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"serve.py: error: {e.name} is missing; the server's extras: pip install -r requirements-serve.txt")
+
+PAGE = Path(__file__).with_name("serve.html")
+
+
+@dataclass
+class ServeConfig:
+    out_dir: str = "out"  # a training run's directory (best.pt, last.pt or nanoGPT's ckpt.pt) or a checkpoint file
+    which: str = "best"  # 'best' | 'last': the checkpoint to read from out_dir (falls back to the other)
+    device: str = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+    dtype: str = "auto"  # 'auto' (bfloat16 / float16 on GPUs, float32 on CPU) | 'float32' | 'bfloat16' | 'float16'
+    compile: bool = False  # torch.compile the trunk: same tokens, faster steps, but tens of seconds of compiling first
+    host: str = "127.0.0.1"  # address to listen on; 0.0.0.0 = every network interface (there is no authentication)
+    port: int = 8000  # TCP port to listen on
+    max_tokens: int = 1024  # the most new tokens a request may ask for, per choice
+    max_n: int = 8  # the most choices (samples) a request may ask for
+    max_prompt_chars: int = 100_000  # longer prompts are refused (400); prompts are cropped to block_size tokens
+    queue_size: int = 16  # requests running or waiting at once; more are refused with 429 (try again later)
+
+
+def validate(cfg):
+    if cfg.which not in ("best", "last"):
+        raise ConfigError(f"which must be best or last, not {cfg.which!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16, not {cfg.dtype!r}")
+    if not 0 < cfg.port < 65536:
+        raise ConfigError(f"port must be in 1..65535, not {cfg.port}")
+    for key in ("max_tokens", "max_n", "max_prompt_chars", "queue_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, not {getattr(cfg, key)}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Requests: OpenAI's completion parameters, checked strictly (a string where a number belongs is an error)
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: Union[str, list[str]] = ""  # a list holds exactly one prompt (some clients send lists)
+    max_tokens: int = Field(16, ge=0)  # OpenAI's defaults: 16 tokens, temperature 1, no top-p
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # not in OpenAI's API (vLLM's extension); 0 = off
+    stop: Union[None, str, list[str]] = None
+    seed: Optional[int] = Field(None, ge=0)  # None: a random seed
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: Optional[dict[str, bool]] = None  # {"include_usage": true}: a last chunk with the token counts
+    model: Optional[str] = None  # accepted and ignored: there is one model
+    user: Optional[str] = None  # accepted and ignored
+
+
+def error(status, message, param=None, kind="invalid_request_error", code=None, headers=None):
+    """An error in OpenAI's format."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def parse_request(body, cfg):
+    """(the request, None) or (None, the 400 response saying what is wrong with it)."""
+    try:
+        body = json.loads(body)
+    except ValueError as e:  # bad JSON or not UTF-8
+        return None, error(400, f"the body is not valid JSON: {e}")
+    try:
+        req = CompletionRequest.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None  # the field, not the part of a union
+        message = "not supported by this server" if first["type"] == "extra_forbidden" else first["msg"]
+        return None, error(400, f"{param}: {message}" if param else message, param)
+    return req, check_limits(req, cfg)
+
+
+def check_limits(req, cfg):
+    """The server's own limits on a well-formed request: an error response, or None."""
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    for ok, param, message in [
+        (len(prompts) == 1, "prompt", "one prompt per request (a list must hold exactly one string)"),
+        (sum(map(len, prompts)) <= cfg.max_prompt_chars, "prompt", f"the prompt is longer than {cfg.max_prompt_chars} characters"),
+        (req.max_tokens <= cfg.max_tokens, "max_tokens", f"max_tokens is at most {cfg.max_tokens} on this server"),
+        (req.n <= cfg.max_n, "n", f"n is at most {cfg.max_n} on this server"),
+        (req.seed is None or req.seed < 2 ** 63 - req.n, "seed", "seed must be below 2**63 - n"),
+        (len(stops) <= 4 and all(stops), "stop", "stop takes up to 4 non-empty strings"),
+        (set(req.stream_options or {}) <= {"include_usage"}, "stream_options", "stream_options takes include_usage only"),
+    ]:
+        if not ok:
+            return error(400, message, param)
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Generation: one model, one worker thread, a queue of jobs
+
+class Choice:
+    """One sample's text as its tokens arrive: whole characters only (text_stream), cut before the first stop
+    string. The last (longest stop string - 1) characters are held back until the next tokens show that they do
+    not start a stop string, so no part of a stop string is ever sent."""
+
+    def __init__(self, enc, stops):
+        self.decode, self.stops, self.eot = text_stream(enc), stops, enc.eot_token
+        self.hold = max(map(len, stops), default=1) - 1
+        self.text, self.sent, self.tokens, self.finish_reason = "", 0, 0, None
+
+    def add(self, token):
+        """Take the sample's next token; return the text that is now final (often '')."""
+        self.tokens += 1
+        if token == self.eot:
+            return self.end("stop")
+        self.text += self.decode([token])
+        return self._release(len(self.text) - self.hold)
+
+    def end(self, reason):
+        """No more tokens: release the rest."""
+        self.text += self.decode([], final=True)
+        self.finish_reason = reason
+        return self._release(len(self.text))
+
+    def _release(self, end):
+        hits = [p for p in (self.text.find(s) for s in self.stops) if p >= 0]
+        if hits:  # it cannot lie in text already sent: that was followed by hold more characters when checked
+            end = min(hits)
+            self.text, self.finish_reason = self.text[:end], "stop"
+        end = max(end, self.sent)
+        delta, self.sent = self.text[self.sent:end], end
+        return delta
+
+
+class Job:
+    """One request's generation. The worker thread sends its events to the request's coroutine through an
+    asyncio queue: ('text', choice index, new text, finish_reason or None), then ('done', completion tokens) or
+    ('error', message, HTTP status). Setting `cancelled` stops the worker at its next token."""
+
+    def __init__(self, prompt, sampling, stops):
+        self.prompt, self.sampling, self.stops = prompt, sampling, stops
+        self.loop, self.queue, self.cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+    def emit(self, *event):  # called from the worker thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def events(self, request=None):
+        """The events until the last; with request (plain responses), stops early when the client has gone
+        (checked every 0.25 s; for a streamed response Starlette cancels the stream when its client goes)."""
+        checked = time.monotonic()
+        while True:
+            try:
+                event = await asyncio.wait_for(self.queue.get(), 0.25)
+            except asyncio.TimeoutError:
+                event = None
+            if request is not None and time.monotonic() - checked > 0.25:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return
+            if event is None:
+                continue
+            yield event
+            if event[0] != "text":
+                return
+
+
+class Engine:
+    """The one model and the one thread that runs it: jobs are generated one after another, in arrival order."""
+
+    def __init__(self, model, enc, device, dtype, queue_size):
+        self.model, self.enc, self.device, self.dtype, self.queue_size = model, enc, device, dtype, queue_size
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.pending = 0  # jobs submitted and not finished (running or waiting); changed on the event loop only
+        self.jobs = set()  # those jobs, for cancel_all
+        self.stats = {"busy": False, "completed": 0, "cancelled": 0, "failed": 0, "tokens_generated": 0}
+
+    def submit(self, job):
+        """Queue the job; False when the queue is full."""
+        if self.pending >= self.queue_size:
+            return False
+        self.pending += 1
+        self.jobs.add(job)
+        self.worker.submit(self.run, job)
+        return True
+
+    def _finished(self, job):
+        self.pending -= 1
+        self.jobs.discard(job)
+
+    def cancel_all(self):
+        """Stop every job (at shutdown): the running one at its next token; their responses then end."""
+        for job in list(self.jobs):
+            job.cancelled.set()
+
+    def run(self, job):
+        """Run one job on the worker thread, then free its place in the queue."""
+        if job.cancelled.is_set():  # its client left, or the server stops, while it waited
+            self.stats["cancelled"] += 1
+        else:
+            self.stats["busy"] = True
+            try:
+                last = ("done", self.generate(job))
+            except Exception as e:  # e.g. out of memory: this request fails, the server goes on
+                self.stats["failed"] += 1
+                last = ("error", f"generation failed: {type(e).__name__}: {e}", 500)
+            finally:
+                self.stats["busy"] = False
+        if job.cancelled.is_set():  # only a server shutting down still has a client to tell
+            last = ("error", "generation stopped: the server is shutting down", 503)
+        job.loop.call_soon_threadsafe(self._finished, job)  # before the last event: a client that sends its next
+        job.emit(*last)  # request on [DONE] finds the place free (callbacks run in the order they were scheduled)
+
+    def generate(self, job):
+        """Generate the job's choices, sending text as it becomes final; returns the tokens generated."""
+        choices = [Choice(self.enc, job.stops) for _ in range(job.sampling.num_samples)]
+        with autocast(self.device, self.dtype):
+            for i, token in stream_tokens(self.model, job.prompt, job.sampling, self.enc.n_vocab, self.enc.eot_token):
+                if job.cancelled.is_set():
+                    break  # leaving the loop closes the generator: no more forward passes
+                self.stats["tokens_generated"] += 1
+                if choices[i].finish_reason is None:  # else it ended at a stop string; the batch runs for the others
+                    job.emit("text", i, choices[i].add(token), choices[i].finish_reason)
+                if all(c.finish_reason for c in choices):
+                    break
+        for i, c in enumerate(choices):
+            if c.finish_reason is None and not job.cancelled.is_set():
+                job.emit("text", i, c.end("length"), "length")
+        self.stats["cancelled" if job.cancelled.is_set() else "completed"] += 1
+        return sum(c.tokens for c in choices)
+
+
+# -----------------------------------------------------------------------------
+# The HTTP API
+
+def new_job(req, engine):
+    """The job for a valid request, and the note to send when its prompt was cropped (else None)."""
+    text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+    prompt, note = encode_prompt(engine.enc, text, engine.model.config.block_size)
+    seed = random.randrange(2 ** 62) if req.seed is None else req.seed
+    sampling = Sampling(num_samples=req.n, max_new_tokens=req.max_tokens, temperature=req.temperature,
+                        top_k=req.top_k, top_p=req.top_p, seed=seed)
+    return Job(prompt, sampling, [req.stop] if isinstance(req.stop, str) else req.stop or []), note
+
+
+async def sse(job, head, usage):
+    """A streamed completion: one server-sent event per piece of text, then the usage (if asked), then [DONE]."""
+    try:
+        async for event in job.events():
+            if event[0] == "text" and (event[2] or event[3]):
+                choice = {"index": event[1], "text": event[2], "logprobs": None, "finish_reason": event[3]}
+                yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+                head.pop("warning", None)  # said once, in the first chunk
+            elif event[0] == "done" and usage is not None:
+                usage.update(completion_tokens=event[1], total_tokens=usage["prompt_tokens"] + event[1])
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
+            elif event[0] == "error":
+                yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client disconnects: Starlette cancels this generator
+        job.cancelled.set()
+
+
+async def collect(job, head, usage, request):
+    """A plain completion: the whole text of every choice, once all is generated."""
+    texts, reasons = [""] * job.sampling.num_samples, [None] * job.sampling.num_samples
+    try:
+        async for event in job.events(request):
+            if event[0] == "text":
+                texts[event[1]] += event[2]
+                reasons[event[1]] = event[3]
+            elif event[0] == "error":
+                return error(event[2], event[1], kind="server_error")
+            else:
+                usage.update(completion_tokens=event[1], total_tokens=usage["prompt_tokens"] + event[1])
+    finally:
+        job.cancelled.set()  # a no-op unless the client left
+    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+    return JSONResponse({**head, "choices": choices, "usage": usage})
+
+
+def make_app(engine, cfg, model_name):
+    app = FastAPI(title="GPT completions", docs_url=None, redoc_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(HTTPException)  # unknown paths, wrong methods: OpenAI's format too
+    async def http_error(request, exc):
+        return error(exc.status_code, str(exc.detail), kind="invalid_request_error")
+
+    @app.exception_handler(Exception)  # a bug: this request fails, the server goes on
+    async def server_error(request, exc):
+        return error(500, f"{type(exc).__name__}: {exc}", kind="server_error")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        if int(request.headers.get("content-length") or 0) > 4 * cfg.max_prompt_chars + 65536:
+            return error(413, "the request body is too large")
+        req, problem = parse_request(await request.body(), cfg)
+        if problem is not None:
+            return problem
+        job, note = new_job(req, engine)
+        if not engine.submit(job):
+            return error(429, f"the server is busy ({cfg.queue_size} requests queued): try again later",
+                         kind="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name, **({"warning": note} if note else {})}
+        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": 0, "total_tokens": len(job.prompt)}
+        if req.stream:
+            include_usage = (req.stream_options or {}).get("include_usage", False)
+            return StreamingResponse(sse(job, head, usage if include_usage else None), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await collect(job, head, usage, request)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "local"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "block_size": engine.model.config.block_size,
+                "pending": engine.pending, **engine.stats,
+                "limits": {k: getattr(cfg, k) for k in ("max_tokens", "max_n", "max_prompt_chars", "queue_size")}}
+
+    @app.get("/")
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    return app
+
+
+def main(argv):
+    cfg = validate(parse_args(ServeConfig, argv))
+    device = select_device(cfg.device)
+    dtype = select_dtype(cfg.dtype, device)
+    enc = get_tokenizer()
+    model, info = load_model(cfg, device, enc.n_vocab)
+    print(f"{info}; {model.num_params() / 1e6:.1f}M parameters on {device} in {dtype}", file=sys.stderr)
+    engine = Engine(model, enc, device, dtype, cfg.queue_size)
+    app = make_app(engine, cfg, model_name=cfg.out_dir.rstrip("/") or cfg.out_dir)
+    try:  # bound here rather than by uvicorn: a port in use is one line, before "serving on"
+        sock = socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+    except OSError as e:
+        raise DataError(f"cannot listen on {cfg.host}:{cfg.port}: {os.strerror(e.errno) if e.errno else e}")
+    print(f"serving on http://{cfg.host}:{cfg.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # Ctrl-C or SIGTERM: uvicorn waits for open responses, so end them
+            engine.cancel_all()
+            super().handle_exit(sig, frame)
+
+    try:
+        Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
+    finally:
+        engine.worker.shutdown(wait=False, cancel_futures=True)
+
+if __name__ == "__main__":
+    run_main(main)
