@@ -42,7 +42,7 @@ class GPTConfig:
     dispersion_coeff: float = 0.0  # lambda of the dispersion loss; 0 = off
     dispersion_tau: float = 1.0  # temperature tau of the dispersion loss
     dispersion_layers: str = "all"  # blocks it acts on: 'all' | 'late_half' | 'last' | indices like '6,7,8'
-    dispersion_variant: str = "angular_spread"  # or the paper's ablations: decorrelation, l2_repel, orthogonal
+    dispersion_variant: str = "angular_spread"  # or the paper's ablations: decorrelation, l2_repel (all pairs), orthogonal
     dispersion_max_tokens: int = 256  # positions subsampled per sequence (one random subset per call)
     dispersion_clamp: float = 0.1  # cosine clamped to [-1+t, 1-t] (straight-through) so arccos' stays finite
     dispersion_eps: float = 1e-2  # z / (||z|| + eps)
@@ -289,11 +289,11 @@ def dispersion_loss(z, variant="angular_spread", tau=1.0, max_tokens=256, clamp=
                 return ((0.5 - dist).clamp(min=0).square() * off_diagonal).sum((1, 2)).div(L * (L - 1)).mean()
             scores = (-dist / tau).masked_fill(~off_diagonal, float("-inf"))
             return (torch.logsumexp(scores.flatten(1), dim=1) - log_pairs).mean()
-        if variant == "l2_repel":
+        if variant == "l2_repel":  # over ALL pairs, as the authors' code: the diagonal's exp(0) = 1 terms bound
+            # it below by -log L; without them the model lowers it without limit by growing the residual stream
             sq_norm = z.square().sum(-1)
             sq_dist = (sq_norm.unsqueeze(2) + sq_norm.unsqueeze(1) - 2 * z @ z.transpose(1, 2)).clamp(min=0)
-            scores = (-sq_dist / tau).masked_fill(~off_diagonal, float("-inf"))
-            return (torch.logsumexp(scores.flatten(1), dim=1) - log_pairs).mean() + 0.1 * z.square().mean()
+            return (torch.logsumexp((-sq_dist / tau).flatten(1), dim=1) - 2 * math.log(L)).mean() + 0.1 * z.square().mean()
         # decorrelation: squared off-diagonal correlations between tokens (each standardised over features)
         zs = (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True, correction=0) + 1e-5)  # population std
         corr = zs @ zs.transpose(1, 2) / z.size(-1)

@@ -3,6 +3,6 @@
 out_dir = "out/fineweb-40m-both"
 dispersion_coeff = 0.1
 dispersion_tau = 1.0
-dispersion_layers = "late_half"
+dispersion_layers = "all"  # the authors' published setting, as config/ablate_dispersion.py
 multipliers = "vector"
 multiplier_weight_decay = 2e-3

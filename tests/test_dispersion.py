@@ -19,7 +19,7 @@ from condensation import (condensation_metrics, kendall, layer_cosines, layer_st
 from model import DISPERSION_VARIANTS, GPT, GPTConfig, dispersion_loss
 
 # -----------------------------------------------------------------------------
-# A plain float64 reference: one sequence at a time, one (i, j) pair at a time, diagonal never visited
+# A plain float64 reference: one sequence at a time, one (i, j) pair at a time, the diagonal only for l2_repel
 
 
 def ste_arccos(cos, clamp):
@@ -35,7 +35,8 @@ def reference_loss(z, variant, tau=1.0, clamp=0.1, eps=1e-2):
     per_sequence = []
     for seq in z:
         L = seq.size(0)
-        pairs = [(i, j) for i in range(L) for j in range(L) if i != j]
+        # l2_repel averages over all pairs, diagonal included (the authors' code; it bounds the loss below)
+        pairs = [(i, j) for i in range(L) for j in range(L) if i != j or variant == "l2_repel"]
         terms = []
         for i, j in pairs:
             a, b = seq[i], seq[j]
@@ -96,12 +97,13 @@ def test_loss_and_gradient_match_float64_reference(variant, tau):
 
 
 def test_diagonal_is_excluded_hand_computed():
-    """Two tokens, so exactly one unordered pair: every variant reduces to that pair's term alone."""
+    """Two tokens, so exactly one unordered pair: every variant but l2_repel reduces to that pair's term alone."""
     a, b = torch.tensor([3.0, 0.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0, 0.0])
     z = torch.stack([a, b]).unsqueeze(0)  # (1, 2, 4): orthogonal, so D = 1/2
     assert dispersion_loss(z, "angular_spread", tau=0.5).item() == pytest.approx(-1.0)  # log exp(-0.5 / 0.5)
     assert dispersion_loss(z, "orthogonal").item() == pytest.approx(0.0)  # no acute pair
-    assert dispersion_loss(z, "l2_repel").item() == pytest.approx(-13.0 + 0.1 * 13 / 8)  # -||a-b||^2 + 0.1 mean(z^2)
+    # l2_repel: all four ordered pairs, the two self-pairs give exp(0) = 1: log((2 + 2 e^-13) / 4) + 0.1 mean(z^2)
+    assert dispersion_loss(z, "l2_repel").item() == pytest.approx(math.log((2 + 2 * math.exp(-13)) / 4) + 0.1 * 13 / 8)
     assert dispersion_loss(z, "decorrelation").item() == pytest.approx((1 / 3) ** 2, rel=1e-4)  # corr of a, b: -1/3
     c = torch.tensor([1.0, 1.0, 0.0, 0.0])  # 45 degrees from a: D = 1/4, hinge (1/2 - 1/4)^2
     assert dispersion_loss(torch.stack([a, c]).unsqueeze(0), "orthogonal", eps=0.0).item() == pytest.approx(0.0625)
@@ -407,3 +409,12 @@ def test_picture_command_errors_are_one_line(tmp_path):
                             text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip() == "condensation.py: error: the picture needs matplotlib: pip install matplotlib"
+
+
+def test_l2_repel_is_bounded_below():
+    """Growing the hidden states cannot lower l2_repel without limit (the self-pairs bound it by -log L); with the
+    diagonal excluded, scaling z by 100 drove the old form to about -1e5 (the residual stream grew in training)."""
+    z = random_states(B=2, L=16, C=24)
+    losses = [dispersion_loss(z * scale, "l2_repel").item() for scale in (1, 10, 100, 1000)]
+    assert min(losses) >= -math.log(16) - 1e-6
+    assert losses[-1] > losses[0]  # the norm term takes over
