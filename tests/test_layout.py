@@ -12,7 +12,8 @@ LAYERS = [
     {"tokens", "model"},  # numpy-only token files / the torch model: neither knows the other
     {"config", "device"},
     {"checkpoint"},
-    {"condensation"},  # the diagnostic train.py logs, and a script drawing its picture
+    {"condensation", "generation"},  # the diagnostic train.py logs (and a script drawing its picture); the
+    # generation code sample.py and serve.py share
 ]
 MAX_FUNCTION_LINES = 60
 
