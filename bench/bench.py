@@ -92,6 +92,7 @@ class Variant:
                         for _ in range(cfg.gradient_accumulation_steps)]
         self.flops_per_token, self.params = self.raw_model.flops_per_token(), self.raw_model.num_params()
         self.times, self.cpu_times, self.peak_bytes, self.peak_reserved, self.oom = [], [], 0, 0, False
+        self.loss = None  # mean cross-entropy of the last step
 
     def get_batch(self, micro):  # as train.py's: CPU windows, copied (pinned, on CUDA) to the device
         w = self.windows[micro]
@@ -102,7 +103,7 @@ class Variant:
         t0, c0 = time.perf_counter(), time.process_time()
         sums, _ = train_step(self.model, self.optimizer, self.scaler, self.ctx, self.get_batch,
                              self.cfg.gradient_accumulation_steps, self.clip_params, self.cfg.grad_clip)
-        sums.tolist()  # waits for the device, as train.py's loop does once per step
+        self.loss = sums.tolist()[0] / self.cfg.gradient_accumulation_steps  # waits for the device, as train.py does
         return time.perf_counter() - t0, time.process_time() - c0
 
     def resident_bytes(self):
@@ -130,6 +131,13 @@ class Variant:
         """Free the device memory, keep the figures."""
         self.model = self.raw_model = self.optimizer = self.clip_params = self.windows = None
         free_device_memory()
+
+
+def cap_memory(device, gib):
+    """Cap this process's CUDA caching allocator at gib GiB (0 = no cap): beyond it an allocation raises
+    OutOfMemoryError, as on a card that small (a real card's CUDA context takes a few hundred MB on top)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GB / total) if gib else 1.0, device)
 
 
 def free_device_memory():
@@ -205,20 +213,22 @@ def run(variants, device, dtype, cfg):
     """Warm up and time every (name, cfg) in variants: all resident, taking turns in each round; or, with
     find_max_batch (each variant at its own memory limit), one at a time with the device to itself."""
     if cfg.find_max_batch:
-        done = []
-        for name, vcfg in variants:
-            v = warm_up(Variant(name, vcfg, device, dtype), cfg.warmup)
-            for _ in range(0 if v.oom else cfg.rounds):
-                v.timed_steps(cfg.steps)
-            v.release()
-            done.append(v)
-        return done
+        return [run_alone(name, vcfg, device, dtype, cfg) for name, vcfg in variants]
     done = [warm_up(Variant(name, vcfg, device, dtype), cfg.warmup) for name, vcfg in variants]
     for _ in range(cfg.rounds):
         for v in done:
             if not v.oom:
                 v.timed_steps(cfg.steps)
     return done
+
+
+def run_alone(name, vcfg, device, dtype, cfg):
+    """One variant with the device to itself: warm up, cfg.rounds x cfg.steps timed steps, release."""
+    v = warm_up(Variant(name, vcfg, device, dtype), cfg.warmup)
+    for _ in range(0 if v.oom else cfg.rounds):
+        v.timed_steps(cfg.steps)
+    v.release()
+    return v
 
 
 def round_ratios(times, base_times, steps):
@@ -287,9 +297,8 @@ def main(argv):
     variants = [("base", cfg)] + [(item, variant_config(argv, item)) for item in cfg.compare.split(",") if item]
     torch.backends.cuda.matmul.allow_tf32 = True  # as train.py
     torch.backends.cudnn.allow_tf32 = True
-    if cfg.max_memory_gb:  # the caching allocator raises OutOfMemoryError beyond this, as a smaller card would
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.max_memory_gb * GB / total), device)
+    if cfg.max_memory_gb:
+        cap_memory(device, cfg.max_memory_gb)
     print(f"device {device} ({device_name(device)}), dtype {dtype}, compile {cfg.compile}, torch {torch.__version__}"
           + (f", memory capped at {cfg.max_memory_gb:g} GiB" if cfg.max_memory_gb else ""))
 
