@@ -361,9 +361,9 @@ PARTS = [  # name, title, function, its arguments, time budget in seconds. The b
     ("overheads", "Dispersion and multipliers overhead: 40M", part_overheads, (), 120),
     ("sample", "sample.py tokens/s with the KV cache: 40M", part_sample, (), 90),
     ("muon", "Muon vs AdamW step time: 40M", part_muon, (), 90),
-    ("fit_40m_modern", "Largest micro-batch under 12 GiB: 40M modern + Muon", part_fit,
+    ("fit_40m_modern", "Largest micro-batch under 12 GiB: 40M modern (+ Muon once it exists)", part_fit,
      ("config/train_fineweb_40m_modern.py",), 100),
-    ("fit_124m_modern", "Largest micro-batch under 12 GiB: 124M modern + Muon", part_fit,
+    ("fit_124m_modern", "Largest micro-batch under 12 GiB: 124M modern (+ Muon once it exists)", part_fit,
      ("config/train_fineweb_124m_modern.py",), 120),
 ]
 
