@@ -339,7 +339,8 @@ def part_sample(suite, table):
             seconds, tokens = timed_generation(model, prompt, scfg, vocab, suite)
             table.add(mode=mode, batch=batch, tokens_per_s=tokens / seconds, first_s=first)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    table.note(f"prompt {len(prompt)} tokens, {new} new tokens per sample, temperature 0.8, top-k 200, dtype "
+    table.note(f"prompt {len(prompt)} tokens, {new} new tokens per sample, temperature {scfg.temperature:g}, top-k "
+               f"{scfg.top_k}, dtype "
                f"{suite.dtype}; tokens/s counts every sample and includes the prefill, as sample.py prints it; "
                f"torch.compile built {graphs} graph(s) for generation (many = a recompile per step)")
 
