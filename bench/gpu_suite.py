@@ -3,7 +3,7 @@ Every GPU figure of BENCHMARKS.md in one command, for the rare sessions that hav
 
     python bench/gpu_suite.py                               # CUDA: every part that fits in ~8 minutes
     python bench/gpu_suite.py --parts=sample,muon           # some parts only (e.g. those the first run left)
-    python bench/gpu_suite.py --dry_run                     # tiny sizes on the CPU, seconds: CI runs this
+    python bench/gpu_suite.py --dry_run                     # tiny sizes on the CPU, under a minute: CI runs this
     python bench/gpu_suite.py --dry_run --device=cuda       # tiny sizes on a GPU: compile, bf16, the memory cap
 
 The parts (PARTS below, run in this order; each a function that fills one markdown table):
@@ -58,7 +58,7 @@ SMOKE_FALL = 1.0  # nats the loss must fall: learning just which of the 50,257 i
 SMOKE_MATCH = 0.05  # nats between the compiled and the eager first-step loss: room for bf16 rounding only
 SAMPLE_NEW_TOKENS, SAMPLE_PROMPT = 256, 16  # tokens generated per sample after a random prompt
 MIN_PART_S = 20  # a part is not started with less than this left of the suite's total
-# dry run: a tiny model and single steps, so that every part's code runs on a CPU in seconds
+# dry run: a tiny model and single steps, so that every part's code runs on a CPU in well under a minute
 DRY_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=256", "--batch_size=2",
            "--gradient_accumulation_steps=2", "--learning_rate=1e-2", "--warmup=1", "--steps=1", "--rounds=2"]
 DRY_RUN_MAX_BATCH, DRY_RUN_SMOKE_STEPS, DRY_RUN_NEW_TOKENS = 4, 40, 8
@@ -66,8 +66,8 @@ DRY_RUN_MAX_BATCH, DRY_RUN_SMOKE_STEPS, DRY_RUN_NEW_TOKENS = 4, 40, 8
 
 @dataclass
 class SuiteConfig:
-    parts: str = "all"  # comma-separated: smoke,fit_124m,fit_40m,loss_memory,overheads,sample,muon,fit_*_modern; all
-    dry_run: bool = False  # tiny models and single steps: every part's code path in seconds (on the CPU by default)
+    parts: str = "all"  # all, or some of: smoke,fit_124m,fit_40m,loss_memory,overheads,sample,muon,fit_*_modern
+    dry_run: bool = False  # tiny models, few steps: every part's code path in about a minute (on the CPU by default)
     device: str = "auto"  # 'auto' (cuda if present; the CPU in a dry run) | 'cpu' | 'cuda' | 'cuda:1'
     max_memory_gb: float = 12.0  # the fit parts' cap on this process's GPU memory: an RTX 4070 has 12 GiB
     total_minutes: float = 7.0  # no part starts after this (a compile under way may run ~1 min over: 8 in all)
@@ -212,9 +212,9 @@ def part_smoke(suite, table):
     """40M config, SMOKE_STEPS steps on the same 4 random windows (bf16 + compile on a GPU): the loss must fall
     by SMOKE_FALL, and the first step's loss must match an eager model's from the same weights."""
     cfg = suite.config(suite.argv("config/train_fineweb_40m.py", "--batch_size=4", "--gradient_accumulation_steps=1"))
-    table.set_columns(("steps", "steps", "{}"), ("first", "first loss", "{:.3f}"), ("eager", "eager first loss", "{:.3f}"),
-                      ("last", "mean of last 10 losses", "{:.3f}"), ("ms", "ms/step (compile excluded)", MS),
-                      ("result", "result", "{}"))
+    table.set_columns(("steps", "steps", "{}"), ("first", "first loss", "{:.3f}"),
+                      ("eager", "eager first loss", "{:.3f}"), ("last", "mean of last 10 losses", "{:.3f}"),
+                      ("ms", "ms/step (compile excluded)", MS), ("result", "result", "{}"))
     eager = Variant("eager", replace(cfg, compile=False), suite.device, suite.dtype)
     eager.step()
     eager_loss = eager.loss
