@@ -435,7 +435,8 @@ def report(env, tables, not_run, argv):
     lines += [""] + [t.markdown() + "\n" for t in tables]
     if not_run:
         lines.append(f"Not run (yet, or the suite's time was spent): {', '.join(not_run)}. Run them with "
-                     f"`python bench/gpu_suite.py --parts={','.join(not_run)}`.")
+                     f"`python bench/gpu_suite.py --parts={','.join(not_run)}` and another --json_out (the same one "
+                     f"would be overwritten).")
     return "\n".join(lines)
 
 
