@@ -15,6 +15,7 @@ machine hits them alike; the table gives median ms per optimizer step, tokens/s,
 --peak_flops is set) and peak memory: on CUDA each variant's own peak allocation, on CPU the whole process's
 peak RSS (one figure: to compare the memory of two settings on a CPU, run them as two processes). On a CPU
 shared with other jobs, OMP_NUM_THREADS=1 avoids threads stalling on each other and steadies the ratios.
+bench/gpu_suite.py runs every GPU measurement of BENCHMARKS.md with these pieces in one command.
 """
 import gc
 import json
