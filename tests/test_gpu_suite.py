@@ -129,6 +129,26 @@ def test_a_failing_part_stops_only_itself(capsys):
     assert suite.deadline == float("inf")  # no budget left behind for code that runs after the parts
 
 
+@pytest.mark.slow
+def test_fit_part_caps_memory_and_steps_down_when_compiled_needs_more(monkeypatch):
+    suite = gpu_suite.Suite(gpu_suite.SuiteConfig(dry_run=True))
+    caps, measured = [], []
+    monkeypatch.setattr(suite, "cap", caps.append)
+    monkeypatch.setattr(gpu_suite, "fits", lambda name, cfg, batch, device, dtype: batch <= 3)  # the eager search
+    real_measure = suite.measure
+
+    def measure(name, cfg):  # as if the compiled model ran out of memory at the size the eager search found
+        measured.append(cfg.batch_size)
+        v = real_measure(name, cfg)
+        v.oom = cfg.batch_size == 3
+        return v
+    monkeypatch.setattr(suite, "measure", measure)
+    table = gpu_suite.Table("fit", "t")
+    gpu_suite.part_fit(suite, table, "config/train_fineweb_40m.py")
+    assert measured == [3, 2] and [r["batch_size"] for r in table.rows] == [2]
+    assert caps == [suite.max_memory_gb, 0]  # capped for the search and the measurement, then lifted
+
+
 # -----------------------------------------------------------------------------
 # The CUDA-only paths (skipped on a CPU)
 
