@@ -424,6 +424,19 @@ def environment(suite):
     return env
 
 
+def targets(tables):
+    """The issue's targets for the 124M config, against the fit_124m row (when it ran)."""
+    row = next((t.rows[0] for t in tables if t.name == "fit_124m" and t.rows), None)
+    if row is None:
+        return []
+    verdict = lambda ok: "met" if ok else "NOT met"
+    lines = ["Targets (124M, chunked loss, no checkpointing):", "",
+             f"- fits 12 GiB at micro-batch >= 16: largest {row['batch_size']}, {verdict(row['batch_size'] >= 16)}"]
+    if row["mfu"] is not None:
+        lines.append(f"- MFU >= 50 % of the bf16 peak: {row['mfu']:.1%}, {verdict(row['mfu'] >= 0.5)}")
+    return lines + [""]
+
+
 def report(env, tables, not_run, argv):
     """All tables as one markdown document."""
     mem = f", {env['gpu_free_gb']:.1f} of {env['gpu_total_gb']:.1f} GiB free at start" if "gpu_total_gb" in env else ""
@@ -432,7 +445,7 @@ def report(env, tables, not_run, argv):
              f"{env['compile']}, torch {env['torch']}{mem}."]
     if env["dry_run"]:
         lines.append("**Dry run: tiny models and single steps, a check of the code paths. Not benchmark figures.**")
-    lines += [""] + [t.markdown() + "\n" for t in tables]
+    lines += [""] + targets(tables) + [t.markdown() + "\n" for t in tables]
     if not_run:
         lines.append(f"Not run (yet, or the suite's time was spent): {', '.join(not_run)}. Run them with "
                      f"`python bench/gpu_suite.py --parts={','.join(not_run)}` and another --json_out (the same one "

@@ -72,6 +72,7 @@ def test_dry_run_on_cpu_runs_every_part(tmp_path):
     env = report["environment"]
     assert env["device"] == "cpu" and env["dry_run"] and env["peak_flops"] == 1e12
     assert "Dry run" in markdown and "not a measurement" in markdown  # the 4070 projection says what it is
+    assert "- fits 12 GiB at micro-batch >= 16: largest 4, NOT met" in markdown  # the target, judged
     check_report(report, markdown, result.stdout)
 
 
