@@ -49,8 +49,8 @@ from model import GPT, GPTConfig  # noqa: E402
 from sample import SampleConfig, generate_samples  # noqa: E402
 
 RTX_4070_FLOPS = dict(GPU_PEAK_FLOPS)["rtx 4070"]  # 58.3e12, dense bf16: the card the configs are made for
-ACCUM = 8  # micro-batches per timed optimizer step (the configs use 32: here the optimizer weighs 4x more in
-           # the step time, still little; shorter steps keep the parts within their budgets)
+ACCUM = 8  # micro-batches per timed optimizer step (the configs use 32: shorter steps keep the parts within
+           # their budgets, at the price of a 4x larger share for the optimizer's update in the step time)
 TIMING = ["--warmup=3", "--steps=5", "--rounds=3"]  # per variant: untimed steps (the compile), then timed ones
 SMOKE_STEPS = 300  # optimizer steps of the convergence smoke (4 x 1024 tokens each)
 SMOKE_FALL = 1.0  # nats the loss must fall: learning just which of the 50,257 ids occur among the 4,096 fixed
@@ -353,8 +353,8 @@ def timed_generation(model, prompt, scfg, vocab, suite):
     return time.perf_counter() - t0, tokens
 
 
-PARTS = [  # name, title, function, its arguments, time budget in seconds. The budgets are guesses until the
-    # first GPU run (cold compiles of a 12-layer model are said to take tens of seconds each): adjust them then.
+PARTS = [  # name, title, function, its arguments, time budget in seconds. The budgets are guesses (no GPU has
+    # run the suite yet, and compiling dominates them): adjust them after the first GPU run.
     ("smoke", "Convergence smoke: 40M, fixed random tokens", part_smoke, (), 90),
     ("fit_124m", "Largest micro-batch under 12 GiB: 124M", part_fit, ("config/train_fineweb.py",), 120),
     ("fit_40m", "Largest micro-batch under 12 GiB: 40M", part_fit, ("config/train_fineweb_40m.py",), 100),
