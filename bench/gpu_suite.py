@@ -16,7 +16,7 @@ The parts (PARTS below, run in this order; each a function that fills one markdo
   sample           sample.py's KV-cache generation, eager and compiled, batch 1 and 8
   muon             40M at its micro-batch: Muon vs AdamW step time (once train.py has optimizer=muon)
   fit_*_modern     the fit part for the modern-block configs with Muon (once those configs exist)
-Training parts time train.py's own train_step through bench.py (one variant at a time, the GPU to itself,
+Training parts time train.py's own train_step through bench/bench.py (one variant at a time, the GPU to itself,
 compiled and in bf16 on a GPU, as train.py runs there).
 
 Each part has a time budget (PARTS), checked between steps: a compile already under way finishes first. A part
@@ -36,17 +36,22 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, fields, replace
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # model.py, train.py, bench.py... live in the repository root
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+# the repository root in place of bench/ (Python puts a script's folder first): model.py, train.py... import from
+# there, and "bench" is then this folder, so bench.bench is bench/bench.py
+sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p) != HERE]
 
 import torch  # noqa: E402  (after the path set-up above)
 
-from bench import (GB, BenchConfig, Variant, cap_memory, device_name, fits, free_device_memory,  # noqa: E402
-                   largest_fitting, out_of_memory, run_alone, summarize, variant_config)
-from common import GPU_PEAK_FLOPS, autocast, peak_flops, run_main, select_device, select_dtype  # noqa: E402
-from config import ConfigError, model_args, parse_args, validate  # noqa: E402
+from bench.bench import (GB, BenchConfig, Variant, cap_memory, device_name, fits, free_device_memory,  # noqa: E402
+                         largest_fitting, out_of_memory, run_alone, summarize, variant_config)
+from config import model_args, parse_args, validate  # noqa: E402
+from device import GPU_PEAK_FLOPS, autocast, peak_flops, select_device, select_dtype  # noqa: E402
+from errors import ConfigError, run_main  # noqa: E402
+from generation import generate_samples  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from sample import SampleConfig, generate_samples  # noqa: E402
+from sample import SampleConfig  # noqa: E402
 
 RTX_4070_FLOPS = dict(GPU_PEAK_FLOPS)["rtx 4070"]  # 58.3e12, dense bf16: the card the configs are made for
 ACCUM = 8  # micro-batches per timed optimizer step (the configs use 32: shorter steps keep the parts within
@@ -110,13 +115,13 @@ class Suite:
             raise OutOfTime()
 
     def argv(self, config_file, *overrides):
-        """bench.py's command line for a config on this device: the overrides, then (dry run) the tiny sizes."""
+        """bench/bench.py's command line for a config on this device: the overrides, then (dry run) the tiny sizes."""
         return [os.path.join(REPO, config_file), f"--device={self.device}", f"--dtype={self.dtype}",
                 f"--compile={self.compile}", f"--peak_flops={self.peak or 0.0}", *TIMING, *overrides,
                 *(DRY_RUN if self.dry_run else [])]
 
     def config(self, argv, variant=None):
-        """The config of argv, or of argv plus one bench.py variant (dispersion, plain_ce, key=value...)."""
+        """The config of argv, or of argv plus one bench/bench.py variant (dispersion, plain_ce, key=value...)."""
         return variant_config(argv, variant) if variant else validate(parse_args(BenchConfig, argv))
 
     def measure(self, name, cfg):
@@ -182,7 +187,7 @@ TIMING_COLUMNS = [("name", "variant", "{}"), ("batch_size", "micro-batch", "{}")
 
 
 def timing_row(v, base, suite):
-    """bench.py's summary of a measured variant, with the step-time ratio as one (median, low, high) value."""
+    """bench/bench.py's summary of a measured variant, with the step-time ratio as one (median, low, high) value."""
     s = summarize(v, base, suite.peak, v.cfg.steps)
     if s.get("out_of_memory"):
         return {"name": f"{v.name}: out of memory", "batch_size": v.cfg.batch_size, "out_of_memory": True}
@@ -318,8 +323,8 @@ def part_muon(suite, table):
 
 
 def part_sample(suite, table):
-    """sample.py's generation (generate_samples: KV cache, top-k sampling) on the 40M architecture with random
-    weights under autocast, eager and compiled as `sample.py --compile` compiles, batch 1 and 8."""
+    """sample.py's generation (generation.generate_samples: KV cache, top-k sampling) on the 40M architecture,
+    random weights, under autocast, eager and compiled as `sample.py --compile` compiles it, batch 1 and 8."""
     cfg = suite.config(suite.argv("config/train_fineweb_40m.py"))
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**model_args(cfg))).to(suite.device).eval()
@@ -330,11 +335,11 @@ def part_sample(suite, table):
                       ("first_s", "first call s (compiles)", "{:.1f}"))
     torch._dynamo.utils.counters.clear()
     for mode in ("eager", "compiled"):
-        if mode == "compiled":  # the line sample.py runs for --compile; no inductor on a CPU (see the docstring)
+        if mode == "compiled":  # as generation.load_model for sample.py --compile; no inductor on a CPU (docstring)
             model.hidden_states = torch.compile(model.hidden_states, backend="inductor" if suite.cuda else "eager")
         for batch in (1, 8):
             suite.check()
-            scfg = SampleConfig(num_samples=batch, max_new_tokens=new, stop_at_eot=False)
+            scfg = SampleConfig(num_samples=batch, max_new_tokens=new)  # no stop token: always `new` tokens
             first, _ = timed_generation(model, prompt, scfg, vocab, suite)
             seconds, tokens = timed_generation(model, prompt, scfg, vocab, suite)
             table.add(mode=mode, batch=batch, tokens_per_s=tokens / seconds, first_s=first)

@@ -12,10 +12,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bench import GB, BenchConfig, Variant, free_device_memory, out_of_memory
-from config import ConfigError
+from bench.bench import GB, BenchConfig, Variant, free_device_memory, out_of_memory
 from conftest import REPO, run_script
-from train import to_device
+from device import to_device
+from errors import ConfigError
 
 spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "bench" / "gpu_suite.py")
 gpu_suite = importlib.util.module_from_spec(spec)
