@@ -4,6 +4,9 @@ A GPT language model in one file, GPT-2 architecture with nanoGPT's parameter na
 Features (all off or plain by default, switched on through GPTConfig):
 - GPT-2: learned position embeddings, pre-LayerNorm blocks, causal attention through
   F.scaled_dot_product_attention, 4x GELU MLP, final LayerNorm, LM head tied to the token embedding.
+- The modern block, computed as HF transformers computes it, so that a model maps 1:1 onto LlamaForCausalLM
+  (or Qwen3ForCausalLM with qk_norm; docs/model.md has the table): RoPE (pos_emb), RMSNorm (norm), QK-norm,
+  SwiGLU (mlp), an untied head (tie_embeddings); plus relu^2 and a logit soft-cap for experiments.
 - Memory-light loss: the cross-entropy is computed chunk by chunk together with its gradient, so the
   full (tokens x vocab) float32 logits are never held in memory (loss_chunk_size; 0 = plain).
 - Activation checkpointing per block (activation_checkpointing).
@@ -23,7 +26,11 @@ from torch.utils.checkpoint import checkpoint
 MULTIPLIER_SUFFIX = "_mult"  # every learnable multiplier's parameter name ends with this
 DISPERSION_VARIANTS = ("angular_spread", "decorrelation", "l2_repel", "orthogonal")
 # the keys that define the weights' shapes and meaning: fixed for a checkpoint, unlike training-time options
-ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "gelu_approximate", "multipliers")
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "gelu_approximate", "multipliers",
+             "pos_emb", "rope_theta", "norm", "qk_norm", "mlp", "mlp_hidden", "tie_embeddings", "logit_softcap")
+KEY_CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"),
+           "multipliers": ("none", "scalar", "vector"), "gelu_approximate": ("none", "tanh"),
+           "dispersion_variant": DISPERSION_VARIANTS}
 
 
 @dataclass
@@ -36,6 +43,14 @@ class GPTConfig:
     dropout: float = 0.0  # dropout probability in training (0 for small knowledge/reasoning models)
     bias: bool = False  # biases in Linear layers and LayerNorms (GPT-2 had them)
     gelu_approximate: str = "none"  # 'none' (exact GELU, nanoGPT) or 'tanh' (original GPT-2 / HF)
+    pos_emb: str = "learned"  # 'learned' (GPT-2's position table) | 'rope' (rotary, as HF Llama; no position table)
+    rope_theta: float = 10000.0  # RoPE base: channel pair i turns at rope_theta^(-2i/head_dim) radians per position
+    norm: str = "layernorm"  # 'layernorm' (GPT-2) | 'rmsnorm' (HF Llama's: learned gain, eps 1e-5, never a bias)
+    qk_norm: bool = False  # RMSNorm with a learned gain over head_dim on queries and keys before RoPE (Qwen3)
+    mlp: str = "gelu"  # 'gelu' (GPT-2) | 'swiglu' (down(silu(gate x) * up x), Llama) | 'relu2' (no HF architecture has it)
+    mlp_hidden: int = 0  # MLP hidden width; 0 = 4 * n_embd (GPT-2); for swiglu the width of gate and up
+    tie_embeddings: bool = True  # the LM head is the token embedding matrix (GPT-2); False = a separate head matrix
+    logit_softcap: float = 0.0  # logits -> c * tanh(logits / c) (Gemma 2); 0 = off; no HF Llama/Qwen3 has it
     loss_chunk_size: int = 1024  # tokens per cross-entropy chunk (~6 bytes x vocab each in bf16); 0 = plain F.cross_entropy
     activation_checkpointing: bool = False  # recompute each block in backward: ~10% slower on CPU, far less memory
     multipliers: str = "none"  # learnable multipliers: 'none' | 'scalar' | 'vector' (rows and columns)
@@ -55,12 +70,17 @@ class GPTConfig:
             raise ValueError(f"loss_chunk_size must be >= 0 (0 = plain cross-entropy), not {self.loss_chunk_size}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.multipliers not in ("none", "scalar", "vector"):
-            raise ValueError(f"multipliers must be 'none', 'scalar' or 'vector', not {self.multipliers!r}")
-        if self.dispersion_variant not in DISPERSION_VARIANTS:
-            raise ValueError(f"dispersion_variant must be one of {', '.join(DISPERSION_VARIANTS)}")
-        if self.gelu_approximate not in ("none", "tanh"):
-            raise ValueError(f"gelu_approximate must be 'none' or 'tanh', not {self.gelu_approximate!r}")
+        for key, allowed in KEY_CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos_emb='rope' needs an even head dimension n_embd / n_head, not "
+                             f"{self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}")
+        if self.mlp_hidden < 0:
+            raise ValueError(f"mlp_hidden must be >= 0 (0 = 4 * n_embd), not {self.mlp_hidden}")
+        if not self.rope_theta > 0 or self.logit_softcap < 0:
+            raise ValueError(f"rope_theta must be positive and logit_softcap >= 0 (0 = off), not "
+                             f"{self.rope_theta} and {self.logit_softcap}")
         if self.dispersion_coeff < 0 or self.dispersion_tau <= 0 or not 0 <= self.dispersion_clamp < 1 or self.dispersion_eps < 0:
             raise ValueError("dispersion_coeff must be >= 0, dispersion_tau > 0, dispersion_clamp in [0, 1), dispersion_eps >= 0")
         if self.dispersion_max_tokens < 2:
@@ -150,6 +170,51 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm as HF Llama / Qwen3 compute it: x * rsqrt(mean(x^2) + eps) in float32, back to the input dtype,
+    times the gain. No bias (HF's has none)."""
+
+    def __init__(self, ndim, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # HF multiplies in the model's dtype; with float32 weights under autocast, cast back so q, k, v agree
+        return (self.weight * x.to(dtype)).to(dtype)
+
+
+def make_norm(config, ndim):
+    return RMSNorm(ndim) if config.norm == "rmsnorm" else LayerNorm(ndim, bias=config.bias)
+
+
+def rope_cos_sin(pos, head_dim, theta):
+    """cos and sin (T, head_dim) of HF Llama's rotary embedding at positions pos (T,): inv_freq = theta^(-2i/d),
+    angles duplicated over the two halves of the head. Always float32 (bf16 angles at position 1000 would be
+    off by several radians); computed per call, so any position works and model.to(dtype) cannot round them."""
+    with torch.autocast(pos.device.type, enabled=False):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=pos.device).float() / head_dim))
+        angles = torch.outer(pos.float(), inv_freq)  # (T, hs/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (j, j + hs/2) of x (B, nh, T, hs) by their angles: HF Llama's rotate_half layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
+
+
+def fused_linear(x, layers):
+    """Linear layers that read the same input, as one matmul over their concatenated weights (and biases)."""
+    weight = torch.cat([layer.effective_weight() for layer in layers])
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+    return F.linear(x, weight, bias)
+
+
 class KVCache:
     """Keys and values of every layer for incremental decoding; pos = tokens already cached."""
 
@@ -167,14 +232,29 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, config.bias, config.multipliers)  # q, k, v
+        # Q, K and V are three Linear layers (keys attn.c_q / c_k / c_v): Muon orthogonalises each matrix on its
+        # own, each has its own row and column multipliers, and Linear's multipliers and merge serve them
+        # unchanged. forward still makes one matmul of the concatenated (3C, C) weight, which is nanoGPT's fused
+        # c_attn weight value for value, so the default model computes bit for bit what the fused layer did.
+        # Fused c_attn checkpoints (ours before, nanoGPT's, HF GPT-2's) are split in load_nanogpt_state_dict.
+        self.c_q = Linear(config.n_embd, config.n_embd, config.bias, config.multipliers)
+        self.c_k = Linear(config.n_embd, config.n_embd, config.bias, config.multipliers)
+        self.c_v = Linear(config.n_embd, config.n_embd, config.bias, config.multipliers)
         self.c_proj = Linear(config.n_embd, config.n_embd, config.bias, config.multipliers)
+        head_dim = config.n_embd // config.n_head
+        self.q_norm = RMSNorm(head_dim) if config.qk_norm else None
+        self.k_norm = RMSNorm(head_dim) if config.qk_norm else None
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, rope=None, cache=None, layer=0):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = fused_linear(x, (self.c_q, self.c_k, self.c_v)).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))  # (B, T, nh, hs)
+        if self.q_norm is not None:  # per head, before RoPE, as Qwen3
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if rope is not None:  # cached keys are stored rotated, at their absolute positions
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         is_causal = True
         if cache is not None:  # write this step's keys/values, attend over everything cached so far
             assert T == 1 or cache.pos == 0, "the cache takes a prefill from position 0, then one token at a time"
@@ -192,29 +272,40 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """gelu: c_proj(gelu(c_fc x)); relu2: c_proj(relu(c_fc x)^2); swiglu: c_proj(silu(c_gate x) * c_fc x), which is
+    HF Llama's down(silu(gate x) * up x) with c_gate = gate_proj, c_fc = up_proj, c_proj = down_proj."""
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, config.bias, config.multipliers)
-        self.gelu = nn.GELU(approximate=config.gelu_approximate)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, config.bias, config.multipliers)
+        hidden = config.mlp_hidden or 4 * config.n_embd
+        self.kind, self.gelu_approximate = config.mlp, config.gelu_approximate
+        self.c_fc = Linear(config.n_embd, hidden, config.bias, config.multipliers)
+        self.c_gate = Linear(config.n_embd, hidden, config.bias, config.multipliers) if config.mlp == "swiglu" else None
+        self.c_proj = Linear(hidden, config.n_embd, config.bias, config.multipliers)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            h = F.silu(self.c_gate(x)) * h
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate=self.gelu_approximate)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, rope=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -224,10 +315,11 @@ class Block(nn.Module):
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean CE of (h @ weight.T) against targets, chunk by chunk. The gradients are computed in the forward
     pass (softmax - onehot), so only one chunk of logits exists at a time and no logits are kept for
-    backward; the matmul count is the same as the plain path (logits, grad_h, grad_weight)."""
+    backward; the matmul count is the same as the plain path (logits, grad_h, grad_weight). With softcap > 0 the
+    logits are c * tanh(logits / c), and the gradient goes through the tanh: d/dz = 1 - tanh^2."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size):
+    def forward(ctx, h, weight, targets, chunk_size, softcap=0.0):
         valid = targets != -1
         n_valid = valid.sum().clamp(min=1)
         loss = torch.zeros((), device=h.device, dtype=torch.float32)
@@ -238,6 +330,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = h_c @ weight.t()  # (n, V) in the autocast dtype (bf16) or float32
             dtype = logits.dtype
             logits = logits.float()  # the bf16 product is freed here; in float32 this is the same tensor
+            if softcap > 0:
+                tanh = torch.tanh(logits / softcap)  # kept for the gradient: one more (n, V) float32 buffer
+                logits = tanh * softcap
             t_safe = t_c.clamp(min=0).unsqueeze(1)
             target = logits.gather(1, t_safe).squeeze(1)
             m = logits.amax(dim=1)
@@ -246,6 +341,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             loss += ((z.log() + m - target) * v_c).sum()
             grad.div_(z.unsqueeze(1))  # softmax
             grad.scatter_add_(1, t_safe, -torch.ones_like(t_safe, dtype=grad.dtype))  # minus one-hot
+            if softcap > 0:
+                grad.mul_(1 - tanh.square())
             grad = grad.mul_(v_c.unsqueeze(1)).to(dtype)  # ignored targets contribute nothing
             grad_h[s:s + chunk_size] = grad @ weight
             grad_w += (grad.t() @ h_c).float()
@@ -255,17 +352,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None
 
 
-def cross_entropy(h, weight, targets, chunk_size):
-    """Mean CE over targets != -1 of the logits h @ weight.T; h: (N, C), targets: (N,)."""
+def softcap_logits(logits, softcap):
+    """c * tanh(logits / c): logits smoothly bounded to (-c, c); softcap 0 = unchanged."""
+    return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
+
+
+def cross_entropy(h, weight, targets, chunk_size, softcap=0.0):
+    """Mean CE over targets != -1 of the logits h @ weight.T (soft-capped if softcap > 0); h: (N, C), targets: (N,)."""
     if chunk_size <= 0:
-        return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)
+        return F.cross_entropy(softcap_logits((h @ weight.t()).float(), softcap), targets, ignore_index=-1)
     if torch.is_grad_enabled():
-        return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size)
-    total = sum(F.cross_entropy((h[s:s + chunk_size] @ weight.t()).float(), targets[s:s + chunk_size],
-                                ignore_index=-1, reduction="sum") for s in range(0, h.size(0), chunk_size))
+        return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size, softcap)
+    total = sum(F.cross_entropy(softcap_logits((h[s:s + chunk_size] @ weight.t()).float(), softcap),
+                                targets[s:s + chunk_size], ignore_index=-1, reduction="sum")
+                for s in range(0, h.size(0), chunk_size))
     return total / (targets != -1).sum().clamp(min=1)
 
 
@@ -308,16 +411,19 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_emb == "learned":  # with RoPE, positions enter through the rotation of q and k only
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **modules,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        # Embedding multipliers act on the lookup output only: on the tied weight they would land on the LM
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        # Embedding multipliers act on the lookup output only: on a tied weight they would land on the LM
         # head. Per-channel only, because a per-token one cannot be folded into a tied plain model.
         if config.multipliers == "vector":
             self.wte_mult = nn.Parameter(torch.ones(config.n_embd))
@@ -337,9 +443,14 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; the position embedding is left out by default (the token one is the LM head too)."""
+        """Parameter count; by default without the lookup tables: the position embedding, and the token embedding
+        unless it is tied (then it is the LM head too, a matmul per token)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
+        return n
 
     def hidden_states(self, idx, cache=None, collect=()):
         """Run the trunk. Returns the final post-LayerNorm states (B, T, C) and a dict {layer: states} for the
@@ -347,22 +458,32 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = 0 if cache is None else cache.pos
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
+        cfg = self.config
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        if self.config.multipliers != "none":
-            tok_emb = tok_emb * self.wte_mult
-        x = self.transformer.drop(tok_emb + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if cfg.multipliers != "none":
+            x = x * self.wte_mult
+        rope = None
+        if cfg.pos_emb == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = rope_cos_sin(pos, cfg.n_embd // cfg.n_head, cfg.rope_theta)  # (T, hs) each, for every block
+        x = self.transformer.drop(x)
         collected = {0: x} if 0 in collect else {}
         for i, block in enumerate(self.transformer.h):
-            if self.config.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
+            if cfg.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, cache, i)
+                x = block(x, rope, cache, i)
             if i + 1 in collect:
                 collected[i + 1] = x
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x), collected
+
+    def logits(self, x):
+        """The LM head on final states x (..., C), soft-capped when logit_softcap > 0."""
+        return softcap_logits(self.lm_head(x), self.config.logit_softcap)
 
     def forward(self, idx, targets=None):
         """idx, targets: (B, T) token ids. Without targets: returns (logits (B, T, V), None).
@@ -373,8 +494,9 @@ class GPT(nn.Module):
         layers = [i + 1 for i in cfg.dispersion_block_indices()] if use_dispersion else []
         x, hidden = self.hidden_states(idx, collect=layers)
         if targets is None:
-            return self.lm_head(x), None
-        ce = cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), cfg.loss_chunk_size)
+            return self.logits(x), None
+        ce = cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), cfg.loss_chunk_size,
+                           cfg.logit_softcap)
         losses = {"loss": ce, "ce": ce}
         if use_dispersion:
             # for the last block the authors' code sees the post-final-LayerNorm output; we follow them
@@ -424,10 +546,8 @@ class GPT(nn.Module):
         stats = {"mult/min": flat.min(), "mult/max": flat.max(), "mult/rms": flat.square().mean().sqrt()}
         rms = lambda v: v.float().square().mean().sqrt()
         if self.config.multipliers == "vector":
-            C = self.config.n_embd
             for i, block in enumerate(self.transformer.h):
-                r = block.attn.c_attn.row_mult.float()
-                stats[f"mult/h{i}.qk_ratio"] = r[:C].norm() / r[C:2 * C].norm()
+                stats[f"mult/h{i}.qk_ratio"] = block.attn.c_q.row_mult.float().norm() / block.attn.c_k.row_mult.float().norm()
                 stats[f"mult/h{i}.attn_out_rms"] = rms(block.attn.c_proj.row_mult)
                 stats[f"mult/h{i}.mlp_out_rms"] = rms(block.mlp.c_proj.row_mult)
         values = torch.stack(list(stats.values())).tolist()  # one GPU sync, not one per statistic
@@ -437,21 +557,23 @@ class GPT(nn.Module):
     @torch.no_grad()
     def merge_multipliers(self):
         """Fold every multiplier into plain weights; afterwards this is a plain model (config.multipliers = none)
-        computing the same logits. The embedding multiplier c cannot go into the tied weight W alone (the
-        head would see it), so W <- W * c and the final LayerNorm's gain and bias are divided by c: the head
-        then computes (ln_f(x) / c) @ (W * c).T = ln_f(x) @ W.T, exactly as before."""
+        computing the same logits. An untied embedding takes its multiplier c directly (W[idx] * c = (W * c)[idx]).
+        A tied W cannot take c alone (the head would see it), so W <- W * c and the final norm's gain (and bias)
+        are divided by c: the head then computes (ln_f(x) / c) @ (W * c).T = ln_f(x) @ W.T, exactly as before."""
         if self.config.multipliers == "none":
             return self
         for module in self.modules():
             if isinstance(module, Linear):
                 module.merge_multipliers()
         c = self.wte_mult.detach()
-        if c.abs().min() < 1e-6:
-            raise ValueError("an embedding multiplier is ~0: merging would divide the final LayerNorm by it")
+        ln_f = self.transformer.ln_f
+        if self.config.tie_embeddings:
+            if c.abs().min() < 1e-6:
+                raise ValueError("an embedding multiplier is ~0: merging would divide the final norm by it")
+            ln_f.weight.div_(c)
+            if getattr(ln_f, "bias", None) is not None:
+                ln_f.bias.div_(c)
         self.transformer.wte.weight.mul_(c)
-        self.transformer.ln_f.weight.div_(c)
-        if self.transformer.ln_f.bias is not None:
-            self.transformer.ln_f.bias.div_(c)
         del self.wte_mult
         self.config = replace(self.config, multipliers="none")  # a copy: the config may be shared
         return self
@@ -464,8 +586,10 @@ class GPT(nn.Module):
                  vocab_limit=None, generators=None):
         """Yield the next token of every sequence in idx (B, T), max_new_tokens times, with a KV cache: one
         prefill of the prompt, then one token per step. The context is always the last block_size tokens,
-        exactly as full recomputation would use; once the window must slide, every position changes (learned
-        absolute positions), so the window is prefilled again. temperature 0 = greedy. generators: one
+        exactly as full recomputation would use; once the window must slide, it is prefilled again. With learned
+        positions every position changes. With RoPE, attention sees only relative positions, yet keeping the cache
+        (dropping the oldest entry) would still differ from recomputing the window: the keys and values of blocks
+        >= 1 were computed from tokens that have left the window. temperature 0 = greedy. generators: one
         torch.Generator per sequence, so each row's sample depends only on its own seed. Stops early once
         every row has produced stop_token (finished rows keep emitting stop_token)."""
         B, block = idx.size(0), self.config.block_size
@@ -476,7 +600,7 @@ class GPT(nn.Module):
         context = idx[:, -block:]
         x, _ = self.hidden_states(context, cache)
         for step in range(max_new_tokens):
-            logits = self.lm_head(x[:, -1, :]).float()  # (B, V)
+            logits = self.logits(x[:, -1, :]).float()  # (B, V)
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = float("-inf")  # padded vocab slots are not real tokens
             token = sample_token(logits, temperature, top_k, top_p, generators)
@@ -500,12 +624,20 @@ class GPT(nn.Module):
 
     def load_nanogpt_state_dict(self, state_dict):
         """Load a state dict from this project or from nanoGPT (strips torch.compile's '_orig_mod.' and DDP's
-        'module.' prefixes, and drops nanoGPT's causal-mask buffers)."""
+        'module.' prefixes, drops nanoGPT's causal-mask buffers, and splits a fused attn.c_attn into c_q, c_k, c_v:
+        its rows, bias and row multipliers in thirds; its column or scalar multiplier, which acted on all three,
+        copied to each)."""
         clean = {}
         for key, value in state_dict.items():
             for prefix in ("_orig_mod.", "module."):
                 key = key[len(prefix):] if key.startswith(prefix) else key
-            if not key.endswith((".attn.bias", ".attn.masked_bias")):
+            if key.endswith((".attn.bias", ".attn.masked_bias")):
+                continue
+            if ".attn.c_attn." in key:
+                head, name = key.split(".attn.c_attn.")
+                parts = value.chunk(3) if name in ("weight", "bias", "row_mult") else [value] * 3
+                clean.update({f"{head}.attn.c_{x}.{name}": part.clone() for x, part in zip("qkv", parts)})
+            else:
                 clean[key] = value
         self.load_state_dict(clean)
 
@@ -524,11 +656,9 @@ class GPT(nn.Module):
                     gelu_approximate="tanh" if hc.activation_function in ("gelu_new", "gelu_pytorch_tanh") else "none")
         args.update(overrides)
         model = cls(GPTConfig(**args))
-        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        sd = model.state_dict()
-        for key, value in sd_hf.items():  # HF uses Conv1D (in, out) where we use Linear (out, in)
-            sd[key].copy_(value.t() if key.endswith(transposed) else value)
+        # HF uses Conv1D (in, out) where we use Linear (out, in); otherwise its keys are nanoGPT's
+        model.load_nanogpt_state_dict({k: v.t() if k.endswith(transposed) else v for k, v in hf.state_dict().items()})
         return model
 
     def flops_per_token(self):

@@ -63,11 +63,25 @@ def test_bad_architecture_is_rejected():
         GPTConfig(n_layer=4, dispersion_layers="7")
 
 
+def nanogpt_layout(state_dict):
+    """Our state dict in nanoGPT's (and our pre-split) layout: c_q, c_k, c_v stacked into one attn.c_attn (weight,
+    bias, row multipliers); the fused layer had one column or scalar multiplier for all three: Q's is kept."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith((".c_q.col_mult", ".c_q.scale_mult")):
+            out[key.replace(".c_q.", ".c_attn.")] = value
+        elif ".attn.c_q." in key:
+            out[key.replace(".c_q.", ".c_attn.")] = torch.cat([state_dict[key.replace(".c_q.", f".c_{x}.")] for x in "qkv"])
+        elif ".attn.c_k." not in key and ".attn.c_v." not in key:
+            out[key] = value
+    return out
+
+
 def nanogpt_checkpoint(model):
     """A checkpoint laid out exactly as nanoGPT's train.py writes it (compiled model: '_orig_mod.' keys;
     its model_args know nothing of our newer keys; older nanoGPT also saved the causal-mask buffer)."""
     cfg = model.config
-    sd = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    sd = {"_orig_mod." + k: v for k, v in nanogpt_layout(model.state_dict()).items()}
     for i in range(cfg.n_layer):
         sd[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(cfg.block_size, cfg.block_size))
     return {

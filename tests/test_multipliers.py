@@ -64,7 +64,7 @@ def test_placement_vector():
     C = TINY["n_embd"]
     expected = {"wte_mult": (C,)}
     for i in range(TINY["n_layer"]):
-        for name, (d_out, d_in) in {"attn.c_attn": (3 * C, C), "attn.c_proj": (C, C),
+        for name, (d_out, d_in) in {"attn.c_q": (C, C), "attn.c_k": (C, C), "attn.c_v": (C, C), "attn.c_proj": (C, C),
                                     "mlp.c_fc": (4 * C, C), "mlp.c_proj": (C, 4 * C)}.items():
             expected[f"transformer.h.{i}.{name}.row_mult"] = (d_out,)
             expected[f"transformer.h.{i}.{name}.col_mult"] = (d_in,)
@@ -76,7 +76,7 @@ def test_placement_vector():
 def test_placement_scalar_and_none():
     names = set(multipliers(tiny_model("scalar")))
     assert names == {"wte_mult"} | {f"transformer.h.{i}.{m}.scale_mult" for i in range(TINY["n_layer"])
-                                    for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+                                    for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert not multipliers(tiny_model("none"))
 
 
@@ -161,8 +161,8 @@ def test_multiplier_stats():
     C = TINY["n_embd"]
     with torch.no_grad():
         attn = model.transformer.h[1].attn
-        attn.c_attn.row_mult[:C] = 2.0  # Q rows
-        attn.c_attn.row_mult[C:2 * C] = 0.5  # K rows: only the product with Q enters the scores
+        attn.c_q.row_mult[:] = 2.0  # Q rows
+        attn.c_k.row_mult[:] = 0.5  # K rows: only the product with Q enters the scores
         attn.c_proj.row_mult[:] = 3.0
         model.transformer.h[0].mlp.c_proj.row_mult[0] = 0.1
     stats = model.multiplier_stats()
@@ -202,7 +202,7 @@ def test_clip_factor_ignores_multiplier_gradients(batches):
     assert torch.equal(norm_inflated, norm)
     for name, p in params.items():
         assert torch.equal(params_inflated[name], p), name
-    assert not torch.equal(params_control["transformer.h.0.attn.c_attn.weight"], params["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(params_control["transformer.h.0.attn.c_q.weight"], params["transformer.h.0.attn.c_q.weight"])
 
 
 def test_clip_in_train_main_ignores_multiplier_gradients(token_dir, tmp_path, monkeypatch):
