@@ -61,11 +61,12 @@ def get_lr(it, cfg):
 def build_model(cfg, resume_ckpt):
     args = model_args(cfg)
     if resume_ckpt is not None:  # the architecture must be the checkpoint's; training-time options may change
-        saved = resume_ckpt["model_args"]
-        changed = [f"{k} (config {args[k]!r}, checkpoint {saved.get(k)!r})" for k in ARCH_KEYS if saved.get(k, args[k]) != args[k]]
+        # a key the checkpoint lacks is newer than it: the checkpoint was made with that key's default
+        saved = {k: resume_ckpt["model_args"].get(k, getattr(GPTConfig, k)) for k in ARCH_KEYS}
+        changed = [f"{k} (config {args[k]!r}, checkpoint {saved[k]!r})" for k in ARCH_KEYS if saved[k] != args[k]]
         if changed:
             raise ConfigError(f"cannot resume with a different architecture: {'; '.join(changed)}")
-        model = GPT(GPTConfig(**{**args, **{k: saved[k] for k in ARCH_KEYS if k in saved}}))
+        model = GPT(GPTConfig(**{**args, **saved}))
         model.load_nanogpt_state_dict(resume_ckpt["model"])
         return model
     if cfg.init_from == "scratch":
@@ -232,6 +233,9 @@ def read_resume_checkpoint(cfg):
     if missing:
         raise DataError(f"{path} was not written by this train.py (no {', '.join(missing)}): start a new run from "
                         f"it with --init_from={path} instead")
+    if any(".attn.c_attn." in k for k in ckpt["model"]):  # its AdamW state has one tensor per fused c_attn
+        raise DataError(f"{path} predates the split attention matrices (c_q, c_k, c_v): its weights load but its "
+                        f"optimizer state does not; start a new run from it with --init_from={path}")
     ckpt["path"] = path
     return ckpt
 
