@@ -29,8 +29,8 @@ DISPERSION_VARIANTS = ("angular_spread", "decorrelation", "l2_repel", "orthogona
 ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "gelu_approximate", "multipliers",
              "pos_emb", "rope_theta", "norm", "qk_norm", "mlp", "mlp_hidden", "tie_embeddings", "logit_softcap")
 KEY_CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"),
-           "multipliers": ("none", "scalar", "vector"), "gelu_approximate": ("none", "tanh"),
-           "dispersion_variant": DISPERSION_VARIANTS}
+               "multipliers": ("none", "scalar", "vector"), "gelu_approximate": ("none", "tanh"),
+               "dispersion_variant": DISPERSION_VARIANTS}
 
 
 @dataclass
@@ -43,11 +43,11 @@ class GPTConfig:
     dropout: float = 0.0  # dropout probability in training (0 for small knowledge/reasoning models)
     bias: bool = False  # biases in Linear layers and LayerNorms (GPT-2 had them)
     gelu_approximate: str = "none"  # 'none' (exact GELU, nanoGPT) or 'tanh' (original GPT-2 / HF)
-    pos_emb: str = "learned"  # 'learned' (GPT-2's position table) | 'rope' (rotary, as HF Llama; no position table)
+    pos_emb: str = "learned"  # 'learned' (GPT-2's position table) | 'rope' (rotary as HF Llama, no position table)
     rope_theta: float = 10000.0  # RoPE base: channel pair i turns at rope_theta^(-2i/head_dim) radians per position
     norm: str = "layernorm"  # 'layernorm' (GPT-2) | 'rmsnorm' (HF Llama's: learned gain, eps 1e-5, never a bias)
     qk_norm: bool = False  # RMSNorm with a learned gain over head_dim on queries and keys before RoPE (Qwen3)
-    mlp: str = "gelu"  # 'gelu' (GPT-2) | 'swiglu' (down(silu(gate x) * up x), Llama) | 'relu2' (no HF architecture has it)
+    mlp: str = "gelu"  # 'gelu' (GPT-2) | 'swiglu' (down(silu(gate x) * up x), Llama) | 'relu2' (no HF model has it)
     mlp_hidden: int = 0  # MLP hidden width; 0 = 4 * n_embd (GPT-2); for swiglu the width of gate and up
     tie_embeddings: bool = True  # the LM head is the token embedding matrix (GPT-2); False = a separate head matrix
     logit_softcap: float = 0.0  # logits -> c * tanh(logits / c) (Gemma 2); 0 = off; no HF Llama/Qwen3 has it
@@ -172,9 +172,9 @@ class LayerNorm(nn.Module):
 
 class RMSNorm(nn.Module):
     """HF Llama / Qwen3's RMSNorm, x * rsqrt(mean(x^2) + eps) * weight with float32 statistics, no bias, through
-    PyTorch's F.rms_norm: in float32 HF's formula up to float rounding (tests/test_modern.py), and it saves only
-    its input and the per-row rsqrt for backward (HF's written-out formula also keeps float32 intermediates,
-    ~1.6x the memory of LayerNorm in eager mode). In bf16 it rounds once where HF rounds twice (<= 1 bf16 ulp)."""
+    PyTorch's F.rms_norm: in float32 HF's formula up to float rounding (tests/test_modern.py). Where PyTorch has a
+    fused kernel (CUDA) it keeps only its input and the per-row rsqrt for backward; HF's written-out formula keeps
+    float32 intermediates too. In bf16 it rounds once where HF rounds twice (about one bf16 ulp apart)."""
 
     def __init__(self, ndim, eps=1e-5):
         super().__init__()
@@ -195,7 +195,8 @@ def rope_cos_sin(pos, head_dim, theta):
     angles duplicated over the two halves of the head. Always float32 (bf16 angles at position 1000 would be
     off by several radians); computed per call, so any position works and model.to(dtype) cannot round them."""
     with torch.autocast(pos.device.type, enabled=False):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=pos.device).float() / head_dim))
+        i2 = torch.arange(0, head_dim, 2, dtype=torch.int64, device=pos.device).float()  # 2i, as HF writes it
+        inv_freq = 1.0 / (theta ** (i2 / head_dim))
         angles = torch.outer(pos.float(), inv_freq)  # (T, hs/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
         return angles.cos(), angles.sin()

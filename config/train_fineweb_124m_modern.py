@@ -3,9 +3,10 @@
 # transformers' Qwen3ForCausalLM (docs/model.md). Same data, tokens per step, steps and schedule as the GPT-2 run.
 # 12 layers x 768 wide, 12 heads of 64. SwiGLU hidden 2048 = 8/3 x 768 (the parameters of GELU's 4x MLP).
 # 123.6M parameters: 85.0M in the blocks + 38.6M in the tied embedding.
-# Micro-batch 16: an estimate, not measured on a GPU. BENCHMARKS.md ("modern block") has the CPU bf16 activation
-# measurement it rests on. If it does not fit: --batch_size=8 --gradient_accumulation_steps=64 (same tokens per
-# step), then --activation_checkpointing=True.
+# Micro-batch 8 (not GPT-2's 16): an estimate, not measured on a GPU. Measured under CPU bf16 autocast (eager), the
+# activations take 0.77 GiB per 1024-token sequence (GPT-2's block: 0.43), so 16 would need ~15 GiB and 8 ~9 GiB
+# (BENCHMARKS.md, "modern block"). On a GPU, torch.compile and PyTorch's fused RMSNorm keep less, so 16 may fit:
+# check with bench.py --max_memory_gb=12 --find_max_batch and, if so, --batch_size=16 --gradient_accumulation_steps=32.
 # Learning rate: the GPT-2 run's 6e-4 (GPT-3 small's), untuned for this block; QK-norm tolerates larger ones
 # (Wortsman et al. 2023), so a higher value may be better: an estimate until a sweep has measured it.
 out_dir = "out/fineweb-124m-modern"
@@ -22,12 +23,12 @@ mlp = "swiglu"
 mlp_hidden = 2048
 bias = False
 tie_embeddings = True
-batch_size = 16
-gradient_accumulation_steps = 32  # 16 batch * 1024 tokens * 32 accum = 524,288 tokens per step
+batch_size = 8
+gradient_accumulation_steps = 64  # 8 batch * 1024 tokens * 64 accum = 524,288 tokens per step
 max_iters = 19073
 learning_rate = 6e-4
 warmup_iters = 715  # 375M tokens, as in GPT-3 small
 lr_decay_iters = 19073
 min_lr = 6e-5
 eval_interval = 250
-eval_iters = 50
+eval_iters = 100  # 100 x 8 x 1024 = 819,200 validation tokens, as the GPT-2 run

@@ -183,6 +183,7 @@ def to_hf(state_dict):
     return out
 
 
+@pytest.mark.slow  # imports transformers' model classes / starts a Python process
 @pytest.mark.parametrize("qk_norm,tie", [(False, True), (False, False), (True, True), (True, False)])
 def test_matches_transformers_llama_and_qwen3(qk_norm, tie):
     transformers = pytest.importorskip("transformers")
@@ -322,6 +323,7 @@ def test_bad_combinations(args, message):
         load_train_config(args)
 
 
+@pytest.mark.slow  # imports transformers' model classes / starts a Python process
 def test_bad_combination_is_one_line_from_train_py():
     result = run_script("train.py", "--pos_emb=rope", "--n_embd=36", "--n_head=4", check=False)
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
@@ -359,3 +361,28 @@ def test_sample_and_condensation_on_modern_checkpoint(token_dir, tmp_path):
     run_script("condensation.py", f"--out_dir={out}", "--device=cpu", "--num_seqs=4", "--seq_len=32",
                f"--data_dir={token_dir}", f"--out={tmp_path / 'c.png'}")
     assert (tmp_path / "c.png").stat().st_size > 0
+    # a run saved before the Q/K/V split (fused c_attn) does not resume: one line with the way out
+    ckpt["model"] = nanogpt_layout(ckpt["model"])
+    (tmp_path / "old").mkdir()
+    torch.save(ckpt, tmp_path / "old" / "last.pt")
+    result = run_script("train.py", "config/train_tiny.py", f"--data_dir={token_dir}", f"--out_dir={tmp_path / 'old'}",
+                        "--device=cpu", "--init_from=resume", check=False)
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
+    assert "predates the split attention matrices" in result.stderr and "--init_from=" in result.stderr
+
+
+@pytest.mark.slow
+def test_torch_compile_modern_block():
+    """torch.compile traces the modern block with multipliers and soft-cap in one graph (fullgraph): same loss and
+    gradients. aot_eager: Dynamo + AOTAutograd as on a GPU, without Inductor's C++ build."""
+    model = randomize(tiny(**SWITCHES["qwen3"], multipliers="vector", logit_softcap=3.0, tie_embeddings=False))
+    idx = tokens()
+    eager_loss = model(idx, idx)[1]["loss"]
+    eager_loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, idx)[1]["loss"]
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-4, atol=1e-7, msg=name)
