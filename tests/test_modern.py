@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from config import ConfigError, load_train_config
 from conftest import run_script
 from test_model import nanogpt_layout
