@@ -111,13 +111,25 @@ def kendall(x, y):
     return (concordant - discordant) / denom if denom > 0 else 0.0
 
 
+@torch.no_grad()
+def residual_rms(model, idx):
+    """RMS of the residual stream at layers 0..n_layer (the embedding output, then each block's output, before
+    the final norm) over the sequences idx (B, T): how large the states grow, which the papers' mechanisms act on."""
+    was_training = model.training
+    model.eval()
+    _, hidden = model.hidden_states(idx, collect=range(model.config.n_layer + 1))
+    model.train(was_training)
+    return [hidden[layer].float().square().mean().sqrt().item() for layer in sorted(hidden)]
+
+
 def condensation_metrics(model, idx):
     """The diagnostic for held-out sequences idx (B, T), as flat metrics: cond/spearman, cond/kendall and
-    cond/mean_cos_l{layer} for every layer."""
+    cond/mean_cos_l{layer} for every layer, and resid/rms_l{layer}, the residual stream's RMS."""
     mu = mean_cosine_per_layer(model, idx)
     depth = list(range(len(mu)))
     metrics = {"cond/spearman": spearman(depth, mu), "cond/kendall": kendall(depth, mu)}
     metrics.update({f"cond/mean_cos_l{layer}": m for layer, m in enumerate(mu)})
+    metrics.update({f"resid/rms_l{layer}": r for layer, r in enumerate(residual_rms(model, idx))})
     return metrics
 
 

@@ -556,6 +556,20 @@ class GPT(nn.Module):
         return stats
 
     @torch.no_grad()
+    def weight_norms(self):
+        """Frobenius norm of each block's weight matrices by kind: norm/h{i}.qkv, .attn_out, .fc (with SwiGLU's
+        gate), .mlp_out. The raw W, which weight decay acts on: with learnable multipliers the scale they carry
+        is not in it, so a run shows W settling where weight decay puts it while the multipliers move."""
+        stats = {}
+        for i, block in enumerate(self.transformer.h):
+            attn, mlp = block.attn, block.mlp
+            kinds = {"qkv": (attn.c_q, attn.c_k, attn.c_v), "attn_out": (attn.c_proj,),
+                     "fc": (mlp.c_fc,) + ((mlp.c_gate,) if mlp.c_gate is not None else ()), "mlp_out": (mlp.c_proj,)}
+            for kind, layers in kinds.items():
+                stats[f"norm/h{i}.{kind}"] = sum(layer.weight.float().square().sum() for layer in layers).sqrt()
+        return dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one GPU sync
+
+    @torch.no_grad()
     def merge_multipliers(self):
         """Fold every multiplier into plain weights; afterwards this is a plain model (config.multipliers = none)
         computing the same logits. An untied embedding takes its multiplier c directly (W[idx] * c = (W * c)[idx]).

@@ -298,7 +298,8 @@ class Evaluator:
         val_loss = (total[0] / total[1]).item()
         if not math.isfinite(val_loss):
             raise DataError(f"val loss is {val_loss} at iter {iter_num}: stopped without saving")
-        result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.bytes_per_token}
+        result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.bytes_per_token,
+                  **raw_model.weight_norms()}
         if self.cond_starts and rt.master:
             x, _ = stack_windows(self.tokens, self.cond_starts, self.cond_len)
             with autocast(rt.device, rt.dtype):

@@ -324,3 +324,26 @@ def test_resume_is_exact(token_dir, tmp_path):
     for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+
+
+@pytest.mark.parametrize("multipliers, mlp", [("none", "gelu"), ("vector", "swiglu")])
+def test_weight_norms_and_residual_rms(multipliers, mlp):
+    """The per-layer norms are those of the raw matrices (multipliers left out) and the residual RMS that of the
+    hidden states."""
+    from condensation import residual_rms
+    model = tiny_model(multipliers, mlp=mlp)
+    with torch.no_grad():
+        for p in model.multiplier_parameters():
+            p.fill_(3.0)  # must not show in the norms
+    stats = model.weight_norms()
+    assert len(stats) == 4 * TINY["n_layer"]
+    attn, block_mlp = model.transformer.h[1].attn, model.transformer.h[1].mlp
+    qkv = torch.cat([attn.c_q.weight, attn.c_k.weight, attn.c_v.weight])
+    assert stats["norm/h1.qkv"] == pytest.approx(qkv.norm().item(), rel=1e-6)
+    fc = [block_mlp.c_fc.weight] + ([block_mlp.c_gate.weight] if mlp == "swiglu" else [])
+    assert stats["norm/h1.fc"] == pytest.approx(torch.cat(fc).norm().item(), rel=1e-6)
+    assert stats["norm/h1.mlp_out"] == pytest.approx(block_mlp.c_proj.weight.norm().item(), rel=1e-6)
+    idx = torch.randint(0, 50257, (3, 16))
+    _, hidden = model.eval().hidden_states(idx, collect=range(3))
+    expected = [hidden[layer].square().mean().sqrt().item() for layer in range(3)]
+    assert residual_rms(model, idx) == pytest.approx(expected)

@@ -112,6 +112,9 @@ def test_tiny_config_learns(tmp_path, token_dir):
     assert evals[-1] < 7.0 and evals[1] > evals[2] > evals[3]
     assert (out / "last.pt").exists() and (out / "best.pt").exists()
     assert "val bpb" in result.stdout and "tok/s" in result.stdout
+    last = metrics(out, "eval")[-1]  # the mechanism the multiplier paper is about, at every evaluation
+    assert {f"norm/h{i}.{k}" for i in range(4) for k in ("qkv", "attn_out", "fc", "mlp_out")} <= set(last)
+    assert {f"resid/rms_l{layer}" for layer in range(5)} <= set(last)
     best = load_checkpoint(str(out / "best.pt"))
     assert best["iter_num"] == 60 and best["best_val_loss"] == min(evals)
     assert best["config"]["max_iters"] == 60 and best["data_position"] == 60 * 8 * 2
