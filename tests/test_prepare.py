@@ -8,6 +8,7 @@ import http.server
 import importlib.util
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -268,6 +269,68 @@ def test_ctrl_c_entry_point(sample_parquet, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "prepare.py: interrupted; partial output removed"
     assert out_files(out) == []
+
+
+def test_sigkill_temporaries_removed_by_next_run(sample_parquet, tmp_path):
+    """kill -9 of the main process while tokenizing: the workers exit without a traceback, and the next run
+    removes the dead run's temp files (not those of a live process) and leaves only its own output."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(PREPARE), str(sample_parquet), f"--out_dir={out}", "--num_proc=2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    err = []  # stderr, read by a thread until every process holding it (main and workers) has exited
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")))
+    reader.start()
+    deadline = time.time() + 120
+    while not re.search(rb" [1-9][\d.]*k?/", b"".join(err)):  # the progress bar counts documents: workers are busy
+        assert proc.poll() is None and time.time() < deadline, b"".join(err)
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    reader.join(timeout=60)
+    assert proc.wait(timeout=10) == -signal.SIGKILL and not reader.is_alive()
+    err = b"".join(err).decode()
+    assert "Traceback" not in err and "Error" not in err, err
+    stale = [name for name in out_files(out) if ".tmp" in name]
+    assert stale == [f".{name}.tmp{proc.pid}" for name in ("train", "val")]
+    live = out / f".train.tmp{os.getppid()}"  # a run still writing here: left alone
+    live.write_bytes(b"")
+    src = write_parquet(tmp_path / "s.parquet", [f"doc {i}" for i in range(50)])
+    assert run_main(src, f"--out_dir={out}", "--num_proc=1") is None
+    assert out_files(out) == [live.name, "meta.json", "train.bin", "val.bin"]
+
+
+def test_abbreviated_flag_refused(tmp_path):
+    r = run_cli("--max_doc=5", f"--out_dir={tmp_path}")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "prepare.py: error: unrecognized arguments: --max_doc=5 (see --help)"
+    assert out_files(tmp_path) == []
+
+
+def test_unusable_out_dir_one_line(tmp_path):
+    """--out_dir that is a file, or under a file (unwritable even for root), or read-only: one line, nothing made."""
+    src = write_parquet(tmp_path / "s.parquet", ["one doc", "another doc"])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    cases = [(a_file, f"--out_dir {a_file} is a file, not a directory"),
+             (a_file / "sub" / "dir", f"cannot create --out_dir {a_file / 'sub' / 'dir'}: Not a directory")]
+    if os.geteuid() != 0:  # root writes into read-only directories anyway
+        read_only = tmp_path / "read_only"
+        read_only.mkdir(mode=0o500)
+        cases.append((read_only / "new", "Permission denied"))
+    for out, message in cases:
+        r = run_cli(src, f"--out_dir={out}", "--num_proc=1")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip() == f"prepare.py: error: {message}" or (message in r.stderr and len(r.stderr.strip().splitlines()) == 1)
+    assert a_file.read_text() == "not a directory"
+
+
+def test_failed_run_leaves_no_directory(tmp_path):
+    """A run that fails creates nothing: not out_dir, not the parents it had to create."""
+    missing = tmp_path / "missing.parquet"
+    code = run_main(missing, f"--out_dir={tmp_path / 'new' / 'deeper'}")
+    assert code.startswith("prepare.py: error: no such file") and out_files(tmp_path) == []
+    (tmp_path / "keep").mkdir()
+    assert run_main(missing, f"--out_dir={tmp_path / 'keep' / 'x'}") is not None
+    assert out_files(tmp_path) == ["keep"] and out_files(tmp_path / "keep") == []
 
 
 # -----------------------------------------------------------------------------

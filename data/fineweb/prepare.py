@@ -25,7 +25,8 @@ Output (in --out_dir, default: this script's directory; format defined in common
                        "splits": {"train": {"documents", "tokens" (EOTs included), "bytes" (UTF-8 of
                        the texts, for bits per byte)}, "val": {...}}, "sources": [{"path", "bytes"}],
                        "skipped": {"null_or_empty", "below_language_score"}, "options": {...}}
-The three files appear only when the run completes (written under temporary names, then renamed).
+The three files appear only when the run completes (written under temporary names .train.tmp<PID> ..., then
+renamed); the temporary files of a run killed with kill -9 are removed by the next run into the same --out_dir.
 A document's split depends only on --seed and its row number in the input: the same input and flags
 give byte-identical files, whatever --num_proc.
 """
@@ -36,9 +37,12 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import re
 import signal
 import sys
+import threading
 import time
 import urllib.request
 
@@ -61,7 +65,9 @@ OPTIONS = ("inputs", "text_column", "val_fraction", "val_docs", "seed", "max_doc
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="prepare.py", description=__doc__.split("\n\n")[0].strip())
+    # no abbreviations: --max_doc=5 must not be taken for --max_docs=5 and replace a good dataset
+    p = argparse.ArgumentParser(prog="prepare.py", description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
+    p.error = lambda message: p.exit(2, f"prepare.py: error: {message} (see --help)\n")  # one line, no usage block
     p.add_argument("inputs", nargs="*", default=[DEFAULT_INPUT],
                    help="parquet files, directories, globs, http(s) URLs or hf:<path in HuggingFaceFW/fineweb>"
                         f" (default: {DEFAULT_INPUT})")
@@ -287,9 +293,20 @@ def load_tokenizer():
     return _enc
 
 
+def _exit_with_parent():
+    """In a worker: exit as soon as the main process is gone. Otherwise a worker can wait forever on a queue lock
+    that a sibling held when it died (seen after kill -9 of the main process)."""
+    mp.connection.wait([mp.parent_process().sentinel])  # ready when the parent exits, however it exits
+    os._exit(0)
+
+
 def _init_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and kill are handled once, by the main process,
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # which then terminates the workers
+    # if the main process dies (kill -9), a worker's next result goes into a pipe nobody reads: die quietly there,
+    # like a Unix tool in a pipeline, instead of printing a BrokenPipeError traceback (Python ignores SIGPIPE)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked by start_pool
     load_tokenizer()
 
@@ -404,18 +421,58 @@ def write_outputs(args, sources, tmp):
     return stats, skipped, seconds
 
 
+def make_out_dir(out_dir):
+    """Create out_dir and its missing parents; returns the directories created, deepest first, so that a failed
+    run can remove them again."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out_dir {out_dir} is a file, not a directory")
+    created, path = [], os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a parent is a file, no permission, a read-only file system
+        raise DataError(f"cannot create --out_dir {out_dir}: {e.strerror}") from None
+    return created
+
+
+def remove_stale_temporaries(out_dir):
+    """kill -9 gives no chance to clean up: remove the temp files (.train.tmp<PID> ...) of runs whose process
+    is gone. Those of a live process (maybe a run writing here now) are left alone."""
+    for name in os.listdir(out_dir):
+        m = re.fullmatch(r"\.(?:train|val|meta)\.tmp(\d+)", name)
+        if m and not process_alive(int(m.group(1))):
+            os.remove(os.path.join(out_dir, name))
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
     tmp = {name: os.path.join(args.out_dir, f".{name}.tmp{os.getpid()}") for name in (*SPLITS, "meta")}
+    created, finished = [], False
     try:
+        created = make_out_dir(args.out_dir)
+        remove_stale_temporaries(args.out_dir)
         load_tokenizer()
         stream = args.max_docs is not None or args.max_tokens is not None  # read only what is needed
         sources = open_sources(resolve_inputs(args.inputs, args.cache_dir, stream), args.text_column,
                                args.min_language_score is not None)
         stats, skipped, seconds = write_outputs(args, sources, tmp)
+        finished = True
     except DataError as e:
         sys.exit(f"prepare.py: error: {' '.join(str(e).split())}")  # exit status 1, one line on stderr
+    except OSError as e:  # an unwritable out_dir, a full disk: the message names the file
+        sys.exit(f"prepare.py: error: {e.strerror}: {e.filename}" if e.filename else f"prepare.py: error: {e}")
     except KeyboardInterrupt:
         print("prepare.py: interrupted; partial output removed", file=sys.stderr)
         sys.exit(130)
@@ -423,6 +480,15 @@ def main(argv=None):
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
+        for path in created if not finished else []:  # a failed run leaves no empty directory behind
+            try:
+                os.rmdir(path)
+            except OSError:  # not empty (something else wrote there): keep it and its parents
+                break
+    report(args, stats, skipped, seconds)
+
+
+def report(args, stats, skipped, seconds):
     docs, tokens = (sum(s[k] for s in stats.values()) for k in ("documents", "tokens"))
     print(f"wrote {args.out_dir}: " + " | ".join(
         f"{split} {s['documents']:,} docs {s['tokens']:,} tokens {s['bytes']:,} bytes" for split, s in stats.items()))
