@@ -102,10 +102,11 @@ def get_tokenizer():
 class TrainWindows:
     """Non-overlapping windows of block_size + 1 tokens, visited in a seeded shuffled order without replacement.
     Epoch e shuffles with seed (seed, e) and shifts every window by a random offset, so later epochs see new
-    boundaries. `position` (windows consumed so far, over all ranks) is all a checkpoint needs to resume."""
+    boundaries. `position` (windows consumed so far, over all ranks) is all a checkpoint needs to resume.
+    vocab_size: when given, every batch is checked for token ids outside the vocabulary (check_token_ids)."""
 
-    def __init__(self, tokens, block_size, seed):
-        self.tokens, self.block_size, self.seed = tokens, block_size, seed
+    def __init__(self, tokens, block_size, seed, vocab_size=None):
+        self.tokens, self.block_size, self.seed, self.vocab_size = tokens, block_size, seed, vocab_size
         self.per_epoch = (len(tokens) - 1) // block_size - 1  # so that any offset < block_size still fits
         if self.per_epoch < 1:
             raise DataError(f"the train split ({len(tokens)} tokens) is shorter than two blocks of {block_size}")
@@ -120,15 +121,31 @@ class TrainWindows:
         return self._offset + int(self._order[i]) * self.block_size
 
     def batch(self, first, count):
-        return stack_windows(self.tokens, [self.start(first + j) for j in range(count)], self.block_size)
+        return stack_windows(self.tokens, [self.start(first + j) for j in range(count)], self.block_size, self.vocab_size)
 
 
-def stack_windows(tokens, starts, block_size):
-    """Inputs x and targets y (each (len(starts), block_size), int64) for windows starting at `starts`."""
+def stack_windows(tokens, starts, block_size, vocab_size=None):
+    """Inputs x and targets y (each (len(starts), block_size), int64) for windows starting at `starts`; with
+    vocab_size, checked for token ids outside the vocabulary."""
     import torch
-    rows = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
-    data = torch.from_numpy(rows)
+    rows = np.stack([tokens[s:s + block_size + 1] for s in starts])
+    if vocab_size is not None:
+        check_token_ids(rows, tokens, starts, vocab_size)
+    data = torch.from_numpy(rows.astype(np.int64))
     return data[:, :-1], data[:, 1:]
+
+
+def check_token_ids(rows, tokens, starts, vocab_size):
+    """A token file is never scanned whole (it can hold billions of tokens); each batch is checked as it is built,
+    for the cost of one max over it. A bad id would otherwise fail later and less clearly: an IndexError in the
+    embedding on CPU, a device-side assert on CUDA."""
+    if rows.max() < vocab_size:
+        return
+    bad = np.argwhere(rows >= vocab_size)  # (window, offset) pairs
+    position = int((np.asarray(starts)[bad[:, 0]] + bad[:, 1]).min())  # the first bad token of the batch in the file
+    raise DataError(f"{getattr(tokens, 'filename', 'token data')}: token id {int(tokens[position])} at position "
+                    f"{position:,} is outside the vocabulary (vocab_size {vocab_size} in meta.json): the file is "
+                    f"corrupt or was made with another tokenizer; re-run prepare.py")
 
 
 def fixed_windows(tokens, count, length):

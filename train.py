@@ -276,7 +276,7 @@ class Evaluator:
     """Mean CE over fixed validation windows (spread over ranks), bits per byte and the condensation scores."""
 
     def __init__(self, cfg, val_tokens, meta, rt):
-        self.cfg, self.tokens, self.rt = cfg, val_tokens, rt
+        self.cfg, self.tokens, self.rt, self.vocab_size = cfg, val_tokens, rt, meta["vocab_size"]
         self.starts = fixed_windows(val_tokens, cfg.eval_iters * cfg.batch_size, cfg.block_size)
         self.cond_len = min(512, cfg.block_size)
         self.cond_starts = fixed_windows(val_tokens, cfg.condensation_seqs, self.cond_len) if cfg.condensation_seqs else []
@@ -288,7 +288,8 @@ class Evaluator:
         model.eval()
         total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # sum of window losses, window count
         for b in range(rt.rank, cfg.eval_iters, rt.world):
-            x, y = stack_windows(self.tokens, self.starts[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.block_size)
+            x, y = stack_windows(self.tokens, self.starts[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.block_size,
+                                 self.vocab_size)
             with autocast(rt.device, rt.dtype):
                 _, losses = model(to_device(x, rt.device), to_device(y, rt.device))
             total += torch.stack([losses["ce"].double() * x.size(0), torch.tensor(x.size(0), device=rt.device, dtype=torch.float64)])
@@ -301,7 +302,7 @@ class Evaluator:
         result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.bytes_per_token,
                   **raw_model.weight_norms()}
         if self.cond_starts and rt.master:
-            x, _ = stack_windows(self.tokens, self.cond_starts, self.cond_len)
+            x, _ = stack_windows(self.tokens, self.cond_starts, self.cond_len, self.vocab_size)
             with autocast(rt.device, rt.dtype):
                 result.update(condensation_metrics(raw_model, to_device(x, rt.device)))
         return result
@@ -372,7 +373,7 @@ def main(argv):
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
     # --- what the loop reads and writes
-    windows = TrainWindows(train_tokens, cfg.block_size, cfg.seed)
+    windows = TrainWindows(train_tokens, cfg.block_size, cfg.seed, meta["vocab_size"])
     evaluate = Evaluator(cfg, val_tokens, meta, rt)
     flops_peak = peak_flops(rt.device, cfg.peak_flops)
     if rt.master and not cfg.eval_only:  # eval_only prints its result and writes nothing

@@ -16,7 +16,8 @@ from conftest import REPO, run_script
 from checkpoint import load_checkpoint
 from config import load_train_config
 import train
-from tokens import TrainWindows, fixed_windows
+from errors import DataError
+from tokens import TrainWindows, check_token_ids, fixed_windows
 from train import get_lr
 
 # a few-second version of config/train_tiny.py
@@ -312,6 +313,37 @@ def test_damaged_meta_json_is_one_clear_error(tmp_path, content, message):
     (tmp_path / "meta.json").write_text(content)
     with pytest.raises(DataError, match=message):
         read_meta(tmp_path)
+
+
+@pytest.mark.slow
+def test_token_ids_outside_the_vocabulary_are_one_clear_error(tmp_path, token_dir):
+    """A corrupt train.bin or val.bin (ids >= vocab_size): train.py names the file and the first bad position of
+    the batch that holds it, before any model sees it (val at the first evaluation, train at the first step)."""
+    import shutil
+    for split, positions in (("val", [5, 9]), ("train", range(1000, 1_400_000, 31))):  # hits every train window
+        data = tmp_path / split
+        shutil.copytree(token_dir, data)
+        tokens = np.memmap(data / f"{split}.bin", dtype=np.uint16, mode="r+")
+        tokens[list(positions)] = 60000
+        tokens.flush()
+        result = run_script("train.py", "config/train_tiny.py", *FAST, f"--data_dir={data}",
+                            f"--out_dir={tmp_path / ('out_' + split)}", "--max_iters=2", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and line.startswith(f"train.py: error: {data / split}.bin: token id 60000 at position ")
+        position = int(line.split(" at position ")[1].split()[0].replace(",", ""))
+        assert position in positions and (split == "train" or position == 5)
+        assert "outside the vocabulary (vocab_size 50257 in meta.json)" in line
+        assert ("eval 0: val loss" in result.stdout) == (split == "train")  # val was clean: evaluated first
+
+
+def test_check_token_ids_reports_the_first_bad_position():
+    tokens = np.arange(100) % 50
+    tokens[[70, 20, 25]] = 99
+    rows = np.stack([tokens[s:s + 9] for s in (65, 15, 40)])
+    with pytest.raises(DataError, match="token id 99 at position 20 is outside the vocabulary"):
+        check_token_ids(rows, tokens, [65, 15, 40], vocab_size=50)
+    check_token_ids(rows, tokens, [65, 15, 40], vocab_size=100)  # all below: no error
 
 
 def test_resume_from_a_checkpoint_of_another_program(tmp_path, token_dir):
