@@ -115,6 +115,8 @@ def read_config_file(path):
         exec(compile(source, path, "exec"), namespace)
     except Exception as e:  # a user's file: report, don't crash
         raise ConfigError(f"{path} failed to run: {type(e).__name__}: {e}")
+    except SystemExit as e:  # sys.exit() in a config file would end the run silently, maybe with status 0
+        raise ConfigError(f"{path} called sys.exit({e.code!r}) while being read")
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not inspect.ismodule(v) and not callable(v)}
 

@@ -616,8 +616,8 @@ class GPT(nn.Module):
         x, _ = self.hidden_states(context, cache)
         for step in range(max_new_tokens):
             logits = self.logits(x[:, -1, :]).float()  # (B, V)
-            if vocab_limit is not None:
-                logits[:, vocab_limit:] = float("-inf")  # padded vocab slots are not real tokens
+            # padded vocab slots are not real tokens: cut them off (a -inf mask would not hold against NaN logits)
+            logits = logits[:, :vocab_limit]  # (B, vocab_limit); all of them when vocab_limit is None
             token = sample_token(logits, temperature, top_k, top_p, generators)
             if stop_token is not None:
                 token = token.masked_fill(finished, stop_token)

@@ -13,6 +13,7 @@ samples are generated together as one batch: the first is streamed, the others f
 Sample i draws from its own generator seeded seed + i, so `--num_samples=3 --seed=5` gives as third sample
 exactly what `--seed=7` gives alone. `python sample.py --help` lists every option.
 """
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -48,8 +49,8 @@ def validate(cfg):
         raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16, not {cfg.dtype!r}")
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.top_k < 0:
         raise ConfigError("num_samples must be at least 1, max_new_tokens and top_k must not be negative")
-    if cfg.temperature < 0:
-        raise ConfigError(f"temperature must not be negative (0 = greedy), not {cfg.temperature}")
+    if not 0 <= cfg.temperature < math.inf:  # (NaN fails every comparison)
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), not {cfg.temperature}")
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"top_p must be in (0, 1], not {cfg.top_p}")
     if not 0 <= cfg.seed < 2 ** 63 - cfg.num_samples:  # torch generators take 64-bit seeds

@@ -130,6 +130,18 @@ def test_train_py_reports_one_line(tmp_path):
     assert "no token data" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
+def test_config_file_calling_sys_exit_is_reported(tmp_path):
+    """exec of a config file that calls sys.exit(0) must not end train.py silently with status 0."""
+    path = tmp_path / "exits.py"
+    path.write_text("import sys\nn_layer = 2\nsys.exit(0)\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path} called sys.exit(0) while being read")):
+        load_train_config([str(path)])
+    result = run_script("train.py", str(path), check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == f"train.py: config error: {path} called sys.exit(0) while being read"
+
+
 def test_help_lists_keys():
     result = run_script("train.py", "--help")
     assert "--dispersion_coeff=0.0" in result.stdout and "--learning_rate=0.0006" in result.stdout

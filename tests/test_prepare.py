@@ -271,6 +271,7 @@ def test_ctrl_c_entry_point(sample_parquet, tmp_path):
     assert out_files(out) == []
 
 
+@pytest.mark.slow
 def test_sigkill_temporaries_removed_by_next_run(sample_parquet, tmp_path):
     """kill -9 of the main process while tokenizing: the workers exit without a traceback, and the next run
     removes the dead run's temp files (not those of a live process) and leaves only its own output."""

@@ -105,6 +105,26 @@ def test_padded_vocab_slots_are_never_sampled():
     assert kv_generate(model, idx, 20, temperature=0, vocab_limit=50).max() < 50
 
 
+@pytest.mark.parametrize("fill", ["nan", "inf_padded", "inf_everywhere"])
+def test_padded_vocab_slots_are_never_sampled_whatever_the_logits(fill):
+    """vocab_limit must hold even for a broken model: NaN logits, or +inf on the padded slots (a -inf mask
+    loses against both: NaN probabilities send the draw to the last slot)."""
+    model = tiny_model(vocab_size=64)
+    logits = torch.zeros(64)
+    if fill == "nan":
+        logits[:] = float("nan")
+    else:
+        logits[50:] = float("inf")
+        if fill == "inf_everywhere":
+            logits[:] = float("inf")
+    model.lm_head.forward = lambda x: logits.expand(*x.shape[:-1], 64)
+    idx = torch.randint(0, 50, (4, 3), generator=torch.Generator().manual_seed(6))
+    for options in (dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.0, top_p=0.9),
+                    dict(temperature=0)):
+        tokens = kv_generate(model, idx, 5, vocab_limit=50, generators=gens(0, 1, 2, 3), **options)
+        assert tokens.min() >= 0 and tokens.max() < 50, (fill, options)
+
+
 def test_kv_cache_under_bfloat16_autocast(monkeypatch):
     import model as model_module
     made, original = [], model_module.KVCache
@@ -305,7 +325,10 @@ def test_sample_script_errors_are_one_line(tmp_path):
         ([f"--start=FILE:{tmp_path / 'nothing.txt'}"], "cannot read prompt file"),
         ([f"--out_dir={tmp_path / 'char_level'}", f"--start=FILE:{tmp_path / 'latin1.txt'}"], "not UTF-8 text"),
         ([f"--out_dir={tmp_path / 'char_level'}", "--seed=-1"], "seed must be in [0, 2**63 - num_samples)"),
+        ([f"--out_dir={tmp_path / 'char_level'}", "--temperature=1e999"], "temperature must be a finite number >= 0"),
+        ([f"--out_dir={tmp_path / 'char_level'}", str(tmp_path / "nan.py")], "finite number >= 0 (0 = greedy), not nan"),
     ]
+    (tmp_path / "nan.py").write_text("temperature = float('nan')\n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     for args, message in cases:  # in-process: every message
         with pytest.raises((DataError, ConfigError), match=re.escape(message)):
@@ -313,8 +336,8 @@ def test_sample_script_errors_are_one_line(tmp_path):
     # through the real entry point: one line, no traceback, a non-zero exit (started together: most of each run
     # is importing torch)
     procs = [subprocess.Popen([sys.executable, str(REPO / "sample.py"), *cases[i][0]], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in (0, 2, 5)]
-    for proc, i in zip(procs, (0, 2, 5)):
+                              stderr=subprocess.PIPE, text=True) for i in (0, 2, 5, 10)]
+    for proc, i in zip(procs, (0, 2, 5, 10)):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode != 0 and err.startswith("sample.py: ") and cases[i][1] in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
