@@ -86,14 +86,40 @@ def seed_tiktoken_cache(files_dir):
     os.environ["TIKTOKEN_CACHE_DIR"] = cache
 
 
+GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # = r50k_base.tiktoken
+
+
 def get_tokenizer():
-    """GPT-2 BPE via tiktoken (downloads its files once into tiktoken's cache, or uses TIKTOKEN_CACHE_DIR)."""
+    """GPT-2 BPE via tiktoken: from the file named by the environment variable GPT2_TIKTOKEN_FILE when set (offline
+    machines), else tiktoken's own (downloaded once into its cache, or found in TIKTOKEN_CACHE_DIR)."""
     import tiktoken
+    if os.environ.get("GPT2_TIKTOKEN_FILE"):
+        return tokenizer_from_file(os.environ["GPT2_TIKTOKEN_FILE"])
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # no network and no cached files: one line, not a requests traceback
         raise DataError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads it once; offline, "
-                        f"point TIKTOKEN_CACHE_DIR at a directory holding its files") from e
+                        f"set GPT2_TIKTOKEN_FILE to a copy of gpt2.tiktoken (also published as r50k_base.tiktoken; "
+                        f"sha256 {GPT2_TIKTOKEN_SHA256[:12]}...)") from e
+
+
+def tokenizer_from_file(path):
+    """tiktoken's GPT-2 encoding built from a local gpt2.tiktoken (lines of base64 token and rank), checked by its
+    sha256. The same ranks, pattern and end-of-text token as tiktoken.get_encoding("gpt2"), without its cache."""
+    import base64
+    import hashlib
+    import tiktoken
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"GPT2_TIKTOKEN_FILE={path}: {e.strerror}")
+    if hashlib.sha256(data).hexdigest() != GPT2_TIKTOKEN_SHA256:
+        raise DataError(f"GPT2_TIKTOKEN_FILE={path} is not gpt2.tiktoken (its sha256 is not {GPT2_TIKTOKEN_SHA256[:12]}...)")
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256},
+                             explicit_n_vocab=50257)
 
 
 # -----------------------------------------------------------------------------

@@ -482,6 +482,43 @@ def test_hf_default_input(tmp_path, monkeypatch, http_server):
     assert read_meta(tmp_path / "b")["splits"]["train"]["documents"] + read_meta(tmp_path / "b")["splits"]["val"]["documents"] == 50
 
 
+@pytest.mark.slow
+def test_tokenizer_from_a_local_file(sample_parquet, tmp_path, monkeypatch):
+    """Offline set-up: GPT2_TIKTOKEN_FILE names a copy of gpt2.tiktoken. With an empty tiktoken cache and no
+    network, prepare.py writes the same tokens as with tiktoken's own GPT-2 encoding; without the variable, the
+    error names it."""
+    import tiktoken
+    from errors import DataError
+    from tokens import tokenizer_from_file
+    from conftest import SHARED_DATA
+    texts = pq.ParquetFile(sample_parquet).read_row_group(0, columns=["text"]).column(0).to_pylist()[:200]
+    local = tokenizer_from_file(str(SHARED_DATA / "gpt2.tiktoken"))
+    reference = tiktoken.get_encoding("gpt2")
+    for text in texts + ["<|endoftext|> héllo 🙂\n\n  x"]:
+        assert local.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+    assert (local.n_vocab, local.eot_token) == (reference.n_vocab, reference.eot_token) == (50257, EOT)
+    with pytest.raises(DataError, match="is not gpt2.tiktoken"):
+        tokenizer_from_file(str(SHARED_DATA / "vocab.bpe"))
+
+    src = write_parquet(tmp_path / "s.parquet", texts)
+    assert run_main(src, f"--out_dir={tmp_path / 'reference'}", "--num_proc=1") is None
+    offline = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"), https_proxy="http://127.0.0.1:9",
+                   HTTPS_PROXY="http://127.0.0.1:9")  # any download fails at once
+
+    def prepare_offline(out, **env):
+        return subprocess.run([sys.executable, str(PREPARE), str(src), f"--out_dir={tmp_path / out}", "--num_proc=1"],
+                              capture_output=True, text=True, env={**offline, **env}, timeout=120)
+    r = prepare_offline("local", GPT2_TIKTOKEN_FILE=str(SHARED_DATA / "gpt2.tiktoken"))
+    assert r.returncode == 0, r.stderr
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+    assert not any((tmp_path / "empty_cache").glob("*"))  # tiktoken's cache was not used
+    r = prepare_offline("x")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().startswith("prepare.py: error: cannot load the GPT-2 tokenizer")
+    assert "set GPT2_TIKTOKEN_FILE to a copy of gpt2.tiktoken" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_prepare_does_not_import_torch():
     """prepare.py shares common.py with the training scripts but must not pay for torch's import (~1.5 s)."""
     r = subprocess.run([sys.executable, "-X", "importtime", str(PREPARE), "--help"], capture_output=True, text=True)
