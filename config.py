@@ -62,6 +62,7 @@ class TrainConfig(GPTConfig):
     compile: bool = True  # torch.compile the model (minutes of compile time, then much faster on GPUs)
     backend: str = "auto"  # DDP backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up the GPU's dense bf16 peak
+    deterministic: bool = False  # CPU only: one thread, deterministic kernels: repeat runs bit-identical under any load
 
 
 CHOICES = {

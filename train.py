@@ -202,6 +202,11 @@ def setup_runtime(cfg):
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
                           f"the number of processes ({world})")
+    if cfg.deterministic:  # docs/reproducibility.md: CPU results depend on how many threads each kernel gets
+        if not device.startswith("cpu"):
+            raise ConfigError(f"deterministic=True is implemented for CPU runs only, not {device}")
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

@@ -302,7 +302,7 @@ def test_resume_is_exact(token_dir, tmp_path):
               "--device=cpu", "--dtype=float32", "--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32",
               "--batch_size=4", "--gradient_accumulation_steps=2", "--learning_rate=2e-2", "--warmup_iters=1",
               "--lr_decay_iters=4", "--eval_interval=2", "--eval_iters=1", "--condensation_seqs=0",
-              "--log_interval=1"]
+              "--log_interval=1", "--deterministic"]  # bit-exact whatever the load: docs/reproducibility.md
     with ThreadPoolExecutor(2) as pool:  # the uninterrupted run and the first half are independent
         list(pool.map(lambda args: run_script("train.py", *common, *args),
                       [(f"--out_dir={tmp_path / 'whole'}", "--max_iters=4"), (f"--out_dir={tmp_path / 'split'}", "--max_iters=2")]))
