@@ -1,6 +1,7 @@
 """
 The configuration of train.py: every key, its one default and its meaning, in TrainConfig below (the model's
-keys are inherited from GPTConfig in model.py). Config files are plain Python assignments, as in nanoGPT:
+keys are inherited from GPTConfig in model.py). Config files are Python files of assignments, as in nanoGPT;
+they are run as code (exec), so run only config files you trust:
 
     python train.py config/train_fineweb_40m.py --batch_size=8 --compile=False
 
