@@ -306,6 +306,7 @@ def test_abbreviated_flag_refused(tmp_path):
     assert out_files(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_unusable_out_dir_one_line(tmp_path):
     """--out_dir that is a file, or under a file (unwritable even for root), or read-only: one line, nothing made."""
     src = write_parquet(tmp_path / "s.parquet", ["one doc", "another doc"])
