@@ -19,7 +19,7 @@ def bash_commands(path):
     """Every command in the ```bash blocks of a markdown file: lines split at && and comments dropped."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continuation lines joined
             line = line.split("  #")[0].strip()
             if line and not line.startswith("#"):
                 commands += [c.strip() for c in line.split("&&")]
@@ -28,6 +28,8 @@ def bash_commands(path):
 
 def python_invocations(command):
     """(script, args) of a `python script ...` or `torchrun ... script ...` command, else None."""
+    if command.split()[0] not in ("python", "torchrun"):  # curl, pip, ...: not ours to parse
+        return None
     words = shlex.split(command)
     if words[0] == "torchrun":
         i = next(i for i, w in enumerate(words) if w.endswith(".py"))
