@@ -1,0 +1,88 @@
+"""
+Reading a run's metrics.jsonl: the one reader that train.py (trimming the file on resume), plot.py and
+comparison tools share. train.py writes one JSON object per line:
+
+    {"type": "train", "iter": 199, "loss": 4.81, "lr": 0.0002, "grad_norm": 0.64, "ms": 609.7, "tok_s": 1680,
+     "tokens": 204800, ...}         # optional: mfu, dispersion, mult/..., time_s (wall seconds since the start)
+    {"type": "eval", "iter": 200, "val_loss": 5.11, "val_bpb": 2.74, ...}   # optional: cond/..., time_s
+    {"type": "health", "iter": 57, "what": "loss", ...}                     # a loss or gradient-norm spike
+
+A train record's `tokens` counts every token trained on after the step `iter` (so iterations start at 0 and
+tokens at (iter + 1) x tokens per step). A line cut by a kill mid-write (or still being written while a run is
+going) can only be the last one; it is skipped. This module imports nothing heavy (no torch, no matplotlib).
+"""
+import json
+import os
+
+from errors import DataError
+
+
+def metrics_path(run):
+    """A run's metrics.jsonl: `run` is its out_dir or the file itself."""
+    return os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+
+
+def read_records(run):
+    """Every complete record of a run's metrics.jsonl, in file order. A last line cut mid-write is skipped;
+    an unreadable line anywhere else is a DataError (the file is damaged, not just still being written)."""
+    path = metrics_path(run)
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise DataError(f"no metrics.jsonl in {run}" if path != run else f"no such file: {run}")
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):  # the writer was killed (or is still writing) mid-line
+                break
+            raise DataError(f"{path} line {number} is not a JSON record: {line[:60]!r}")
+        if not isinstance(record, dict) or "type" not in record or "iter" not in record:
+            raise DataError(f"{path} line {number} is not a metrics record (no type / iter)")
+        records.append(record)
+    return records
+
+
+def of_type(records, kind):
+    return [r for r in records if r["type"] == kind]
+
+
+def wall_time(records):
+    """Seconds the run has taken: the last `time_s` when train.py recorded it; otherwise an estimate from the
+    train records' step times (ms x steps between records; evaluations not counted). Returns (seconds, exact)."""
+    timed = [r["time_s"] for r in records if "time_s" in r]
+    if timed:
+        return max(timed), True
+    total, previous = 0.0, -1
+    for r in sorted(of_type(records, "train"), key=lambda r: r["iter"]):
+        total += r["ms"] / 1000 * (r["iter"] - previous)  # ms is the mean step time since the previous record
+        previous = r["iter"]
+    return total, False
+
+
+def summarize(records, at=()):
+    """One run in numbers: tokens seen, best and last val loss / bpb (with their iterations), the val loss at
+    the iterations `at`, wall time. Missing values are None."""
+    train, evals = of_type(records, "train"), of_type(records, "eval")
+    best = min(evals, key=lambda r: r["val_loss"], default=None)
+    last = max(evals, key=lambda r: r["iter"], default=None)
+    val_at = {r["iter"]: r["val_loss"] for r in evals}
+    seconds, exact = wall_time(records)
+    return {
+        "iters": max((r["iter"] + 1 for r in train), default=0),
+        "tokens": max((r["tokens"] for r in train), default=0),
+        "best_val_loss": best["val_loss"] if best else None, "best_iter": best["iter"] if best else None,
+        "best_val_bpb": min((r["val_bpb"] for r in evals), default=None),
+        "last_val_loss": last["val_loss"] if last else None, "last_val_bpb": last["val_bpb"] if last else None,
+        "last_iter": last["iter"] if last else None,
+        "val_loss_at": {it: val_at.get(it) for it in at},
+        "wall_s": seconds, "wall_exact": exact,
+    }
+
+
+def shared_eval_iters(runs_records):
+    """The evaluation iterations present in every run, sorted."""
+    sets = [{r["iter"] for r in of_type(records, "eval")} for records in runs_records]
+    return sorted(set.intersection(*sets)) if sets else []

@@ -1,0 +1,131 @@
+"""plot.py and metrics.py: the reader of metrics.jsonl, and the picture and table from real tiny runs (one run,
+three overlaid, one still being written)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import run_script
+
+from errors import DataError
+from metrics import read_records, summarize
+from plot import smooth, spread
+
+# three few-second runs of config/train_tiny.py: a baseline and the two research features (their panels)
+TINY = ["config/train_tiny.py", "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
+        "--gradient_accumulation_steps=2", "--eval_iters=2", "--condensation_seqs=2", "--log_interval=2",
+        "--max_iters=8", "--eval_interval=4", "--warmup_iters=2", "--lr_decay_iters=8", "--compile=False"]
+VARIANTS = {"base": [], "disp": ["--dispersion_coeff=0.1"], "mult": ["--multipliers=vector"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, token_dir):
+    """out_dirs of the three runs, trained once per session; treat as read-only."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, extra in VARIANTS.items():
+        run_script("train.py", *TINY, *extra, f"--data_dir={token_dir}", f"--out_dir={root / name}")
+    return {name: root / name for name in VARIANTS}
+
+
+def jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def markdown_rows(stdout):
+    """The markdown table's cells, header first (the separator row dropped)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for i, line in enumerate(lines) if i != 1]
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a real picture with panels, not an empty figure
+
+
+# --- units
+
+def test_reader_skips_only_a_cut_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    good = [{"type": "train", "iter": 0, "loss": 10.0}, {"type": "eval", "iter": 1, "val_loss": 9.0}]
+    text = "".join(json.dumps(r) + "\n" for r in good)
+    path.write_text(text + '{"type": "train", "it')  # what a writer killed (or still writing) leaves
+    assert read_records(tmp_path) == good == read_records(str(path))
+    path.write_text('{"type": "train", "it\n' + text)  # damage in the middle is not a run being written
+    with pytest.raises(DataError, match="line 1 is not a JSON record"):
+        read_records(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no metrics.jsonl in"):
+        read_records(tmp_path / "empty")
+
+
+def test_summary_and_estimated_wall_time():
+    records = [{"type": "train", "iter": 1, "ms": 100.0, "tokens": 200}, {"type": "eval", "iter": 2, "val_loss": 5.0,
+               "val_bpb": 2.0}, {"type": "train", "iter": 3, "ms": 300.0, "tokens": 400},
+               {"type": "eval", "iter": 4, "val_loss": 6.0, "val_bpb": 2.5}]
+    s = summarize(records, at=(2, 3))
+    assert (s["best_val_loss"], s["best_iter"], s["last_val_loss"], s["last_iter"]) == (5.0, 2, 6.0, 4)
+    assert (s["best_val_bpb"], s["last_val_bpb"], s["tokens"], s["iters"]) == (2.0, 2.5, 400, 4)
+    assert s["val_loss_at"] == {2: 5.0, 3: None}
+    assert (s["wall_s"], s["wall_exact"]) == (pytest.approx(0.1 * 2 + 0.3 * 2), False)  # ms x steps, evals not counted
+    s = summarize(records + [{"type": "eval", "iter": 4, "time_s": 12.5, "val_loss": 6.0, "val_bpb": 2.5}])
+    assert (s["wall_s"], s["wall_exact"]) == (12.5, True)
+
+
+def test_smoothing_and_column_choice():
+    assert smooth(np.array([3.0, 3.0, 3.0]), 0.9).tolist() == pytest.approx([3.0, 3.0, 3.0])  # bias-corrected
+    assert smooth(np.array([0.0, 10.0]), 0.5)[1] == pytest.approx(10 * 0.5 / 0.75)
+    assert spread([1, 2, 3], 4) == [1, 2, 3]
+    assert spread(list(range(10, 110, 10)), 4) == [10, 40, 70, 100]
+
+
+# --- through the real entry point, on real runs
+
+@pytest.mark.slow
+def test_one_run_picture_and_table_match_the_jsonl(tiny_runs):
+    run = tiny_runs["base"]
+    result = run_script("plot.py", run, "--markdown", "--smooth=0.5")
+    assert_png(run / "plot.png")
+    header, row = markdown_rows(result.stdout)
+    cells = dict(zip(header, row))
+    records = jsonl(run / "metrics.jsonl")
+    evals = [r for r in records if r["type"] == "eval"]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert cells["run"] == str(run) and cells["steps"] == "8"
+    assert cells["tokens"] == f"{records[-2]['tokens']:,}" == f"{8 * 4 * 32 * 2:,}"
+    assert cells["best val loss (iter)"] == f"{best['val_loss']:.4f} ({best['iter']})"
+    assert cells["last val loss (iter)"] == f"{evals[-1]['val_loss']:.4f} (8)"
+    assert cells["last bpb"] == f"{evals[-1]['val_bpb']:.4f}"
+    assert cells["val loss @4"] == f"{evals[1]['val_loss']:.4f}"
+    assert cells["wall time"].startswith("~") and cells["wall time"].endswith("s")
+
+
+@pytest.mark.slow
+def test_three_runs_overlay_and_a_run_still_being_written(tiny_runs, tmp_path):
+    growing = tmp_path / "growing"
+    shutil.copytree(tiny_runs["mult"], growing)
+    lines = (growing / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (growing / "metrics.jsonl").write_text("".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 2])  # eval 8, half
+    out = tmp_path / "three.png"
+    runs = [tiny_runs["base"], tiny_runs["disp"], growing]
+    result = run_script("plot.py", *runs, f"--out={out}", "--logx")
+    assert_png(out)
+    rows = [line.split() for line in result.stdout.splitlines()[1:4]]
+    assert [r[0] for r in rows] == list(map(str, runs))
+    # the growing run's last complete evaluation is iter 4: the shared columns stop there
+    assert "val loss @4" in result.stdout and "@8" not in result.stdout
+    for r, run in zip(rows, runs):
+        complete = jsonl(run / "metrics.jsonl") if run != growing else [json.loads(l) for l in lines[:-1]]
+        assert r[-2] == f"{[e for e in complete if e['type'] == 'eval' and e['iter'] == 4][0]['val_loss']:.4f}"
+    table = run_script("plot.py", *runs, "--table").stdout  # the table alone: no picture written
+    assert table.splitlines()[1:4] == result.stdout.splitlines()[1:4] and "wrote" not in table
+
+
+def test_user_mistakes_are_one_line(tmp_path):
+    result = run_script("plot.py", tmp_path / "missing", check=False)
+    assert result.returncode == 1 and "no such file" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "metrics.jsonl").write_text("")
+    result = run_script("plot.py", tmp_path, check=False)
+    assert result.returncode == 1 and "nothing to plot yet" in result.stderr
+    result = run_script("plot.py", tmp_path, "--smooth=1.5", check=False)
+    assert result.returncode == 2 and "--smooth must be in [0, 1)" in result.stderr
