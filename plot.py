@@ -21,6 +21,7 @@ import numpy as np
 
 from errors import DataError, run_main
 from metrics import metrics_path, of_type, read_records, shared_eval_iters, summarize
+from monitor import duration
 
 TRAIN, EVAL = ("train",), ("eval", "eval_downstream")
 LAYER_STATS = ("qk_ratio", "attn_out_rms", "mlp_out_rms")  # model.multiplier_stats: mult/h{layer}.{stat}
@@ -193,13 +194,6 @@ def draw(runs, path, alpha=0.0, logx=False):
 
 # -----------------------------------------------------------------------------
 # The table
-
-def duration(seconds):
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, s = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s"
-
 
 def spread(values, count):
     """At most `count` of values, evenly spaced, the last always included."""

@@ -1,0 +1,122 @@
+"""
+Watching a training run (train.py uses these): elapsed time and ETA, loss and gradient-norm spikes, the GPU's
+memory at start-up, and a torch.compile that cannot build its kernels. torch is imported inside the functions
+that need it: plot.py imports the formatting helpers only.
+"""
+import statistics
+import time
+from collections import deque
+
+ETA_WARMUP_STEPS = 5  # steps after each start not used for the ETA: compilation, allocator and cache warm-up
+SPIKE_WINDOW = 100  # a spike is judged against the median of this many previous steps
+SPIKE_MIN_HISTORY = 10  # ... and only once this many steps are known (after a start or a resume)
+GPU_BUSY_FRACTION = 0.15  # warn when more than this fraction of the GPU's memory is in use before we allocate
+
+
+def duration(seconds):
+    """12.3s, 4m05s, 2h07m: short and fixed in style, for log lines and tables."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s"
+
+
+def count(n):
+    """3.07K, 204.80M, 10.00B: token counts at a glance."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+# -----------------------------------------------------------------------------
+# Time: elapsed and ETA
+
+class Clock:
+    """The run's wall time (carried over a resume through `elapsed`) and an ETA to max_iters from the measured
+    time per step since the first ETA_WARMUP_STEPS steps of this start (evaluations and checkpoints included,
+    so the ETA covers them too)."""
+
+    def __init__(self, iter_num, max_iters, elapsed=0.0):
+        self.start = time.time() - elapsed
+        self.first_iter, self.max_iters, self.mark = iter_num, max_iters, None
+
+    def elapsed(self):
+        return time.time() - self.start
+
+    def eta(self, iter_num):
+        """Seconds left after iter_num steps, or None while warming up. Call once per step."""
+        if self.mark is None:
+            if iter_num - self.first_iter >= ETA_WARMUP_STEPS:
+                self.mark = (time.time(), iter_num)
+            return None
+        mark_time, mark_iter = self.mark
+        if iter_num <= mark_iter:
+            return None
+        return (time.time() - mark_time) / (iter_num - mark_iter) * max(0, self.max_iters - iter_num)
+
+
+# -----------------------------------------------------------------------------
+# Health: spikes
+
+class SpikeWatch:
+    """A value above factor x the median of the previous SPIKE_WINDOW values is a spike. check() returns that
+    median when a spike starts, once; the spike lasts until the value is back under the threshold."""
+
+    def __init__(self, factor):
+        self.factor, self.history, self.in_spike = factor, deque(maxlen=SPIKE_WINDOW), False
+
+    def check(self, value):
+        median = statistics.median(self.history) if len(self.history) >= SPIKE_MIN_HISTORY else None
+        spike = self.factor > 0 and median is not None and value > self.factor * median
+        started = spike and not self.in_spike
+        self.in_spike = spike
+        self.history.append(value)
+        return median if started else None
+
+
+# -----------------------------------------------------------------------------
+# Start-up checks: the GPU's memory, torch.compile
+
+def gpu_report(device):
+    """Lines about a CUDA device: its name and memory, and a warning when other processes already hold a good
+    part of it (an out-of-memory later would otherwise be a mystery)."""
+    import torch
+    free, total = torch.cuda.mem_get_info(device)  # whole-device numbers, other processes included
+    gib = 2 ** 30
+    lines = [f"GPU {torch.cuda.get_device_name(device)}: {total / gib:.1f} GiB, {free / gib:.1f} GiB free"]
+    if total - free > GPU_BUSY_FRACTION * total:
+        lines.append(f"warning: {(total - free) / gib:.1f} GiB of the GPU's {total / gib:.1f} GiB are in use by "
+                     f"other processes (see nvidia-smi): this run may run out of memory")
+    return lines
+
+
+def compile_failure(error):
+    """One line for an exception raised while torch.compile built its kernels: the innermost cause and a fix."""
+    cause = error
+    while getattr(cause, "inner_exception", None) or cause.__cause__:
+        cause = getattr(cause, "inner_exception", None) or cause.__cause__
+    text = (str(cause).strip().splitlines() or [""])[0][:200]
+    if "Python.h" in text:
+        fix = "install the Python headers (Debian/Ubuntu: sudo apt install python3-dev)"
+    elif any(word in text for word in ("compiler", "gcc", "g++", "CC", "cc1")):
+        fix = "install a C/C++ compiler (Debian/Ubuntu: sudo apt install build-essential)"
+    else:
+        fix = "run with TORCHDYNAMO_VERBOSE=1 for the details"
+    return f"torch.compile cannot build its kernels ({type(cause).__name__}: {text}); fix: {fix}, or set compile=False"
+
+
+def probe_compiled(model, batch_size, block_size, device, ctx):
+    """Run one forward pass of the compiled model on a training-shaped batch, so that a compiler that cannot
+    build kernels fails here and not in the middle of the loop. The RNG state is restored (dispersion subsets,
+    dropout): the run stays exactly the same as without the probe. Returns None or the exception."""
+    import torch
+    x = torch.zeros((batch_size, block_size), dtype=torch.long, device=device)
+    try:
+        with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []), ctx:
+            model(x, x)  # the training step's graph: train mode, grad enabled, the same shapes (reused by step 1)
+    except torch.OutOfMemoryError:
+        raise  # a real problem of the run, not of the compiler
+    except Exception as e:  # the compiler's errors come in many types (InvalidCxxCompiler, CalledProcessError, ...)
+        return e
+    return None
