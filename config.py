@@ -31,6 +31,8 @@ class TrainConfig(GPTConfig):
     eval_iters: int = 50  # validation micro-batches per evaluation, always the same held-out windows
     eval_only: bool = False  # evaluate the init_from model once, print, exit (writes nothing)
     log_interval: int = 10  # iterations between console / metrics lines
+    loss_spike_factor: float = 1.5  # warn (console, metrics.jsonl) when a step's loss is above this x its recent median; 0 = off
+    grad_spike_factor: float = 5.0  # the same for the gradient norm (its median over the last 100 steps); 0 = off
     always_save_checkpoint: bool = True  # write last.pt at every evaluation (best.pt only when val loss improves)
     condensation_seqs: int = 32  # held-out sequences for the condensation diagnostic at each eval; 0 = off
     wandb_log: bool = False  # also log to Weights & Biases (pip install wandb; honours WANDB_MODE=offline)
@@ -61,6 +63,7 @@ class TrainConfig(GPTConfig):
     device: str = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
     dtype: str = "auto"  # 'auto' (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU) | explicit
     compile: bool = True  # torch.compile the model (minutes of compile time, then much faster on GPUs)
+    compile_fallback: bool = True  # compile fails (no C compiler / Python headers): True = warn, train uncompiled; False = stop
     backend: str = "auto"  # DDP backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up the GPU's dense bf16 peak
     deterministic: bool = False  # CPU only: one thread, deterministic kernels: repeat runs bit-identical under any load
@@ -74,7 +77,7 @@ CHOICES = {
 POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
             "learning_rate", "adam_eps", "multiplier_lr_scale")
 NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "seed", "min_lr", "weight_decay",
-                "multiplier_weight_decay", "grad_clip", "peak_flops")
+                "multiplier_weight_decay", "grad_clip", "peak_flops", "loss_spike_factor", "grad_spike_factor")
 FRACTIONS = {"dropout": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0)}  # each in [low, high)
 
 
@@ -167,6 +170,9 @@ def validate(config):
             raise ConfigError(f"{key} must be in [{low:g}, {high:g}), not {getattr(config, key)}")
     if not 0.0 <= config.wsd_decay_frac <= 1.0:
         raise ConfigError(f"wsd_decay_frac must be in [0, 1], not {config.wsd_decay_frac}")
+    for key in ("loss_spike_factor", "grad_spike_factor"):
+        if 0 < getattr(config, key) <= 1:
+            raise ConfigError(f"{key} must be above 1 (a multiple of the recent median) or 0 (off), not {getattr(config, key)}")
     if config.seed >= 2 ** 63:
         raise ConfigError(f"seed must be below 2**63, not {config.seed}")
     if config.dataset:

@@ -82,6 +82,8 @@ def test_files_apply_in_order_then_overrides():
     (["--grad_clip=-1"], "grad_clip must not be negative"),
     (["--seed=-1"], "seed must not be negative"),
     (["--wsd_decay_frac=2"], "wsd_decay_frac must be in [0, 1]"),
+    (["--loss_spike_factor=0.9"], "loss_spike_factor must be above 1 (a multiple of the recent median) or 0 (off)"),
+    (["--grad_spike_factor=-2"], "grad_spike_factor must not be negative"),
     (["--loss_chunk_size=-5"], "loss_chunk_size must be >= 0"),
 ])
 def test_mistakes_name_the_key(args, message):
