@@ -3,6 +3,7 @@ Watching a training run (train.py uses these): elapsed time and ETA, loss and gr
 memory at start-up, and a torch.compile that cannot build its kernels. torch is imported inside the functions
 that need it: plot.py imports the formatting helpers only.
 """
+import math
 import statistics
 import time
 from collections import deque
@@ -73,6 +74,30 @@ class SpikeWatch:
         self.in_spike = spike
         self.history.append(value)
         return median if started else None
+
+
+class Health:
+    """Spike watches on the train loss and the gradient norm. check() returns one metrics record per spike that
+    starts (type 'health'); message() is its console warning."""
+
+    def __init__(self, loss_factor, grad_factor):
+        self.watches = {"loss": SpikeWatch(loss_factor), "grad_norm": SpikeWatch(grad_factor)}
+
+    def check(self, it, **values):
+        records = []
+        for what, value in values.items():
+            watch = self.watches[what]
+            # an infinite gradient norm is float16's grad scaler skipping a step by design, not a spike
+            median = watch.check(value) if math.isfinite(value) else None
+            if median is not None:
+                records.append({"type": "health", "iter": it, "what": what, "value": value, "median": median,
+                                "factor": watch.factor})
+        return records
+
+    @staticmethod
+    def message(r):
+        return (f"warning: {r['what']} spike at iter {r['iter']}: {r['value']:.4g} > {r['factor']:g} x the median "
+                f"{r['median']:.4g} of the last steps")
 
 
 # -----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ AdamW, gradient accumulation, exact resume, and the same script under torchrun f
     python train.py config/train_tiny.py --init_from=resume     # continue exactly where last.pt stopped
     torchrun --standalone --nproc_per_node=4 train.py config/train_fineweb.py
 
-Writes to out_dir: last.pt and best.pt (best val loss), metrics.jsonl, config.json.
+Writes to out_dir: last.pt and best.pt (best val loss), metrics.jsonl, config.json, and with lr_schedule='wsd'
+stable.pt when the decay starts (extend a finished run from it: docs/monitoring.md).
 Ctrl-C or SIGTERM: the current step finishes, last.pt is saved, and the run exits cleanly.
 
 Read top to bottom: the schedule, the model, one optimizer step, the metrics log, then main's chapters
@@ -30,7 +31,9 @@ from condensation import condensation_metrics
 from config import load_train_config, model_args
 from device import autocast, peak_flops, select_device, select_dtype, to_device
 from errors import ConfigError, DataError, run_main
+from metrics import read_records
 from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
+from monitor import Clock, Health, compile_failure, count, duration, gpu_report, probe_compiled
 from tokens import TrainWindows, fixed_windows, open_split, stack_windows
 
 # -----------------------------------------------------------------------------
@@ -46,13 +49,37 @@ def get_lr(it, cfg):
     if it >= cfg.lr_decay_iters:
         return cfg.min_lr
     if cfg.lr_schedule == "wsd":
-        decay_start = max(cfg.warmup_iters, cfg.lr_decay_iters - int(cfg.wsd_decay_frac * cfg.lr_decay_iters))
+        decay_start = wsd_decay_start(cfg)
         if it < decay_start:
             return cfg.learning_rate
         frac = (it - decay_start) / max(1, cfg.lr_decay_iters - decay_start)
         return cfg.learning_rate + frac * (cfg.min_lr - cfg.learning_rate)
     frac = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def wsd_decay_start(cfg):
+    """The first step of the WSD decay (stable.pt holds the state just before it)."""
+    return max(cfg.warmup_iters, cfg.lr_decay_iters - int(cfg.wsd_decay_frac * cfg.lr_decay_iters))
+
+
+SCHEDULE_KEYS = ("max_iters", "learning_rate", "decay_lr", "lr_schedule", "warmup_iters", "lr_decay_iters", "min_lr",
+                 "wsd_decay_frac")
+
+
+def schedule_change(old_config, cfg, it):
+    """On resume at step `it`: a line naming the schedule keys that differ from the checkpoint's config and the lr
+    at `it` under the old and the new schedule; None when nothing changed."""
+    changed = {k: old_config[k] for k in SCHEDULE_KEYS if k in old_config and old_config[k] != getattr(cfg, k)}
+    if not changed:
+        return None
+    old_lr, new_lr = get_lr(it, replace(cfg, **changed)), get_lr(it, cfg)
+    line = (f"schedule changed on resume: {', '.join(f'{k} {v!r} -> {getattr(cfg, k)!r}' for k, v in changed.items())}; "
+            f"lr at iter {it}: {old_lr:.2e} (old) -> {new_lr:.2e} (new)")
+    if new_lr > 1.01 * old_lr:  # the checkpoint was decaying: the loss will jump with the lr
+        line += ("; the lr jumps up, the loss will too: this checkpoint was decaying (to extend a run without a jump, "
+                 "resume from its stable.pt: docs/monitoring.md)")
+    return line
 
 
 # -----------------------------------------------------------------------------
@@ -127,8 +154,7 @@ class MetricsLog:
         self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
         kept = []
         if resume_iter is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                records = [json.loads(line) for line in f if line.strip().endswith("}")]  # not a line cut by a kill
+            records = read_records(self.path)  # a last line cut by a kill is left out
             kept = [r for r in records if r["iter"] < resume_iter or r["type"] == "eval" and r["iter"] == resume_iter]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -150,15 +176,53 @@ class MetricsLog:
                            step=record["iter"])
 
 
-def log_line(record, raw_model):
-    """The console line of a train record: step | loss | lr | grad norm | ms | tok/s [| mfu] [| disp]."""
+def log_line(record, eta):
+    """The console line of a train record: step | loss | lr | grad norm | ms | tok/s [| mfu] [| disp] | tokens |
+    elapsed | ETA (None: not measured yet)."""
     line = (f"iter {record['iter']:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
             f"norm {record['grad_norm']:6.3f} | {record['ms']:8.1f} ms | {record['tok_s']:9,.0f} tok/s")
     if "mfu" in record:
         line += f" | mfu {100 * record['mfu']:5.1f}%"
     if "dispersion" in record:
         line += f" | disp {record['dispersion']:.4f}"
-    return line
+    return (line + f" | tokens {count(record['tokens'])} | elapsed {duration(record['time_s'])} | "
+            f"ETA {'?' if eta is None else duration(eta)}")
+
+
+class StepLog:
+    """After each optimizer step: the ETA clock, the spike checks (a warning and a 'health' record once per spike),
+    and every log_interval steps the train record (metrics.jsonl) and its console line. Rank 0 only writes."""
+
+    def __init__(self, cfg, rt, raw_model, metrics, progress, flops_peak):
+        self.cfg, self.rt, self.raw_model, self.metrics, self.flops_peak = cfg, rt, raw_model, metrics, flops_peak
+        self.clock = Clock(progress.iter_num, cfg.max_iters, progress.elapsed_s)
+        self.health = Health(cfg.loss_spike_factor, cfg.grad_spike_factor)
+        self.steps_timed, self.t0 = 0, time.time()
+
+    def __call__(self, progress, lr, ce, disp, grad_norm):
+        cfg, it = self.cfg, progress.iter_num - 1  # the step just taken
+        self.steps_timed += 1
+        eta = self.clock.eta(progress.iter_num)
+        if not self.rt.master:
+            return
+        grad_norm = grad_norm.item()  # computed already: the step's .tolist() waited for the GPU
+        for record in self.health.check(it, loss=ce, grad_norm=grad_norm):
+            self.rt.log(Health.message(record))
+            self.metrics.write(record)
+        if progress.iter_num % cfg.log_interval and progress.iter_num != cfg.max_iters:
+            return
+        dt = (time.time() - self.t0) / self.steps_timed
+        tok_s = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps / dt
+        record = {"type": "train", "iter": it, "loss": ce, "lr": lr, "grad_norm": grad_norm, "ms": 1000 * dt,
+                  "tok_s": tok_s, "tokens": progress.data_position * cfg.block_size, "time_s": self.clock.elapsed()}
+        if self.flops_peak:
+            record["mfu"] = self.raw_model.flops_per_token() * tok_s / self.flops_peak
+        if self.raw_model.config.dispersion_coeff > 0:
+            record["dispersion"] = disp
+        record.update(self.raw_model.multiplier_stats())
+        self.rt.log(log_line(record, eta))
+        self.metrics.write(record)
+        self.steps_timed, self.t0 = 0, time.time()
 
 
 # -----------------------------------------------------------------------------
@@ -252,6 +316,7 @@ class Progress:
     data_position: int = 0  # training windows consumed, over all ranks
     best_val_loss: float = float("inf")
     evaluated: bool = False  # whether iter_num's evaluation ran (a resumed run runs it if not)
+    elapsed_s: float = 0.0  # the run's wall time so far, over all its starts
 
 
 def restore(ckpt, optimizer, scaler, rt):
@@ -264,7 +329,8 @@ def restore(ckpt, optimizer, scaler, rt):
     torch.set_rng_state(ckpt["rng"]["torch"])
     if "cuda" in ckpt["rng"] and rt.device_type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    return Progress(ckpt["iter_num"], ckpt["data_position"], ckpt["best_val_loss"], ckpt.get("evaluated", True))
+    return Progress(ckpt["iter_num"], ckpt["data_position"], ckpt["best_val_loss"], ckpt.get("evaluated", True),
+                    ckpt.get("elapsed_s", 0.0))
 
 
 def save(name, cfg, raw_model, optimizer, scaler, progress, rt):
@@ -313,6 +379,25 @@ class Evaluator:
         return result
 
 
+def compile_model(cfg, rt, raw_model):
+    """torch.compile, tried at once on a training-shaped batch: compilation is lazy, and a missing C compiler or
+    missing Python headers would otherwise surface mid-step. On failure: one line with the cause and the fix, then
+    the uncompiled model (compile_fallback, said loudly) or a stop. Returns (model, cfg, failure line or None)."""
+    if not cfg.compile:
+        return raw_model, cfg, None
+    model = torch.compile(raw_model)
+    error = probe_compiled(model, cfg.batch_size, cfg.block_size, rt.device, autocast(rt.device, rt.dtype))
+    if error is None:
+        return model, cfg, None
+    failure = compile_failure(error)
+    if not cfg.compile_fallback:
+        raise DataError(failure)
+    rt.log(f"WARNING: {failure}")
+    rt.log("WARNING: training WITHOUT torch.compile (eager mode, slower) since compile_fallback=True; "
+           "config.json records it")
+    return raw_model, replace(cfg, compile=False), failure
+
+
 def print_start(cfg, rt, raw_model, train_tokens, progress, resumed_from, flops_peak):
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     rt.log(f"code {code_version()}")
@@ -351,6 +436,8 @@ class StopRequest:
 def main(argv):
     cfg = load_train_config(argv)
     rt = setup_runtime(cfg)
+    if rt.master and rt.device_type == "cuda":  # before we allocate: does another process hold part of the card?
+        print("\n".join(gpu_report(rt.device)))
     train_tokens, meta = open_split(cfg.data_dir, "train")  # opened first: a wrong data_dir fails before any model
     val_tokens, _ = open_split(cfg.data_dir, "val")
 
@@ -372,8 +459,9 @@ def main(argv):
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
     progress = restore(ckpt, optimizer, scaler, rt) if ckpt is not None else Progress()
     resumed_from = ckpt["path"] if ckpt is not None else None
+    schedule_note = schedule_change(ckpt["config"], cfg, progress.iter_num) if ckpt is not None else None
     del ckpt  # free the memory it holds
-    model = torch.compile(raw_model) if cfg.compile else raw_model
+    model, cfg, compile_error = compile_model(cfg, rt, raw_model)
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
@@ -384,11 +472,15 @@ def main(argv):
     if rt.master and not cfg.eval_only:  # eval_only prints its result and writes nothing
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({**asdict(cfg), "code_version": code_version()}, f, indent=1)
+            json.dump({**asdict(cfg), "code_version": code_version(),
+                       **({"compile_error": compile_error} if compile_error else {})}, f, indent=1)
     print_start(cfg, rt, raw_model, train_tokens, progress, resumed_from, flops_peak)
+    if schedule_note:
+        rt.log(schedule_note)
     metrics = MetricsLog(cfg, progress.iter_num if resumed_from else None) if rt.master and not cfg.eval_only else None
     if cfg.eval_only:
-        rt.log(eval_line(progress.iter_num, evaluate(model, raw_model, progress.iter_num)))
+        t0 = time.time()
+        rt.log(eval_line(progress.iter_num, evaluate(model, raw_model, progress.iter_num), time.time() - t0))
         return
     train_loop(cfg, rt, model, raw_model, optimizer, scaler, windows, evaluate, metrics, progress, flops_peak)
     if rt.ddp:  # wait for rank 0's checkpoint write: a rank tearing gloo down early can abort its peers
@@ -396,9 +488,10 @@ def main(argv):
         dist.destroy_process_group()
 
 
-def eval_line(iter_num, result):
+def eval_line(iter_num, result, seconds):
     return (f"eval {iter_num}: val loss {result['val_loss']:.4f} | val bpb {result['val_bpb']:.4f}"
-            + (f" | condensation spearman {result['cond/spearman']:+.2f}" if "cond/spearman" in result else ""))
+            + (f" | condensation spearman {result['cond/spearman']:+.2f}" if "cond/spearman" in result else "")
+            + f" | took {duration(seconds)}")
 
 
 def evaluate_due(cfg, rt, model, raw_model, evaluate, metrics, progress, stopping):
@@ -406,9 +499,10 @@ def evaluate_due(cfg, rt, model, raw_model, evaluate, metrics, progress, stoppin
     Returns whether val loss improved on the best so far."""
     if stopping or progress.evaluated:
         return False
+    t0 = time.time()
     result = evaluate(model, raw_model, progress.iter_num)
     progress.evaluated = True
-    rt.log(eval_line(progress.iter_num, result))
+    rt.log(eval_line(progress.iter_num, result, time.time() - t0))
     if rt.master:
         metrics.write({"type": "eval", "iter": progress.iter_num, **result})
     if result["val_loss"] >= progress.best_val_loss:
@@ -430,23 +524,33 @@ def write_checkpoints(cfg, rt, raw_model, optimizer, scaler, progress, done, imp
         save("best.pt", cfg, raw_model, optimizer, scaler, progress, rt)
 
 
+def save_stable(cfg, rt, raw_model, optimizer, scaler, progress):
+    """With lr_schedule='wsd': stable.pt when the decay starts, the state after the last constant-lr step. A run
+    resumed from it with a later lr_decay_iters goes on at the constant lr and decays at its new end."""
+    if rt.master and cfg.lr_schedule == "wsd" and cfg.decay_lr and progress.iter_num == wsd_decay_start(cfg):
+        save("stable.pt", cfg, raw_model, optimizer, scaler, progress, rt)
+        rt.log(f"saved {cfg.out_dir}/stable.pt at iter {progress.iter_num} (the decay starts): extend the run from it "
+               f"(docs/monitoring.md)")
+
+
 def train_loop(cfg, rt, model, raw_model, optimizer, scaler, windows, evaluate, metrics, progress, flops_peak):
     """Until max_iters or a stop: evaluate and checkpoint when due, one optimizer step, the log line."""
     stop, stopping = StopRequest(cfg, rt), False
     clip_params = raw_model.parameters_to_clip()
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    steps_timed, t0 = 0, time.time()
+    step_log = StepLog(cfg, rt, raw_model, metrics, progress, flops_peak)
     while True:
         # every eval_interval steps and at the end: evaluate, then checkpoint. A stop request saves without
         # evaluating; the checkpoint records whether this iteration's evaluation ran, so a resumed run does it
         # if it did not (and does not repeat it if it did).
         done = progress.iter_num >= cfg.max_iters or stopping
+        progress.elapsed_s = step_log.clock.elapsed()  # saved with any checkpoint below
         if done or progress.iter_num % cfg.eval_interval == 0:
             improved = evaluate_due(cfg, rt, model, raw_model, evaluate, metrics, progress, stopping)
             done = done or (not rt.ddp and bool(stop))  # one process: a Ctrl-C during the evaluation saves now
             write_checkpoints(cfg, rt, raw_model, optimizer, scaler, progress, done, improved)
         if done:
             return
+        save_stable(cfg, rt, raw_model, optimizer, scaler, progress)
 
         # one optimizer step: accum micro-batches on each rank, gradients synchronised on the last one
         lr = get_lr(progress.iter_num, cfg)
@@ -470,19 +574,7 @@ def train_loop(cfg, rt, model, raw_model, optimizer, scaler, windows, evaluate, 
                             f"{last if os.path.exists(last) else 'none yet'}); try a lower learning_rate")
         progress.iter_num += 1
         progress.evaluated = False
-        steps_timed += 1
-        if rt.master and (progress.iter_num % cfg.log_interval == 0 or progress.iter_num == cfg.max_iters):
-            dt = (time.time() - t0) / steps_timed
-            record = {"type": "train", "iter": progress.iter_num - 1, "loss": ce, "lr": lr, "grad_norm": grad_norm.item(),
-                      "ms": 1000 * dt, "tok_s": tokens_per_step / dt, "tokens": progress.data_position * cfg.block_size}
-            if flops_peak:
-                record["mfu"] = raw_model.flops_per_token() * record["tok_s"] / flops_peak
-            if raw_model.config.dispersion_coeff > 0:
-                record["dispersion"] = disp
-            record.update(raw_model.multiplier_stats())
-            rt.log(log_line(record, raw_model))
-            metrics.write(record)
-            steps_timed, t0 = 0, time.time()
+        step_log(progress, lr, ce, disp, grad_norm)
 
 
 if __name__ == "__main__":

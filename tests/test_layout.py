@@ -9,7 +9,7 @@ from conftest import REPO
 # each module may import only modules of lower layers (the standard library and third-party packages aside)
 LAYERS = [
     {"errors"},  # one-line user errors: standard library only
-    {"tokens", "model"},  # numpy-only token files / the torch model: neither knows the other
+    {"tokens", "model", "metrics", "monitor"},  # token files / the torch model / reading metrics.jsonl / watching a run
     {"config", "device"},
     {"checkpoint"},
     {"condensation", "generation"},  # the diagnostic train.py logs (and a script drawing its picture); the
