@@ -23,7 +23,7 @@ from errors import DataError, run_main
 from metrics import metrics_path, of_type, read_records, shared_eval_iters, summarize
 from monitor import duration
 
-TRAIN, EVAL = ("train",), ("eval", "eval_downstream")
+TRAIN, EVAL, DOWNSTREAM = ("train",), ("eval",), ("eval", "eval_downstream")  # eval.py appends eval_downstream
 LAYER_STATS = ("qk_ratio", "attn_out_rms", "mlp_out_rms")  # model.multiplier_stats: mult/h{layer}.{stat}
 PANELS = [  # title, y label, y scale, [(legend label, record types, key)]
     ("loss", "cross-entropy (nats)", "linear", [("train", TRAIN, "loss"), ("val", EVAL, "val_loss")]),
@@ -113,10 +113,11 @@ def import_pyplot():
 
 
 def panels_with_data(runs, axis):
-    """PANELS plus one HellaSwag panel (any numeric key naming it), keeping those some run has data for."""
-    keys = sorted({k for run in runs for r in run.records if r["type"] in EVAL for k in r
-                   if "hellaswag" in k and is_number(r[k])})
-    extra = [("HellaSwag", "score", "linear", [(k.split("/")[-1], EVAL, k) for k in keys])] if keys else []
+    """PANELS plus one HellaSwag panel (its accuracies, under any key naming them), keeping those some run has
+    data for."""
+    keys = sorted({k for run in runs for r in run.records if r["type"] in DOWNSTREAM for k in r
+                   if "hellaswag" in k and "acc" in k and is_number(r[k])})
+    extra = [("HellaSwag", "accuracy", "linear", [(k.split("/")[-1], DOWNSTREAM, k) for k in keys])] if keys else []
     return [p for p in PANELS + extra if any(len(run.series(kinds, key, axis)[0]) for run in runs for _, kinds, key in p[3])]
 
 
@@ -128,14 +129,14 @@ def draw_panel(ax, runs, panel, axis, alpha, colors):
         for (label, kinds, key), linestyle in zip(lines, LINESTYLES):
             x, y = run.series(kinds, key, axis)
             style = dict(color=colors[i % len(colors)], linestyle=linestyle)
-            if kinds == EVAL:
+            if kinds != TRAIN:
                 style.update(marker="o", markersize=3)
             if key in SMOOTHED and alpha > 0 and len(y) > 1:
                 ax.plot(x, y, alpha=0.25, linewidth=0.8, **style)  # the raw curve, faint behind the smoothed one
                 y = smooth(y, alpha)
             ax.plot(x, y, linewidth=1.4, **style)
     if len(lines) > 1:  # which line style is which series (the colours are the runs)
-        ax.legend(handles=[Line2D([], [], color="0.3", linestyle=ls, marker="o" if kinds == EVAL else None,
+        ax.legend(handles=[Line2D([], [], color="0.3", linestyle=ls, marker=None if kinds == TRAIN else "o",
                                   markersize=3, label=label) for (label, kinds, _), ls in zip(lines, LINESTYLES)],
                   fontsize=8)
     ax.set(title=title, ylabel=ylabel, yscale=yscale)
@@ -230,16 +231,21 @@ def format_table(header, rows, markdown=False):
 
 # -----------------------------------------------------------------------------
 
-def main(argv):
+def arguments():
     parser = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("runs", nargs="+", metavar="RUN", help="a run's out_dir (or its metrics.jsonl)")
     parser.add_argument("--out", default="", help="the picture to write (.png, .pdf, .svg); default: "
                         "<RUN>/plot.png for one run, plot.png here for several")
-    parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for the train curves "
+    parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for the noisy train curves "
                         "(0.9 = strong); the raw curve stays faint behind")
     parser.add_argument("--logx", action="store_true", help="logarithmic tokens axis")
     parser.add_argument("--table", action="store_true", help="print the table only, write no picture")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    return parser
+
+
+def main(argv):
+    parser = arguments()
     opt = parser.parse_args(argv)
     if not 0.0 <= opt.smooth < 1.0:
         parser.error(f"--smooth must be in [0, 1), not {opt.smooth}")

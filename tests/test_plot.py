@@ -2,14 +2,16 @@
 three overlaid, one still being written)."""
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import REPO, run_script
 
 from errors import DataError
 from metrics import read_records, summarize
-from plot import smooth, spread
+from plot import Run, panels_with_data, smooth, spread
 
 # three few-second runs of config/train_tiny.py: a baseline and the two research features (their panels)
 TINY = ["config/train_tiny.py", "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
@@ -121,6 +123,7 @@ def test_three_runs_overlay_and_a_run_still_being_written(tiny_runs, tmp_path):
     assert table.splitlines()[1:4] == result.stdout.splitlines()[1:4] and "wrote" not in table
 
 
+@pytest.mark.slow
 def test_user_mistakes_are_one_line(tmp_path):
     result = run_script("plot.py", tmp_path / "missing", check=False)
     assert result.returncode == 1 and "no such file" in result.stderr and "Traceback" not in result.stderr
@@ -129,3 +132,35 @@ def test_user_mistakes_are_one_line(tmp_path):
     assert result.returncode == 1 and "nothing to plot yet" in result.stderr
     result = run_script("plot.py", tmp_path, "--smooth=1.5", check=False)
     assert result.returncode == 2 and "--smooth must be in [0, 1)" in result.stderr
+
+
+def test_hellaswag_panel_from_eval_downstream_records(tmp_path):
+    """eval.py appends records of type eval_downstream; their accuracies get a panel, their counts do not, and their
+    val loss does not join the training run's val curve."""
+    rows = [{"type": "train", "iter": 9, "loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "ms": 1.0, "tok_s": 1.0,
+             "tokens": 1000}, {"type": "eval", "iter": 10, "val_loss": 4.0, "val_bpb": 2.0},
+            {"type": "eval_downstream", "iter": 10, "task": "hellaswag", "hellaswag_acc": 0.26,
+             "hellaswag_acc_norm": 0.27, "hellaswag_items": 1000, "time": "2026-12-02T01:00:00"},
+            {"type": "eval_downstream", "iter": 10, "task": "val", "val_loss": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = Run(str(tmp_path))
+    panels = {p[0]: p for p in panels_with_data([run], "tokens")}
+    assert [label for label, _, _ in panels["HellaSwag"][3]] == ["hellaswag_acc", "hellaswag_acc_norm"]
+    x, y = run.series(*panels["HellaSwag"][3][0][1:], "tokens")
+    assert x.tolist() == [1000.0] and y.tolist() == [0.26]  # iter 10 = after 10 steps of 100 tokens
+    assert run.series(("eval",), "val_loss", "tokens")[1].tolist() == [4.0]
+
+
+@pytest.mark.slow
+def test_the_table_needs_no_matplotlib(tmp_path):
+    rows = [{"type": "train", "iter": 0, "loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "ms": 2000.0, "tok_s": 1.0,
+             "tokens": 100}, {"type": "eval", "iter": 1, "val_loss": 4.0, "val_bpb": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.argv = ['plot.py', *sys.argv[1:]]; import plot; "
+            "from common import run_main; run_main(plot.main)")
+    table = subprocess.run([sys.executable, "-c", code, str(tmp_path), "--table"], cwd=REPO, capture_output=True,
+                           text=True)
+    assert table.returncode == 0 and "4.0000 (1)" in table.stdout and "~2.0s" in table.stdout
+    picture = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert picture.returncode == 1 and picture.stderr.strip() == ("plot.py: error: the picture needs matplotlib: "
+                                                                  "pip install matplotlib (or print only the table: --table)")

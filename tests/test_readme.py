@@ -57,6 +57,9 @@ def check_arguments(script, args):
         sample.validate(parse_args(sample.SampleConfig, args))
     elif script == "data/fineweb/prepare.py":
         load_prepare().parse_args(args)
+    elif script == "plot.py":
+        import plot
+        plot.arguments().parse_args(args)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
