@@ -123,7 +123,7 @@ def panels_with_data(runs, axis):
 
 def draw_panel(ax, runs, panel, axis, alpha, colors):
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     title, ylabel, yscale, lines = panel
     for i, run in enumerate(runs):
         for (label, kinds, key), linestyle in zip(lines, LINESTYLES):
@@ -140,9 +140,10 @@ def draw_panel(ax, runs, panel, axis, alpha, colors):
                                   markersize=3, label=label) for (label, kinds, _), ls in zip(lines, LINESTYLES)],
                   fontsize=8)
     ax.set(title=title, ylabel=ylabel, yscale=yscale)
-    if yscale == "log":  # plain numbers (2.5, not 2.5 x 10^0) on the major and minor ticks
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    if yscale == "log":  # labels at 1, 2, 5 x 10^k as plain numbers (0.5, not 5 x 10^-1)
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     else:
         ax.ticklabel_format(axis="y", useOffset=False)  # 1.0002, not +1 and 0.0002
 
