@@ -32,6 +32,9 @@ class TrainConfig(GPTConfig):
     eval_only: bool = False  # evaluate the init_from model once, print, exit (writes nothing)
     log_interval: int = 10  # iterations between console / metrics lines
     always_save_checkpoint: bool = True  # write last.pt at every evaluation (best.pt only when val loss improves)
+    hellaswag_interval: int = 0  # iterations between HellaSwag scorings (a multiple of eval_interval); 0 = off
+    hellaswag_items: int = 1000  # HellaSwag items scored in training (the first n of the 10,042; std-err ~1.4% at 1000)
+    hellaswag_file: str = ""  # local HellaSwag validation jsonl; '' = downloaded once into ~/.cache/gpt-eval
     condensation_seqs: int = 32  # held-out sequences for the condensation diagnostic at each eval; 0 = off
     wandb_log: bool = False  # also log to Weights & Biases (pip install wandb; honours WANDB_MODE=offline)
     wandb_project: str = "gpt"  # wandb project name
@@ -71,9 +74,9 @@ CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "backend": ("auto", "nccl", "gloo"),
 }
-POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "hellaswag_items",
             "learning_rate", "adam_eps", "multiplier_lr_scale")
-NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "seed", "min_lr", "weight_decay",
+NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "hellaswag_interval", "seed", "min_lr", "weight_decay",
                 "multiplier_weight_decay", "grad_clip", "peak_flops")
 FRACTIONS = {"dropout": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0)}  # each in [low, high)
 
@@ -167,6 +170,9 @@ def validate(config):
             raise ConfigError(f"{key} must be in [{low:g}, {high:g}), not {getattr(config, key)}")
     if not 0.0 <= config.wsd_decay_frac <= 1.0:
         raise ConfigError(f"wsd_decay_frac must be in [0, 1], not {config.wsd_decay_frac}")
+    if config.hellaswag_interval % config.eval_interval:
+        raise ConfigError(f"hellaswag_interval ({config.hellaswag_interval}) must be a multiple of eval_interval "
+                          f"({config.eval_interval}): HellaSwag runs with an evaluation")
     if config.seed >= 2 ** 63:
         raise ConfigError(f"seed must be below 2**63, not {config.seed}")
     if config.dataset:

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (TIKTOKEN_CACHE_NAMES, DataError, find_checkpoint, get_tokenizer, load_checkpoint,
-                    model_from_checkpoint, run_main)
-from config import ConfigError, parse_args
+from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from config import parse_args
+from errors import ConfigError, DataError, run_main
+from tokens import TIKTOKEN_CACHE_NAMES, get_tokenizer
 
 GPT2_VOCAB = 50257  # GPT-2's real tokens; ids above are vocabulary padding and never targets
 EOT = 50256  # <|endoftext|>

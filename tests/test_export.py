@@ -6,8 +6,8 @@ from conftest import run_script
 transformers = pytest.importorskip("transformers")
 
 import export
-from common import DataError, get_tokenizer
-from config import ConfigError
+from errors import ConfigError, DataError
+from tokens import get_tokenizer
 from model import GPT, GPTConfig
 
 V = export.GPT2_VOCAB
