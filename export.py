@@ -15,6 +15,7 @@ directory is loaded back with transformers and its logits are compared with the 
 fails. Needs `pip install transformers` (train.py does not). See docs/export-eval.md.
 """
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -48,6 +49,31 @@ def import_transformers():
 
 
 # -----------------------------------------------------------------------------
+# Which HF architecture: GPT-2 (learned positions) or Llama / Qwen3 (the modern block)
+
+def hf_architecture(cfg):
+    """'gpt2', 'llama' or 'qwen3' (Llama with QK-norm) for a GPTConfig; a switch combination that no stock HF
+    class computes is a DataError naming the switch."""
+    get = lambda key, default: getattr(cfg, key, default)  # checkpoints from before the modern block lack them
+    if get("logit_softcap", 0.0):
+        raise DataError(f"logit_softcap={cfg.logit_softcap}: GPT-2, Llama and Qwen3 have no soft-capped logits; no export")
+    if get("mlp", "gelu") == "relu2":
+        raise DataError("mlp='relu2': no HF GPT-2, Llama or Qwen3 MLP squares a ReLU; no export")
+    if get("pos_emb", "learned") == "learned":  # GPT2LMHeadModel is the stock model with a position table
+        for key, want in (("norm", "layernorm"), ("mlp", "gelu"), ("qk_norm", False), ("tie_embeddings", True)):
+            if get(key, want) != want:
+                raise DataError(f"{key}={get(key, want)!r} with pos_emb='learned': GPT2LMHeadModel, the HF model "
+                                f"with learned positions, has {key}={want!r}; no export")
+        return "gpt2"
+    for key, want in (("norm", "rmsnorm"), ("mlp", "swiglu")):
+        if getattr(cfg, key) != want:
+            raise DataError(f"{key}={getattr(cfg, key)!r} with pos_emb='rope': Llama and Qwen3 have {key}={want!r}; no export")
+    if cfg.qk_norm and cfg.bias:
+        raise DataError("bias=True with qk_norm=True: Qwen3's MLP has no biases; no export")
+    return "qwen3" if cfg.qk_norm else "llama"
+
+
+# -----------------------------------------------------------------------------
 # GPT-2 architecture -> GPT2LMHeadModel
 
 def gpt2_config(cfg):
@@ -55,7 +81,7 @@ def gpt2_config(cfg):
     transformers = import_transformers()
     return transformers.GPT2Config(
         vocab_size=GPT2_VOCAB, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_inner=4 * cfg.n_embd, layer_norm_epsilon=1e-5,
+        n_head=cfg.n_head, n_inner=getattr(cfg, "mlp_hidden", 0) or 4 * cfg.n_embd, layer_norm_epsilon=1e-5,
         activation_function="gelu" if cfg.gelu_approximate == "none" else "gelu_new",  # HF's default is tanh
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=EOT, eos_token_id=EOT,
         tie_word_embeddings=True)
@@ -64,14 +90,11 @@ def gpt2_config(cfg):
 def gpt2_state_dict(model):
     """Our (multiplier-free) weights under HF GPT-2's names and layouts, float32."""
     transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    sd = {}
-    for key, value in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied to wte: HF re-ties it
-        value = value.float()
-        if key == "transformer.wte.weight":
-            value = value[:GPT2_VOCAB]  # [:V], never a negative slice (empty when nothing is padded)
-        sd[key] = value.t() if key.endswith(transposed) else value  # HF's Conv1D stores (in, out)
+    sd = {k: v.float() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: HF re-ties it
+    sd["transformer.wte.weight"] = sd["transformer.wte.weight"][:GPT2_VOCAB]  # [:V], never a negative slice
+    for key in [k for k in sd if ".attn.c_q." in k]:  # our Q, K, V matrices are rows of HF's one c_attn
+        sd[key.replace("c_q", "c_attn")] = torch.cat([sd.pop(key.replace("c_q", f"c_{x}")) for x in "qkv"])
+    sd = {k: v.t() if k.endswith(transposed) else v for k, v in sd.items()}  # HF's Conv1D stores (in, out)
     if not model.config.bias:  # HF GPT-2 always has biases: zeros compute the same function
         for key, value in list(sd.items()):
             if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
@@ -81,12 +104,59 @@ def gpt2_state_dict(model):
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def to_gpt2(model):
-    """A GPT2LMHeadModel (float32) computing what our GPT-2-architecture model computes."""
+# -----------------------------------------------------------------------------
+# The modern block -> LlamaForCausalLM / Qwen3ForCausalLM (same key names; Qwen3 adds q_norm / k_norm)
+
+LLAMA_NAMES = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_q": "self_attn.q_proj",
+               "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj", "attn.c_proj": "self_attn.o_proj",
+               "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm", "mlp.c_gate": "mlp.gate_proj",
+               "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+
+
+def llama_config(cfg, arch):
+    """LlamaConfig or Qwen3Config of our GPTConfig. rope_theta as a keyword: transformers 5 folds it into
+    rope_parameters, 4.x reads it directly. Our RMSNorms (blocks, final, q/k) all use eps 1e-5."""
     transformers = import_transformers()
-    hf = transformers.GPT2LMHeadModel(gpt2_config(model.config)).float()
-    missing, unexpected = hf.load_state_dict(gpt2_state_dict(model), strict=False)
-    # only the tied head and causal-mask buffers (persistent in some transformers versions) may be absent
+    common = dict(vocab_size=GPT2_VOCAB, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden or 4 * cfg.n_embd,
+                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+                  head_dim=cfg.n_embd // cfg.n_head, max_position_embeddings=cfg.block_size, rms_norm_eps=1e-5,
+                  rope_theta=cfg.rope_theta, hidden_act="silu", attention_bias=cfg.bias, attention_dropout=0.0,
+                  tie_word_embeddings=cfg.tie_embeddings, bos_token_id=EOT, eos_token_id=EOT)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**common, use_sliding_window=False)
+    return transformers.LlamaConfig(**common, mlp_bias=cfg.bias)
+
+
+def llama_state_dict(model):
+    """Our (multiplier-free) modern-block weights under HF Llama / Qwen3 names (same nn.Linear layout), float32."""
+    sd = {}
+    for key, value in model.state_dict().items():
+        value = value.float()
+        if key == "transformer.wte.weight":
+            sd["model.embed_tokens.weight"] = value[:GPT2_VOCAB]
+        elif key == "lm_head.weight":
+            if not model.config.tie_embeddings:
+                sd["lm_head.weight"] = value[:GPT2_VOCAB]
+        elif key == "transformer.ln_f.weight":
+            sd["model.norm.weight"] = value
+        else:  # transformer.h.{i}.{module}.{weight|bias}
+            layer, module, kind = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)\.(weight|bias)", key).groups()
+            sd[f"model.layers.{layer}.{LLAMA_NAMES[module]}.{kind}"] = value
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def to_hf(model):
+    """The stock transformers model (float32) computing what our model computes: GPT2LMHeadModel,
+    LlamaForCausalLM or Qwen3ForCausalLM."""
+    transformers = import_transformers()
+    arch = hf_architecture(model.config)
+    if arch == "gpt2":
+        config, sd = gpt2_config(model.config), gpt2_state_dict(model)
+    else:
+        config, sd = llama_config(model.config, arch), llama_state_dict(model)
+    hf = transformers.AutoModelForCausalLM.from_config(config).float()
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    # only a tied head and causal-mask buffers (persistent in some transformers versions) may be absent
     assert not unexpected and all(k == "lm_head.weight" or k.endswith((".attn.bias", ".attn.masked_bias"))
                                   for k in missing), (missing, unexpected)
     hf.tie_weights()
@@ -146,7 +216,7 @@ def check_out_dir(out):
 
 def export(model, out):
     """Write model (multipliers merged) to out as a transformers directory with the GPT-2 tokenizer."""
-    hf = to_gpt2(model)
+    hf = to_hf(model)
     os.makedirs(out, exist_ok=True)
     hf.save_pretrained(out)  # safetensors; writes the tied tensor once
     save_tokenizer(out, model.config.block_size)
@@ -159,6 +229,7 @@ def main(argv):
     path = find_checkpoint(cfg.model, cfg.which)
     out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(path)), "hf")
     check_out_dir(out)
+    tokenizer_files()  # before writing anything: offline without the BPE files, fail with nothing half-written
     model = model_from_checkpoint(load_checkpoint(path))
     if model.config.vocab_size < GPT2_VOCAB:
         raise DataError(f"{path} has vocab_size {model.config.vocab_size}: the export needs GPT-2's {GPT2_VOCAB} tokens")
