@@ -7,12 +7,14 @@ GPT-2 tokenizer files, so that other tools (lm-eval-harness, llama.cpp's GGUF co
     python export.py --model=out/fineweb-40m                    # writes out/fineweb-40m/hf
     python export.py --model=out/fineweb-40m/last.pt --out=my-model
 
-The GPT-2 architecture becomes a GPT2LMHeadModel: learnable multipliers are merged into plain weights first,
-Linear weights are transposed into HF's Conv1D layout, the padded vocabulary (50304) is cut back to GPT-2's
-50257 tokens, missing biases (bias=False) become zeros, the GELU is declared as trained (exact 'gelu' or tanh
-'gelu_new'), the head stays tied and block_size becomes n_positions. With --check (on by default) the
-directory is loaded back with transformers and its logits are compared with the checkpoint's; a mismatch
-fails. Needs `pip install transformers` (train.py does not). See docs/export-eval.md.
+Learnable multipliers are merged into plain weights first and the padded vocabulary (50304) is cut back to
+GPT-2's 50257 tokens. The GPT-2 architecture becomes a GPT2LMHeadModel: Linear weights transposed into HF's
+Conv1D layout, missing biases (bias=False) as zeros, the GELU declared as trained (exact 'gelu' or tanh
+'gelu_new'), the head tied, block_size as n_positions. The modern block (RoPE, RMSNorm, SwiGLU) becomes a
+LlamaForCausalLM, or a Qwen3ForCausalLM with QK-norm. Switches that no stock class has (logit soft-cap, ReLU^2,
+GPT-2 and modern parts mixed) stop with one line naming the switch. With --check (on by default) the directory
+is loaded back with transformers and its logits are compared with the checkpoint's; a mismatch fails.
+Needs `pip install transformers` (train.py does not). See docs/export-eval.md.
 """
 import os
 import re
