@@ -86,7 +86,8 @@ def load_model(name, which, device):
     except ImportError:
         raise DataError(f"{name} is not a checkpoint; loading it as a transformers model needs pip install transformers")
     except (OSError, ValueError) as e:  # no such directory or Hub name, no network
-        raise DataError(f"{name} is neither a checkpoint nor a transformers model: {(str(e).splitlines() or [''])[0]}")
+        where = "a directory without a checkpoint or a transformers model" if os.path.exists(name) else "no such path"
+        raise DataError(f"cannot load {name}: {where}; as a Hugging Face name: {(str(e).splitlines() or [''])[0]}")
     hc = hf.config
     block = getattr(hc, "n_positions", None) or hc.max_position_embeddings
     return Loaded(lambda idx: hf(idx).logits, block, hc.vocab_size, name)

@@ -257,3 +257,5 @@ def test_eval_user_mistakes_are_one_line(tmp_path):
                    "line 1 is not a HellaSwag item")
     one_line_error(run_script("eval.py", f"--model={tmp_path}", "--hellaswag_items=0", check=False),
                    "nothing to evaluate")
+    one_line_error(run_script("eval.py", f"--model={tmp_path / 'no-run'}", f"--hellaswag={FIXTURE}", check=False),
+                   "no-run: no such path")
