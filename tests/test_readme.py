@@ -57,6 +57,12 @@ def check_arguments(script, args):
         sample.validate(parse_args(sample.SampleConfig, args))
     elif script == "data/fineweb/prepare.py":
         load_prepare().parse_args(args)
+    elif script == "eval.py":
+        eval_script = importlib.import_module("eval")
+        eval_script.validate(parse_args(eval_script.EvalConfig, args))
+    elif script == "export.py":
+        import export
+        parse_args(export.ExportConfig, args)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
