@@ -27,12 +27,9 @@ def token_bytes(enc, vocab_size):
     """Raw UTF-8 byte count of every token id (int64, (vocab_size,)). Raw bytes, not decoded text: a token
     may hold half a character. Special tokens (tiktoken would return the 13-byte literal '<|endoftext|>') and
     ids beyond the tokenizer's (the padded vocabulary) count 0."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
     special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
-    for i in range(min(enc.n_vocab, vocab_size)):
-        if i not in special:
-            counts[i] = len(enc.decode_single_token_bytes(i))
-    return counts
+    counts = [0 if i in special else len(enc.decode_single_token_bytes(i)) for i in range(min(enc.n_vocab, vocab_size))]
+    return torch.tensor(counts + [0] * (vocab_size - len(counts)), dtype=torch.long)
 
 
 def byte_targets(targets, token_bytes):
