@@ -240,7 +240,7 @@ def test_eval_entry_point_on_a_trained_checkpoint(tiny_run, short_val_dir):
 @pytest.mark.slow
 def test_eval_entry_point_on_an_export(tiny_run, short_val_dir, tmp_path):
     pytest.importorskip("transformers")
-    run_script("export.py", f"--model={tiny_run}", f"--out={tmp_path / 'hf'}")
+    run_script("export.py", f"--model={tiny_run}", f"--out={tmp_path / 'hf'}", "--check=False")  # checked in test_export
     result = run_script("eval.py", f"--model={tmp_path / 'hf'}", f"--data_dir={short_val_dir}", f"--hellaswag={FIXTURE}",
                         "--batch_size=64", "--device=cpu")
     assert "| val       | loss     |" in result.stdout and "| hellaswag | acc      |" in result.stdout
