@@ -26,9 +26,9 @@ def enc():
     return get_tokenizer()
 
 
-def tiny(block_size=64):
+def tiny(block_size=64, **overrides):
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+    return GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, **overrides)).eval()
 
 
 # --- bits per byte
@@ -40,10 +40,11 @@ def test_token_bytes_count_raw_bytes_and_nothing_for_eot_and_padding(enc):
     assert table[enc.encode_ordinary(text)].sum() == len(text.encode("utf-8"))  # split characters included
 
 
-def test_train_and_eval_compute_the_same_bits_per_byte(enc):
+@pytest.mark.parametrize("overrides", [{}, dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", logit_softcap=15.0)])
+def test_train_and_eval_compute_the_same_bits_per_byte(enc, overrides):
     """eval.py sums per-token losses from logits; train.py takes the model's mean CE over the byte-carrying
-    targets (0-byte ones masked to -1). Both are the same number."""
-    model, table = tiny(), token_bytes(enc, 50304)
+    targets (0-byte ones masked to -1). Both are the same number (soft-capped logits included)."""
+    model, table = tiny(**overrides), token_bytes(enc, 50304)
     ids = torch.tensor([enc.encode_ordinary("The cat sat on the mat. ") + [50256] + enc.encode_ordinary("A dog ran.")] * 2)
     x, y = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():
