@@ -112,7 +112,7 @@ def val_metrics(loaded, data_dir, batch_size, device, ctx):
         batches.append(([starts[-1]], len(tokens) - 1 - starts[-1]))
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for batch, length in tqdm(batches, desc="val", unit="batch"):
-        x, y = (t.to(device) for t in stack_windows(tokens, batch, length))
+        x, y = (t.to(device) for t in stack_windows(tokens, batch, length, meta["vocab_size"]))
         with ctx:
             logits = loaded.logits_fn(x)
         sums += loss_sums(logits, y, table)
