@@ -56,15 +56,14 @@ def import_transformers():
 def hf_architecture(cfg):
     """'gpt2', 'llama' or 'qwen3' (Llama with QK-norm) for a GPTConfig; a switch combination that no stock HF
     class computes is a DataError naming the switch."""
-    get = lambda key, default: getattr(cfg, key, default)  # checkpoints from before the modern block lack them
-    if get("logit_softcap", 0.0):
+    if cfg.logit_softcap:
         raise DataError(f"logit_softcap={cfg.logit_softcap}: GPT-2, Llama and Qwen3 have no soft-capped logits; no export")
-    if get("mlp", "gelu") == "relu2":
+    if cfg.mlp == "relu2":
         raise DataError("mlp='relu2': no HF GPT-2, Llama or Qwen3 MLP squares a ReLU; no export")
-    if get("pos_emb", "learned") == "learned":  # GPT2LMHeadModel is the stock model with a position table
+    if cfg.pos_emb == "learned":  # GPT2LMHeadModel is the stock model with a position table
         for key, want in (("norm", "layernorm"), ("mlp", "gelu"), ("qk_norm", False), ("tie_embeddings", True)):
-            if get(key, want) != want:
-                raise DataError(f"{key}={get(key, want)!r} with pos_emb='learned': GPT2LMHeadModel, the HF model "
+            if getattr(cfg, key) != want:
+                raise DataError(f"{key}={getattr(cfg, key)!r} with pos_emb='learned': GPT2LMHeadModel, the HF model "
                                 f"with learned positions, has {key}={want!r}; no export")
         return "gpt2"
     for key, want in (("norm", "rmsnorm"), ("mlp", "swiglu")):
@@ -83,7 +82,7 @@ def gpt2_config(cfg):
     transformers = import_transformers()
     return transformers.GPT2Config(
         vocab_size=GPT2_VOCAB, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_inner=getattr(cfg, "mlp_hidden", 0) or 4 * cfg.n_embd, layer_norm_epsilon=1e-5,
+        n_head=cfg.n_head, n_inner=cfg.mlp_hidden or 4 * cfg.n_embd, layer_norm_epsilon=1e-5,
         activation_function="gelu" if cfg.gelu_approximate == "none" else "gelu_new",  # HF's default is tanh
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=EOT, eos_token_id=EOT,
         tie_word_embeddings=True)
