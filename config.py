@@ -34,6 +34,9 @@ class TrainConfig(GPTConfig):
     loss_spike_factor: float = 1.5  # warn (console, metrics.jsonl) when a step's loss is above this x its recent median; 0 = off
     grad_spike_factor: float = 5.0  # the same for the gradient norm (its median over the last 100 steps); 0 = off
     always_save_checkpoint: bool = True  # write last.pt at every evaluation (best.pt only when val loss improves)
+    hellaswag_interval: int = 0  # iterations between HellaSwag scorings (a multiple of eval_interval); 0 = off
+    hellaswag_items: int = 1000  # HellaSwag items scored in training (the first n of the 10,042; std-err ~1.4% at 1000)
+    hellaswag_file: str = ""  # local HellaSwag validation jsonl; '' = downloaded once into ~/.cache/gpt-eval
     condensation_seqs: int = 32  # held-out sequences for the condensation diagnostic at each eval; 0 = off
     wandb_log: bool = False  # also log to Weights & Biases (pip install wandb; honours WANDB_MODE=offline)
     wandb_project: str = "gpt"  # wandb project name
@@ -74,10 +77,11 @@ CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "backend": ("auto", "nccl", "gloo"),
 }
-POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "hellaswag_items",
             "learning_rate", "adam_eps", "multiplier_lr_scale")
-NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "seed", "min_lr", "weight_decay",
-                "multiplier_weight_decay", "grad_clip", "peak_flops", "loss_spike_factor", "grad_spike_factor")
+NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "hellaswag_interval", "seed",
+                "min_lr", "weight_decay", "multiplier_weight_decay", "grad_clip", "peak_flops", "loss_spike_factor",
+                "grad_spike_factor")
 FRACTIONS = {"dropout": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0)}  # each in [low, high)
 
 
@@ -173,6 +177,9 @@ def validate(config):
     for key in ("loss_spike_factor", "grad_spike_factor"):
         if 0 < getattr(config, key) <= 1:
             raise ConfigError(f"{key} must be above 1 (a multiple of the recent median) or 0 (off), not {getattr(config, key)}")
+    if config.hellaswag_interval % config.eval_interval:
+        raise ConfigError(f"hellaswag_interval ({config.hellaswag_interval}) must be a multiple of eval_interval "
+                          f"({config.eval_interval}): HellaSwag runs with an evaluation")
     if config.seed >= 2 ** 63:
         raise ConfigError(f"seed must be below 2**63, not {config.seed}")
     if config.dataset:

@@ -31,10 +31,11 @@ from condensation import condensation_metrics
 from config import load_train_config, model_args
 from device import autocast, peak_flops, select_device, select_dtype, to_device
 from errors import ConfigError, DataError, run_main
+from evaluation import bits_per_byte, byte_targets, hellaswag_file, load_hellaswag, score_hellaswag, token_bytes
 from metrics import read_records
 from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
 from monitor import Clock, Health, compile_failure, count, duration, gpu_report, probe_compiled
-from tokens import TrainWindows, fixed_windows, open_split, stack_windows
+from tokens import TrainWindows, fixed_windows, get_tokenizer, open_split, stack_windows
 
 # -----------------------------------------------------------------------------
 # Learning-rate schedule
@@ -155,7 +156,8 @@ class MetricsLog:
         kept = []
         if resume_iter is not None and os.path.exists(self.path):
             records = read_records(self.path)  # a last line cut by a kill is left out
-            kept = [r for r in records if r["iter"] < resume_iter or r["type"] == "eval" and r["iter"] == resume_iter]
+            kept = [r for r in records  # evaluations of the resumed checkpoint itself stay (eval.py's too)
+                    if r["iter"] < resume_iter or r["type"] in ("eval", "eval_downstream") and r["iter"] == resume_iter]
         with open(self.path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(self.path + ".tmp", self.path)
@@ -344,34 +346,45 @@ def save(name, cfg, raw_model, optimizer, scaler, progress, rt):
 
 
 class Evaluator:
-    """Mean CE over fixed validation windows (spread over ranks), bits per byte and the condensation scores."""
+    """Mean CE over fixed validation windows (spread over ranks), bits per byte, HellaSwag (every
+    hellaswag_interval) and the condensation scores."""
 
     def __init__(self, cfg, val_tokens, meta, rt):
         self.cfg, self.tokens, self.rt, self.vocab_size = cfg, val_tokens, rt, meta["vocab_size"]
         self.starts = fixed_windows(val_tokens, cfg.eval_iters * cfg.batch_size, cfg.block_size)
         self.cond_len = min(512, cfg.block_size)
         self.cond_starts = fixed_windows(val_tokens, cfg.condensation_seqs, self.cond_len) if cfg.condensation_seqs else []
-        self.bytes_per_token = meta["splits"]["val"]["bytes"] / meta["splits"]["val"]["tokens"]
+        enc = get_tokenizer()  # bits per byte count each target token's bytes; HellaSwag encodes text
+        self.token_bytes, self.encode = token_bytes(enc, cfg.vocab_size).to(rt.device), enc.encode_ordinary
+        self.hellaswag = (load_hellaswag(hellaswag_file(cfg.hellaswag_file), cfg.hellaswag_items)
+                          if cfg.hellaswag_interval else None)
 
     @torch.no_grad()
     def __call__(self, model, raw_model, iter_num):
         cfg, rt = self.cfg, self.rt
         model.eval()
-        total = torch.zeros(2, device=rt.device, dtype=torch.float64)  # sum of window losses, window count
+        # sums of: window losses, windows, nats of the targets that carry bytes, their bytes (evaluation.py)
+        total = torch.zeros(4, device=rt.device, dtype=torch.float64)
         for b in range(rt.rank, cfg.eval_iters, rt.world):
             x, y = stack_windows(self.tokens, self.starts[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.block_size,
                                  self.vocab_size)
-            with autocast(rt.device, rt.dtype):
-                _, losses = model(to_device(x, rt.device), to_device(y, rt.device))
-            total += torch.stack([losses["ce"].double() * x.size(0), torch.tensor(x.size(0), device=rt.device, dtype=torch.float64)])
+            x, y = to_device(x, rt.device), to_device(y, rt.device)
+            y_bytes, n_bytes = byte_targets(y, self.token_bytes)
+            with autocast(rt.device, rt.dtype):  # a second forward for bits per byte: 0-byte targets (EOT) masked out
+                ce, byte_ce = model(x, y)[1]["ce"].double(), model(x, y_bytes)[1]["ce"].double()
+            total += torch.stack([ce * x.size(0), torch.tensor(x.size(0), device=rt.device, dtype=torch.float64),
+                                  byte_ce * (y_bytes != -1).sum(), n_bytes.double()])
         if rt.ddp:
             dist.all_reduce(total)
-        model.train()
         val_loss = (total[0] / total[1]).item()
         if not math.isfinite(val_loss):
             raise DataError(f"val loss is {val_loss} at iter {iter_num}: stopped without saving")
-        result = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.bytes_per_token,
-                  **raw_model.weight_norms()}
+        result = {"val_loss": val_loss, "val_bpb": bits_per_byte(total[2], total[3]).item(), **raw_model.weight_norms()}
+        if self.hellaswag and (iter_num % cfg.hellaswag_interval == 0 or iter_num >= cfg.max_iters):
+            with autocast(rt.device, rt.dtype):  # the uncompiled model: varying lengths would make compile recompile
+                result.update(score_hellaswag(lambda idx: raw_model(idx)[0], self.hellaswag, self.encode,
+                                              cfg.block_size, rt.device, rank=rt.rank, world=rt.world))
+        model.train()
         if self.cond_starts and rt.master:
             x, _ = stack_windows(self.tokens, self.cond_starts, self.cond_len, self.vocab_size)
             with autocast(rt.device, rt.dtype):
@@ -490,6 +503,7 @@ def main(argv):
 
 def eval_line(iter_num, result, seconds):
     return (f"eval {iter_num}: val loss {result['val_loss']:.4f} | val bpb {result['val_bpb']:.4f}"
+            + (f" | hellaswag acc_norm {result['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in result else "")
             + (f" | condensation spearman {result['cond/spearman']:+.2f}" if "cond/spearman" in result else "")
             + f" | took {duration(seconds)}")
 

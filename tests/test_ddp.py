@@ -14,7 +14,9 @@ from checkpoint import load_checkpoint
 # subsampling each rank draws its own subsets, which differ from the single process's)
 ARGS = ["config/train_tiny.py", "--dispersion_coeff=0.1", "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
         "--gradient_accumulation_steps=4", "--eval_iters=4", "--eval_interval=5", "--log_interval=1",
-        "--condensation_seqs=2", "--warmup_iters=2", "--lr_decay_iters=10", "--multipliers=vector"]
+        "--condensation_seqs=2", "--warmup_iters=2", "--lr_decay_iters=10", "--multipliers=vector",
+        "--hellaswag_interval=5", f"--hellaswag_file={REPO / 'tests/fixtures/hellaswag_tiny.jsonl'}",
+        "--hellaswag_items=5"]  # 5 items: rank 0 scores 3, rank 1 scores 2
 
 
 def torchrun(*args, nproc=2):
@@ -29,6 +31,11 @@ def losses(out_dir):
         records = [json.loads(line) for line in f]
     return ([r["loss"] for r in records if r["type"] == "train"],
             [r["val_loss"] for r in records if r["type"] == "eval"])
+
+
+def evals(out_dir, key):
+    with open(out_dir / "metrics.jsonl") as f:
+        return [r[key] for r in map(json.loads, f) if r["type"] == "eval"]
 
 
 def assert_same_weights(a_dir, b_dir):
@@ -54,6 +61,8 @@ def test_ddp_matches_single_process(tmp_path, token_dir, single):
     assert len(train_ddp) == 10 and len(val_ddp) == 3
     assert train_ddp == pytest.approx(train_single, rel=1e-5)
     assert val_ddp == pytest.approx(val_single, rel=1e-5)
+    for key in ("val_bpb", "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_items"):  # summed over ranks
+        assert evals(out, key) == pytest.approx(evals(single, key), rel=1e-5) and len(evals(out, key)) == 3
     assert_same_weights(single, out)
 
 

@@ -14,6 +14,7 @@ LAYERS = [
     {"checkpoint"},
     {"condensation", "generation"},  # the diagnostic train.py logs (and a script drawing its picture); the
     # generation code sample.py and serve.py share
+    {"evaluation"},  # bits per byte and HellaSwag scoring, for train.py and eval.py
 ]
 MAX_FUNCTION_LINES = 60
 

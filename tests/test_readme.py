@@ -60,6 +60,12 @@ def check_arguments(script, args):
     elif script == "plot.py":
         import plot
         plot.arguments().parse_args(args)
+    elif script == "eval.py":
+        eval_script = importlib.import_module("eval")
+        eval_script.validate(parse_args(eval_script.EvalConfig, args))
+    elif script == "export.py":
+        import export
+        parse_args(export.ExportConfig, args)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)

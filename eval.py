@@ -1,0 +1,176 @@
+"""
+Evaluate a model after training: val loss and bits per byte over EVERY window of a prepared val split, and
+HellaSwag (completion style, acc and acc_norm) on the 10,042 validation items.
+
+    python eval.py --model=out/fineweb-40m --data_dir=data/fineweb       # a run (best.pt), both evaluations
+    python eval.py --model=out/fineweb-40m/hf --hellaswag_items=0 --data_dir=data/fineweb   # an export, val only
+    python eval.py --model=gpt2 --hellaswag=hellaswag_val.jsonl          # HF GPT-2 124M, a local HellaSwag copy
+
+--model is a run directory, a checkpoint file, a directory written by export.py (or any transformers causal
+LM using the GPT-2 tokenizer), or a Hugging Face name such as gpt2. The HellaSwag file is downloaded once into
+--cache_dir unless --hellaswag=PATH is given. Results are printed as a table and, for a checkpoint, appended
+to its run's metrics.jsonl as records of type "eval_downstream". See docs/export-eval.md.
+"""
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from config import parse_args
+from device import autocast, select_device
+from errors import ConfigError, DataError, run_main
+from evaluation import (HELLASWAG_ITEMS, bits_per_byte, hellaswag_file, load_hellaswag, loss_sums, score_hellaswag,
+                        token_bytes)
+from tokens import get_tokenizer, open_split, stack_windows
+
+
+@dataclass
+class EvalConfig:
+    model: str = "out"  # a run directory, a checkpoint, an export.py directory or a Hugging Face name (gpt2)
+    which: str = "best"  # 'best' | 'last': the checkpoint to read from a run directory (falls back to the other)
+    data_dir: str = ""  # prepared tokens (prepare.py): val loss and bits per byte on all its val windows; '' = skip
+    hellaswag: str = ""  # a local HellaSwag validation jsonl; '' = the cached copy, downloaded the first time
+    hellaswag_items: int = HELLASWAG_ITEMS  # items scored (the first n of the file); 0 = skip HellaSwag
+    cache_dir: str = ""  # where the downloaded HellaSwag file is kept; '' = ~/.cache/gpt-eval
+    batch_size: int = 8  # val windows, or HellaSwag items (4 rows each), per forward pass
+    device: str = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+    dtype: str = "float32"  # 'float32' (numbers that do not depend on the GPU) | 'bfloat16' | 'float16'
+    log_metrics: bool = True  # append the results to the run's metrics.jsonl (checkpoints only)
+
+
+def validate(cfg):
+    if cfg.which not in ("best", "last"):
+        raise ConfigError(f"which must be best or last, not {cfg.which!r}")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")
+    if cfg.batch_size < 1 or cfg.hellaswag_items < 0:
+        raise ConfigError("batch_size must be at least 1 and hellaswag_items must not be negative")
+    if not cfg.data_dir and cfg.hellaswag_items == 0:
+        raise ConfigError("nothing to evaluate: give a data_dir, or hellaswag_items > 0")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# The model: ours (a checkpoint) or a transformers one, as a function from ids (B, T) to logits (B, T, V)
+
+@dataclass
+class Loaded:
+    logits_fn: object  # ids (B, T) -> logits (B, T, V)
+    block_size: int  # longest sequence the model takes
+    vocab_size: int  # logits per position
+    name: str  # what was loaded, for the table
+    run_dir: str = ""  # the checkpoint's directory (its metrics.jsonl); '' for transformers models
+    iter_num: int = 0
+
+
+def is_checkpoint(path):
+    return os.path.isfile(path) or any(os.path.isfile(os.path.join(path, n)) for n in ("best.pt", "last.pt", "ckpt.pt"))
+
+
+def load_model(name, which, device):
+    if is_checkpoint(name):
+        path = find_checkpoint(name, which)
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt).merge_multipliers().to(device).eval()
+        return Loaded(lambda idx: model(idx)[0], model.config.block_size, model.config.vocab_size,
+                      f"{path} (iter {ckpt.get('iter_num', '?')})", os.path.dirname(os.path.abspath(path)),
+                      int(ckpt.get("iter_num", 0)))
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(name).float().to(device).eval()
+    except ImportError:
+        raise DataError(f"{name} is not a checkpoint; loading it as a transformers model needs pip install transformers")
+    except (OSError, ValueError) as e:  # no such directory or Hub name, no network
+        where = "a directory without a checkpoint or a transformers model" if os.path.exists(name) else "no such path"
+        raise DataError(f"cannot load {name}: {where}; as a Hugging Face name: {(str(e).splitlines() or [''])[0]}")
+    hc = hf.config
+    block = getattr(hc, "n_positions", None) or hc.max_position_embeddings
+    return Loaded(lambda idx: hf(idx).logits, block, hc.vocab_size, name)
+
+
+# -----------------------------------------------------------------------------
+# Evaluations
+
+@torch.no_grad()
+def val_metrics(loaded, data_dir, batch_size, device, ctx):
+    """Loss and bits per byte over every target of the val split: consecutive windows of block_size tokens
+    (the last one shorter), each predicted from the start of its window."""
+    tokens, meta = open_split(data_dir, "val")
+    if meta["vocab_size"] > loaded.vocab_size:
+        raise DataError(f"{data_dir} has vocab_size {meta['vocab_size']}, more than the model's {loaded.vocab_size}")
+    table = token_bytes(get_tokenizer(), loaded.vocab_size)
+    T = loaded.block_size
+    starts = list(range(0, len(tokens) - 1, T))
+    full = [s for s in starts if s + T < len(tokens)]
+    batches = [(full[b:b + batch_size], T) for b in range(0, len(full), batch_size)]
+    if len(full) < len(starts):  # the tail: fewer than T targets left
+        batches.append(([starts[-1]], len(tokens) - 1 - starts[-1]))
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for batch, length in tqdm(batches, desc="val", unit="batch"):
+        x, y = (t.to(device) for t in stack_windows(tokens, batch, length, meta["vocab_size"]))
+        with ctx:
+            logits = loaded.logits_fn(x)
+        sums += loss_sums(logits, y, table)
+    nats, count, byte_nats, n_bytes = sums.tolist()
+    return {"val_loss": nats / count, "val_bpb": bits_per_byte(byte_nats, n_bytes), "val_tokens": int(count)}
+
+
+def hellaswag_metrics(loaded, items, batch_size, device, ctx):
+    with ctx:
+        return score_hellaswag(loaded.logits_fn, items, get_tokenizer().encode_ordinary, loaded.block_size, device,
+                               batch_size, progress=True)
+
+
+# -----------------------------------------------------------------------------
+# Output
+
+def print_table(name, results):
+    rows = []
+    if "val" in results:
+        r = results["val"]
+        rows += [("val", "loss", r["val_loss"], f"{r['val_tokens']:,} tokens"), ("val", "bpb", r["val_bpb"], "")]
+    if "hellaswag" in results:
+        r = results["hellaswag"]
+        rows += [("hellaswag", "acc", r["hellaswag_acc"], f"{r['hellaswag_items']:,} items"),
+                 ("hellaswag", "acc_norm", r["hellaswag_acc_norm"], "")]
+    print(f"\n{name}\n| task      | metric   |  value | on |\n|-----------|----------|--------|----|")
+    for task, metric, value, on in rows:
+        print(f"| {task:<9} | {metric:<8} | {value:.4f} | {on} |")
+
+
+def log_results(loaded, results):
+    """Append one eval_downstream record per evaluation to the run's metrics.jsonl."""
+    path = os.path.join(loaded.run_dir, "metrics.jsonl")
+    with open(path, "a") as f:
+        for task, r in results.items():
+            f.write(json.dumps({"type": "eval_downstream", "iter": loaded.iter_num, "task": task,
+                                "model": loaded.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **r}) + "\n")
+    print(f"appended to {path}")
+
+
+def main(argv):
+    cfg = validate(parse_args(EvalConfig, argv))
+    device = select_device(cfg.device)
+    ctx = autocast(device, cfg.dtype)
+    if cfg.hellaswag_items:  # read first: a missing or damaged file fails before the model is loaded
+        hellaswag_path = hellaswag_file(cfg.hellaswag, cfg.cache_dir)
+        items = load_hellaswag(hellaswag_path, cfg.hellaswag_items)
+    loaded = load_model(cfg.model, cfg.which, device)
+    results = {}
+    if cfg.data_dir:
+        results["val"] = val_metrics(loaded, cfg.data_dir, cfg.batch_size, device, ctx)
+    if cfg.hellaswag_items:
+        results["hellaswag"] = {**hellaswag_metrics(loaded, items, cfg.batch_size, device, ctx),
+                                "hellaswag_file": hellaswag_path}
+    print_table(loaded.name, results)
+    if cfg.log_metrics and loaded.run_dir:
+        log_results(loaded, results)
+
+
+if __name__ == "__main__":
+    run_main(main)

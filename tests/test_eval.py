@@ -1,0 +1,262 @@
+"""evaluation.py and eval.py: bits per byte, HellaSwag scoring against brute force, the download, the entry point."""
+import functools
+import http.server
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+from torch.nn import functional as F
+from conftest import REPO, run_script
+
+from errors import DataError
+from tokens import get_tokenizer
+from evaluation import (byte_targets, hellaswag_file, hellaswag_predictions, load_hellaswag, loss_sums, render,
+                        score_hellaswag, score_rendered, token_bytes)
+from model import GPT, GPTConfig
+
+FIXTURE = REPO / "tests" / "fixtures" / "hellaswag_tiny.jsonl"  # hand-written items in HellaSwag's format
+FAST = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
+        "--gradient_accumulation_steps=2", "--eval_iters=2", "--condensation_seqs=0", "--log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return get_tokenizer()
+
+
+def tiny(block_size=64, **overrides):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, **overrides)).eval()
+
+
+# --- bits per byte
+
+def test_token_bytes_count_raw_bytes_and_nothing_for_eot_and_padding(enc):
+    table = token_bytes(enc, 50304)
+    assert table[50256] == 0 and table[50257:].sum() == 0 and table[:50256].min() >= 1
+    text = "naïve café 日本語 🚀, twice:  naïve café"
+    assert table[enc.encode_ordinary(text)].sum() == len(text.encode("utf-8"))  # split characters included
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", logit_softcap=15.0)])
+def test_train_and_eval_compute_the_same_bits_per_byte(enc, overrides):
+    """eval.py sums per-token losses from logits; train.py takes the model's mean CE over the byte-carrying
+    targets (0-byte ones masked to -1). Both are the same number (soft-capped logits included)."""
+    model, table = tiny(**overrides), token_bytes(enc, 50304)
+    ids = torch.tensor([enc.encode_ordinary("The cat sat on the mat. ") + [50256] + enc.encode_ordinary("A dog ran.")] * 2)
+    x, y = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad():
+        nats, count, byte_nats, n_bytes = loss_sums(model(x)[0], y, table).tolist()
+        masked, masked_bytes = byte_targets(y, table)
+        mean_ce = model(x, masked)[1]["ce"].item()
+        assert nats / count == pytest.approx(model(x, y)[1]["ce"].item(), rel=1e-5)
+    assert (masked == -1).sum() == 2 and masked_bytes.item() == n_bytes
+    assert mean_ce * (masked != -1).sum().item() == pytest.approx(byte_nats, rel=1e-5)
+    assert byte_nats < nats  # the EOT target's loss is left out
+
+
+# --- HellaSwag
+
+def test_load_and_render_fixture(enc):
+    items = load_hellaswag(FIXTURE)
+    assert len(items) == 6 and [it["label"] for it in items] == [0, 1, 2, 3, 0, 1]
+    assert items[2]["ctx"] == "A woman sprays soapy water over a dusty red car."  # empty ctx_b
+    rows, n_end = render(items[0], enc.encode_ordinary, 64)
+    ctx = enc.encode_ordinary(items[0]["ctx"])
+    for row, n, ending in zip(rows, n_end, items[0]["endings"]):
+        assert row[:len(ctx)] == ctx and n == len(enc.encode_ordinary(" " + ending)) == len(row) - len(ctx)
+    rows, n_end = render(items[0], enc.encode_ordinary, 8)  # too long: the context's start is cut
+    assert all(len(r) == 8 for r in rows) and n_end == [min(n, 7) for n in render(items[0], enc.encode_ordinary, 64)[1]]
+
+
+def brute_force(model, item, encode):
+    """One item, one ending at a time, no batching or padding: (argmin summed loss, argmin mean loss, sums)."""
+    ctx = encode(item["ctx"])
+    sums, means = [], []
+    for ending in item["endings"]:
+        end = encode(" " + ending)
+        row = torch.tensor([ctx + end])
+        logp = F.log_softmax(model(row)[0][0].float(), dim=-1)
+        loss = -sum(logp[len(ctx) + j - 1, t].item() for j, t in enumerate(end))
+        sums.append(loss)
+        means.append(loss / len(end))
+    return min(range(4), key=sums.__getitem__), min(range(4), key=means.__getitem__), sums
+
+
+@torch.no_grad()
+@pytest.mark.slow
+def test_batched_scoring_matches_brute_force(enc):
+    model, items = tiny(), load_hellaswag(FIXTURE)
+    logits_fn = lambda idx: model(idx)[0]
+    expected = [brute_force(model, it, enc.encode_ordinary) for it in items]
+    for batch_size in (1, 4):  # batches of items of different lengths, right-padded
+        got = hellaswag_predictions(logits_fn, items, enc.encode_ordinary, 64, "cpu", batch_size)
+        assert got == [(s, m) for s, m, _ in expected]
+    sums, _ = score_rendered(logits_fn, [render(it, enc.encode_ordinary, 64) for it in items], "cpu")
+    torch.testing.assert_close(sums, torch.tensor([e[2] for e in expected]), rtol=1e-4, atol=1e-4)
+    result = score_hellaswag(logits_fn, items, enc.encode_ordinary, 64, "cpu", batch_size=4)
+    labels = [it["label"] for it in items]
+    assert result == {"hellaswag_acc": sum(e[0] == l for e, l in zip(expected, labels)) / 6,
+                      "hellaswag_acc_norm": sum(e[1] == l for e, l in zip(expected, labels)) / 6, "hellaswag_items": 6}
+
+
+def test_acc_and_acc_norm_part_ways(enc):
+    """A unigram model (the same logits everywhere) that likes ' the' (logit 5) more than ' yes' (logit 3): the
+    long ending ' the the the' has the lower mean loss but the higher summed loss than ' yes'."""
+    the, yes = enc.encode_ordinary(" the"), enc.encode_ordinary(" yes")
+    assert len(the) == len(yes) == 1
+    unigram = torch.zeros(50304)
+    unigram[the[0]], unigram[yes[0]] = 5.0, 3.0
+    logits_fn = lambda idx: unigram.expand(*idx.shape, -1)
+    item = {"ctx": "Say it:", "endings": ["yes", "the the the", "zebra crossing lights", "quantum walrus"], "label": 1}
+    result = score_hellaswag(logits_fn, [item], enc.encode_ordinary, 64, "cpu")
+    assert result["hellaswag_acc"] == 0.0 and result["hellaswag_acc_norm"] == 1.0
+    result = score_hellaswag(logits_fn, [{**item, "label": 0}], enc.encode_ordinary, 64, "cpu")
+    assert result["hellaswag_acc"] == 1.0 and result["hellaswag_acc_norm"] == 0.0
+
+
+def test_an_oracle_scores_every_item(enc):
+    """A model that puts +50 on the next token of each item's labelled row only: acc = acc_norm = 1."""
+    items = load_hellaswag(FIXTURE)
+    right = [render(it, enc.encode_ordinary, 64)[0][it["label"]] for it in items]
+
+    def logits_fn(idx):
+        logits = torch.zeros(*idx.shape, 50304)
+        for i, row in enumerate(idx.tolist()):
+            for r in right:
+                if row[:len(r)] == r:
+                    logits[i, torch.arange(len(r) - 1), torch.tensor(r[1:])] = 50.0
+        return logits
+
+    result = score_hellaswag(logits_fn, items, enc.encode_ordinary, 64, "cpu", batch_size=4)
+    assert result["hellaswag_acc"] == result["hellaswag_acc_norm"] == 1.0
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    requests = 0
+
+    def do_GET(self):
+        type(self).requests += 1
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_once_into_the_cache(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copyfile(FIXTURE, served / "hellaswag_val.jsonl")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        cache = tmp_path / "cache"
+        path = hellaswag_file("", str(cache), f"{base}/hellaswag_val.jsonl")
+        assert open(path).read() == FIXTURE.read_text() and CountingHandler.requests == 1
+        assert hellaswag_file("", str(cache), f"{base}/hellaswag_val.jsonl") == path and CountingHandler.requests == 1
+        assert len(load_hellaswag(path)) == 6
+        with pytest.raises(DataError, match="cannot download HellaSwag from .*404.*--hellaswag=PATH"):
+            hellaswag_file("", str(tmp_path / "cache2"), f"{base}/missing.jsonl")
+        assert not list((tmp_path / "cache2").iterdir())  # no partial file left to be taken for the data
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1}\n{"ctx": "a", "endings"\n', "line 2 is not a HellaSwag item"),
+    ('{"ctx": "a", "endings": ["b", "c"], "label": 1}\n', "line 1 is not a HellaSwag item"),
+    ('<html>rate limited</html>\n', "line 1 is not a HellaSwag item"),
+    ("", "holds no HellaSwag items"),
+])
+def test_damaged_hellaswag_file_is_one_error(tmp_path, content, message):
+    bad = tmp_path / "hellaswag_val.jsonl"
+    bad.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_hellaswag(str(bad))
+
+
+# --- eval.py through its entry point
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, token_dir):
+    out = tmp_path_factory.mktemp("run")
+    run_script("train.py", "config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}", "--device=cpu",
+               "--max_iters=4", "--eval_interval=2", "--hellaswag_interval=4", f"--hellaswag_file={FIXTURE}",
+               "--hellaswag_items=4")
+    return out
+
+
+@pytest.mark.slow
+def test_hellaswag_in_training(tiny_run):
+    evals = [r for r in map(json.loads, open(tiny_run / "metrics.jsonl")) if r["type"] == "eval"]
+    assert [r["iter"] for r in evals] == [0, 2, 4]
+    assert [r.get("hellaswag_items") for r in evals] == [4, None, 4]  # at iterations divisible by hellaswag_interval
+    assert all(0 <= r["hellaswag_acc"] <= 1 and 0 <= r["hellaswag_acc_norm"] <= 1 for r in (evals[0], evals[2]))
+    assert all(0 < r["val_bpb"] < r["val_loss"] for r in evals)
+
+
+def test_hellaswag_training_keys_are_checked():
+    from config import load_train_config
+    from errors import ConfigError
+    with pytest.raises(ConfigError, match="hellaswag_interval .* multiple of eval_interval"):
+        load_train_config(["--eval_interval=10", "--hellaswag_interval=15"])
+    with pytest.raises(ConfigError, match="hellaswag_items must be positive"):
+        load_train_config(["--hellaswag_items=0"])
+
+
+@pytest.fixture(scope="module")
+def short_val_dir(tmp_path_factory, token_dir, enc):
+    """token_dir with its val split cut to the first 8,000 tokens (the whole split takes minutes at full vocabulary
+    width on 2 CPU cores)."""
+    import numpy as np
+    out = tmp_path_factory.mktemp("short_val")
+    val = np.fromfile(token_dir / "val.bin", dtype=np.uint16)[:8000]
+    val.tofile(out / "val.bin")
+    (out / "train.bin").symlink_to(token_dir / "train.bin")
+    meta = json.load(open(token_dir / "meta.json"))
+    meta["splits"]["val"].update(tokens=8000, bytes=int(token_bytes(enc, 50257)[val.astype(np.int64)].sum()))
+    json.dump(meta, open(out / "meta.json", "w"))
+    return out
+
+
+def one_line_error(result, text):
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and text in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_eval_entry_point_on_a_trained_checkpoint(tiny_run, short_val_dir):
+    result = run_script("eval.py", f"--model={tiny_run}", f"--data_dir={short_val_dir}", f"--hellaswag={FIXTURE}",
+                        "--batch_size=64", "--device=cpu")
+    assert "| val       | bpb      |" in result.stdout and "| hellaswag | acc_norm |" in result.stdout
+    records = [json.loads(line) for line in open(tiny_run / "metrics.jsonl")]
+    val, hella = [r for r in records if r["type"] == "eval_downstream"]
+    assert val["task"] == "val" and val["iter"] == 4 and val["val_tokens"] == 8000 - 1  # every target once
+    assert 0 < val["val_bpb"] < val["val_loss"] < 11  # ~4.x bytes per token: bpb well below the loss in nats
+    assert hella["task"] == "hellaswag" and hella["hellaswag_items"] == 6 and 0 <= hella["hellaswag_acc_norm"] <= 1
+
+
+@pytest.mark.slow
+def test_eval_entry_point_on_an_export(tiny_run, short_val_dir, tmp_path):
+    pytest.importorskip("transformers")
+    run_script("export.py", f"--model={tiny_run}", f"--out={tmp_path / 'hf'}", "--check=False")  # checked in test_export
+    result = run_script("eval.py", f"--model={tmp_path / 'hf'}", f"--data_dir={short_val_dir}", f"--hellaswag={FIXTURE}",
+                        "--batch_size=64", "--device=cpu")
+    assert "| val       | loss     |" in result.stdout and "| hellaswag | acc      |" in result.stdout
+    assert not (tmp_path / "hf" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_eval_user_mistakes_are_one_line(tmp_path):
+    one_line_error(run_script("eval.py", f"--model={tmp_path}", f"--hellaswag={tmp_path / 'none.jsonl'}", check=False),
+                   "no HellaSwag file at")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    one_line_error(run_script("eval.py", f"--model={tmp_path}", f"--hellaswag={bad}", check=False),
+                   "line 1 is not a HellaSwag item")
+    one_line_error(run_script("eval.py", f"--model={tmp_path}", "--hellaswag_items=0", check=False),
+                   "nothing to evaluate")
+    one_line_error(run_script("eval.py", f"--model={tmp_path / 'no-run'}", f"--hellaswag={FIXTURE}", check=False),
+                   "no-run: no such path")
