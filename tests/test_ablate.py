@@ -35,6 +35,7 @@ def test_sweep_runs_resumes_and_compares(tmp_path, token_dir):
     assert "| 2/2 |" in row and f"s1 {d1:+.4f}" in row and f"s2 {d2:+.4f}" in row
 
 
+@pytest.mark.slow
 def test_sweep_errors_are_one_line(tmp_path):
     result = run_script("ablate.py", "--base=config/train_tiny.py", "--variants=baseline,config/nope.py", check=False)
     assert result.returncode == 1 and result.stderr.strip().endswith("no config file 'config/nope.py' (use 'baseline' for the base alone)")

@@ -136,6 +136,7 @@ TINY = ["config/train_tiny.py", "--n_layer=1", "--n_head=2", "--n_embd=32", "--b
         "--gradient_accumulation_steps=2", "--vocab_size=256", "--warmup=1", "--steps=2", "--rounds=2"]
 
 
+@pytest.mark.slow
 def test_bench_smoke_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     result = run_script("bench/bench.py", *TINY, "--compare=dispersion,multipliers,loss_chunk_size=0", "--peak_flops=1e12",
@@ -157,6 +158,7 @@ def test_bench_smoke_on_cpu(tmp_path):
     (["--compare=nonsense"], "unknown variant 'nonsense'"),
     (["--find_max_batch"], "need a CUDA device"),
 ])
+@pytest.mark.slow
 def test_bench_user_errors_are_one_line(args, message):
     result = run_script("bench/bench.py", "config/train_tiny.py", "--device=cpu", *args, check=False, timeout=60)
     assert result.returncode != 0 and message in result.stderr

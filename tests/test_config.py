@@ -122,6 +122,7 @@ def test_bool_flag_without_value():
     assert parse_args(TrainConfig, ["--eval_only"]).eval_only is True
 
 
+@pytest.mark.slow
 def test_train_py_reports_one_line(tmp_path):
     result = run_script("train.py", "config/train_tiny.py", "--n_layr=2", check=False)
     assert result.returncode != 0
@@ -144,6 +145,7 @@ def test_config_file_calling_sys_exit_is_reported(tmp_path):
     assert result.stderr.strip() == f"train.py: config error: {path} called sys.exit(0) while being read"
 
 
+@pytest.mark.slow
 def test_help_lists_keys():
     result = run_script("train.py", "--help")
     assert "--dispersion_coeff=0.0" in result.stdout and "--learning_rate=0.0006" in result.stdout

@@ -245,6 +245,7 @@ def test_each_variant_trains(variant):
     assert losses["dispersion"].item() < first
 
 
+@pytest.mark.slow
 def test_compiles_and_matches_eager():
     """torch.compile traces the loss (autocast off, straight-through clamp, masks); aot_eager checks tracing and
     autograd without minutes of C++ compilation on CPU. max_tokens >= T, so no random draw is involved."""
@@ -396,6 +397,7 @@ def test_picture_command_draws_a_checkpoint(runs, tmp_path):
     assert result.returncode == 1 and "out must name a .png, .pdf or .svg file" in result.stderr
 
 
+@pytest.mark.slow
 def test_picture_command_errors_are_one_line(tmp_path):
     result = run_script("condensation.py", f"--out_dir={tmp_path / 'nothing'}", check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr

@@ -80,6 +80,7 @@ def out_files(out_dir):
 # -----------------------------------------------------------------------------
 # round trip, determinism, split
 
+@pytest.mark.slow
 def test_entry_point_round_trip(sample_parquet, tmp_path):
     out = tmp_path / "out"
     flags = ["--max_docs=3000", "--val_fraction=0.02", "--seed=3"]

@@ -231,6 +231,7 @@ def samples_of(stdout):
     return stdout.rstrip("\n").split("\n" + "-" * 15 + "\n")
 
 
+@pytest.mark.slow
 def test_sample_script_batch_seeds_and_streaming(tmp_path):
     model = gpt2_vocab_model()
     save(tmp_path / "best.pt", model)
@@ -249,6 +250,7 @@ def test_sample_script_batch_seeds_and_streaming(tmp_path):
     assert "best.pt: iter 7, best val loss 5.2500" in batch.stderr and "tokens/s" in batch.stderr
 
 
+@pytest.mark.slow
 def test_sample_script_stops_at_end_of_text(tmp_path):
     model = gpt2_vocab_model(bias=True)
     with torch.no_grad():  # ln_f outputs a constant pointing at the end-of-text embedding: it always comes next
@@ -263,6 +265,7 @@ def test_sample_script_stops_at_end_of_text(tmp_path):
     assert free.stdout == "Hi" + "<|endoftext|>" * 5 + "\n"
 
 
+@pytest.mark.slow
 def test_sample_script_prompt_from_file_cropped_and_from_stdin(tmp_path):
     save(tmp_path / "best.pt", gpt2_vocab_model())
     (tmp_path / "prompt.txt").write_text("one two three four five six seven eight nine ten " * 5)  # > 32 tokens
@@ -278,6 +281,7 @@ def test_sample_script_prompt_from_file_cropped_and_from_stdin(tmp_path):
     assert piped.returncode == 0 and piped.stdout.startswith("From stdin") and "warning" not in piped.stderr
 
 
+@pytest.mark.slow
 def test_sample_script_merges_multipliers_and_reads_nanogpt_checkpoints(tmp_path):
     enc = get_tokenizer()
     prompt = enc.encode("The cat")
@@ -307,6 +311,7 @@ def test_sample_script_merges_multipliers_and_reads_nanogpt_checkpoints(tmp_path
     assert "ckpt.pt: iter 500, best val loss 3.5000" in result.stderr
 
 
+@pytest.mark.slow
 def test_sample_script_errors_are_one_line(tmp_path):
     good = gpt2_vocab_model()
     for name in ("empty", "unknown_key", "wrong_shape", "char_level"):
@@ -343,6 +348,7 @@ def test_sample_script_errors_are_one_line(tmp_path):
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_bench_sample_quick():
     # the benchmark checks that both paths generate the same tokens, also past block_size (80 tokens, block 64)
     result = run_script("bench/bench_sample.py", "--quick", "--threads=1")

@@ -78,6 +78,7 @@ def test_validation_windows_are_fixed():
     assert starts == fixed_windows(tokens, 7, 64) and starts[0] == 0 and starts[-1] == 10_000 - 65
 
 
+@pytest.mark.slow
 def test_atomic_save_survives_kill_9(tmp_path):
     """kill -9 in the middle of writing a checkpoint leaves the previous one loadable."""
     path = tmp_path / "last.pt"
