@@ -55,6 +55,15 @@ class TrainConfig(GPTConfig):
     grad_clip: float = 1.0  # clip the global gradient norm (multipliers excluded) to this; 0 = off
     multiplier_weight_decay: float = 2e-3  # weight decay of learnable multipliers (paper: required, 2e-3)
     multiplier_lr_scale: float = 1.0  # learnable multipliers' lr = this x the scheduled lr
+    # --- optimizer (Muon): defaults from modded-nanogpt's Muon records and nanochat (docs/muon.md)
+    optimizer: str = "adamw"  # 'adamw' (every parameter) | 'muon' (Muon on the blocks' matrices, AdamW on the rest)
+    muon_lr: float = 0.02  # Muon peak lr, scaled by sqrt(max(1, rows/cols)) (modded-nanogpt, nanochat, Keller Jordan)
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum after the warm-up (every published recipe)
+    muon_momentum_start: float = 0.85  # momentum at step 0, raised linearly (modded-nanogpt 0.85 -> 0.95)
+    muon_momentum_warmup: int = 300  # steps of that momentum warm-up (modded-nanogpt today: 300)
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay, x the scheduled lr (modded: 0 best)
+    adam_embed_lr: float = 3.6e-3  # optimizer=muon: AdamW peak lr of the embeddings, tied head included (modded #7)
+    adam_head_lr: float = 8e-3  # optimizer=muon: AdamW peak lr of an untied LM head (modded-nanogpt, nanochat d12)
     # --- learning-rate schedule
     decay_lr: bool = True  # False: constant learning_rate after warm-up
     lr_schedule: str = "cosine"  # 'cosine': warm-up, cosine to min_lr | 'wsd': warm-up, constant, linear decay
@@ -76,13 +85,15 @@ CHOICES = {
     "lr_schedule": ("cosine", "wsd"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "backend": ("auto", "nccl", "gloo"),
+    "optimizer": ("adamw", "muon"),
 }
 POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "hellaswag_items",
-            "learning_rate", "adam_eps", "multiplier_lr_scale")
+            "learning_rate", "adam_eps", "multiplier_lr_scale", "muon_lr", "adam_embed_lr", "adam_head_lr")
 NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "hellaswag_interval", "seed",
                 "min_lr", "weight_decay", "multiplier_weight_decay", "grad_clip", "peak_flops", "loss_spike_factor",
-                "grad_spike_factor")
-FRACTIONS = {"dropout": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0)}  # each in [low, high)
+                "grad_spike_factor", "muon_weight_decay", "muon_momentum_warmup")
+FRACTIONS = {"dropout": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "muon_momentum": (0.0, 1.0),
+             "muon_momentum_start": (0.0, 1.0)}  # each in [low, high)
 
 
 def _convert(key, value, kind, from_cli):

@@ -35,6 +35,7 @@ from evaluation import bits_per_byte, byte_targets, hellaswag_file, load_hellasw
 from metrics import read_records
 from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
 from monitor import Clock, Health, compile_failure, count, duration, gpu_report, probe_compiled
+from optim import configure_optimizer
 from tokens import TrainWindows, fixed_windows, get_tokenizer, open_split, stack_windows
 
 # -----------------------------------------------------------------------------
@@ -116,9 +117,8 @@ def build_model(cfg, resume_ckpt):
 # -----------------------------------------------------------------------------
 # One optimizer step (bench.py times this same function)
 
-def make_optimizer(raw_model, cfg, device_type):
-    return raw_model.configure_optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
-                                         cfg.multiplier_weight_decay, cfg.multiplier_lr_scale, device_type)
+def make_optimizer(raw_model, cfg, device_type, dtype=None):
+    return configure_optimizer(raw_model, cfg, device_type, dtype)  # optim.py: AdamW, or Muon + AdamW
 
 
 def train_step(model, optimizer, scaler, ctx, get_batch, accum, clip_params, grad_clip, ddp=False):
@@ -307,6 +307,10 @@ def read_resume_checkpoint(cfg):
     if any(".attn.c_attn." in k for k in ckpt["model"]):  # its AdamW state has one tensor per fused c_attn
         raise DataError(f"{path} predates the split attention matrices (c_q, c_k, c_v): its weights load but its "
                         f"optimizer state does not; start a new run from it with --init_from={path}")
+    trained_with = ckpt.get("config", {}).get("optimizer", "adamw")  # AdamW and Muon states differ
+    if trained_with != cfg.optimizer and not cfg.eval_only:
+        raise ConfigError(f"cannot resume a run trained with optimizer={trained_with} with optimizer={cfg.optimizer}: "
+                          f"start a new run from its weights with --init_from={path}")
     ckpt["path"] = path
     return ckpt
 
@@ -323,7 +327,7 @@ class Progress:
 
 def restore(ckpt, optimizer, scaler, rt):
     """Load a checkpoint's optimizer, scaler and RNG state; return its Progress."""
-    wanted = [{k: g[k] for k in ("weight_decay", "lr_scale", "betas", "eps")} for g in optimizer.param_groups]
+    wanted = [{k: g[k] for k in ("weight_decay", "lr_scale", "betas", "eps") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
     for group, settings in zip(optimizer.param_groups, wanted):  # this run's settings, not the checkpoint's
         group.update(settings)
@@ -468,7 +472,7 @@ def main(argv):
         cfg = replace(cfg, **from_source)
     if meta["vocab_size"] > cfg.vocab_size:
         raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']})")
-    optimizer = make_optimizer(raw_model, cfg, rt.device_type)
+    optimizer = make_optimizer(raw_model, cfg, rt.device_type, rt.dtype)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
     progress = restore(ckpt, optimizer, scaler, rt) if ckpt is not None else Progress()
     resumed_from = ckpt["path"] if ckpt is not None else None

@@ -1,0 +1,115 @@
+"""
+The optimizer of train.py, built in one place.
+
+- optimizer = 'adamw' (default): GPT.configure_optimizer, fused AdamW on every parameter (GPT-2's recipe).
+- optimizer = 'muon': torch.optim.Muon on the 2-D weight matrices inside the transformer blocks (attention
+  and MLP projections, Q, K and V each on its own when the model stores them apart) and fused AdamW on the
+  rest: token/position embeddings, the LM head, gains, biases and the learnable multipliers. Muon
+  orthogonalises each matrix's momentum with 5 Newton-Schulz iterations (in bfloat16, inside torch) and
+  steps along it; embeddings and the head are not hidden-layer matrices, so every published recipe keeps
+  them on Adam (KellerJordan/Muon README, modded-nanogpt, nanochat, Moonlight).
+
+Both are driven by train.py the same way: each param group carries lr_scale, and the training loop sets
+group["lr"] = get_lr(it) * lr_scale. With Muon, lr_scale is muon_lr / learning_rate (or adam_embed_lr /
+learning_rate, ...), so the schedule multiplies every group alike and learning_rate stays the lr of the
+gains and biases. Muon's momentum warms up linearly over its first steps (modded-nanogpt, nanochat).
+"""
+import torch
+
+from errors import ConfigError
+from model import MULTIPLIER_SUFFIX
+
+BLOCKS_PREFIX = "transformer.h."  # the parameters of the transformer blocks (model.py's names)
+
+
+def configure_optimizer(model, cfg, device_type, dtype=None):
+    """The optimizer for model (the raw module, not a compiled or DDP wrapper) as cfg asks. dtype: the
+    resolved training dtype (None: not checked, for unit tests that step without autocast)."""
+    if cfg.optimizer == "adamw":  # exactly today's optimizer
+        return model.configure_optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
+                                         cfg.multiplier_weight_decay, cfg.multiplier_lr_scale, device_type)
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optimizer=muon needs torch.optim.Muon (torch >= 2.9), not torch {torch.__version__}")
+    if dtype == "float16":
+        raise ConfigError("optimizer=muon does not work with dtype=float16 (its GradScaler is untested with Muon, "
+                          "and Muon's Newton-Schulz runs in bfloat16): use dtype=bfloat16 or float32")
+    return MuonAdamW(model, cfg, device_type)
+
+
+def split_parameters(model):
+    """{'muon', 'embeddings', 'head', 'vectors', 'multipliers'}: lists of (name, parameter), each parameter in
+    exactly one. A tied LM head is the token embedding: named_parameters() yields it once, as an embedding."""
+    groups = {"muon": [], "embeddings": [], "head": [], "vectors": [], "multipliers": []}
+    for name, p in model.named_parameters():
+        if name.endswith(MULTIPLIER_SUFFIX):
+            kind = "multipliers"
+        elif name.startswith(BLOCKS_PREFIX) and p.dim() >= 2:
+            if p.dim() != 2 or min(p.shape) < 2:
+                raise ConfigError(f"optimizer=muon: block parameter {name} has shape {tuple(p.shape)}, but Muon "
+                                  f"takes 2-D matrices only: use optimizer=adamw with this model")
+            kind = "muon"
+        elif name.startswith("lm_head."):
+            kind = "head"
+        elif p.dim() >= 2:
+            kind = "embeddings"  # wte (tied: also the head), wpe
+        else:
+            kind = "vectors"  # gains and biases
+        groups[kind].append((name, p))
+    return groups
+
+
+class MuonAdamW:
+    """torch.optim.Muon and a fused AdamW side by side, behaving like one optimizer for train.py, bench.py and
+    GradScaler (disabled): param_groups (Muon's first), state, step, zero_grad, state_dict, load_state_dict.
+    step() also sets Muon's momentum for this step of the warm-up; its step count is in the state dict."""
+
+    def __init__(self, model, cfg, device_type):
+        parts = split_parameters(model)
+        lr = cfg.learning_rate
+        self.muon = torch.optim.Muon(
+            [dict(params=[p for _, p in parts["muon"]], name="muon", lr_scale=cfg.muon_lr / lr)],
+            lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum_start, nesterov=True)
+        # name -> (params, weight decay, lr / learning_rate); the multipliers keep today's group and settings
+        adam_groups = {"embeddings": (cfg.weight_decay, cfg.adam_embed_lr / lr),
+                       "head": (cfg.weight_decay, cfg.adam_head_lr / lr),
+                       "vectors": (0.0, 1.0),
+                       "multipliers": (cfg.multiplier_weight_decay, cfg.multiplier_lr_scale)}
+        self.adamw = torch.optim.AdamW(
+            [dict(params=[p for _, p in parts[kind]], name=kind, weight_decay=wd, lr_scale=scale, lr=lr * scale)
+             for kind, (wd, scale) in adam_groups.items() if parts[kind]],
+            lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=device_type in ("cuda", "cpu"))
+        self.momentum = (cfg.muon_momentum_start, cfg.muon_momentum, cfg.muon_momentum_warmup)
+        self.steps = 0  # optimizer steps taken: the position in the momentum warm-up
+
+    @property
+    def param_groups(self):
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self):
+        return {**self.muon.state, **self.adamw.state}
+
+    def momentum_at(self, step):
+        """Linear warm-up from muon_momentum_start to muon_momentum over muon_momentum_warmup steps."""
+        start, end, warmup = self.momentum
+        return end if step >= warmup else start + (end - start) * step / warmup
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.muon.param_groups:
+            group["momentum"] = self.momentum_at(self.steps)
+        self.muon.step()
+        self.adamw.step()
+        self.steps += 1
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+        self.steps = state["steps"]
