@@ -6,8 +6,9 @@ budget, with a small learning-rate sweep for every variant and two or more seeds
     python data/fineweb/prepare.py /work/shared/data/english-sample.parquet --out_dir=data/sample --val_docs=400
     OMP_NUM_THREADS=1 python bench/recipe.py --data_dir=data/sample --out_dir=out/recipe
 
-Phase 1 (sweep): seed 0 of every variant at each lr multiplier (applied to all of the variant's peak lrs).
-Phase 2 (seeds): seeds 1.. at the multiplier with the lowest final val loss. Runs are train.py out_dirs under
+Phase 1: every variant and seed at its default lrs (multiplier 1), so an interrupted experiment still has a
+complete comparison. Phase 2 (the sweep): seed 0 at the other lr multipliers (each scales all of a variant's
+peak lrs). Phase 3: the other seeds at the multiplier with the lowest final val loss. Runs are train.py out_dirs under
 out_dir: a finished run is skipped, a stopped one resumes from its last.pt, so the script can be killed and
 rerun. Then it prints the tables (markdown), and writes results.json and curves.png into out_dir.
 """
@@ -180,11 +181,14 @@ def main():
     args = p.parse_args()
     args.lr_mults = [float(m) for m in args.lr_mults.split(",")]
     args.variants = args.variants.split(",")
+    if 1.0 not in args.lr_mults:
+        sys.exit("--lr_mults must include 1 (the default lrs)")
     if "baseline" not in args.variants or any(v not in VARIANTS for v in args.variants):
         sys.exit(f"--variants: a comma-separated subset of {', '.join(VARIANTS)} that includes baseline")
     if not args.report_only:
-        run_all([(v, m, 0) for v in args.variants for m in args.lr_mults], args)  # phase 1: the sweep
-        run_all([(v, best_mult(v, args), s) for v in args.variants for s in range(1, args.seeds)], args)
+        run_all([(v, 1.0, s) for s in range(args.seeds) for v in args.variants], args)
+        run_all([(v, m, 0) for m in args.lr_mults if m != 1 for v in args.variants], args)
+        run_all([(v, best_mult(v, args), s) for s in range(1, args.seeds) for v in args.variants], args)
     summarize(args)
 
 
