@@ -43,6 +43,7 @@ VARIANTS = {  # name -> the overlay (config files and --key=value) that turns it
     "both": ["config/ablate_both.py"],
     "plain_ce": ["--loss_chunk_size=0"],  # cross-entropy on the full float32 logits
     "checkpointing": ["--activation_checkpointing=True"],
+    "muon": ["--optimizer=muon"],  # Muon on the blocks' matrices (Newton-Schulz every step) instead of AdamW
 }
 GB = 2 ** 30  # memory figures are in GiB (an "RTX 4070 12 GB" has 12 GiB)
 
@@ -50,7 +51,7 @@ GB = 2 ** 30  # memory figures are in GiB (an "RTX 4070 12 GB" has 12 GiB)
 @dataclass
 class BenchConfig(TrainConfig):
     # --- bench.py only
-    compare: str = ""  # variants vs base, comma-separated: dispersion|multipliers|both|plain_ce|checkpointing|a file|key=value
+    compare: str = ""  # variants vs base, comma-separated: dispersion|multipliers|both|plain_ce|checkpointing|muon|a file|key=value
     warmup: int = 2  # untimed optimizer steps per variant first (torch.compile compiles during the first)
     steps: int = 3  # timed optimizer steps per variant in each round
     rounds: int = 3  # rounds; the variants take turns in each, so machine noise hits all of them alike

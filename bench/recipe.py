@@ -95,8 +95,8 @@ def best_mult(variant, args):
     """The sweep's multiplier with the lowest final val loss at seed 0 (a diverged run counts as inf)."""
     def final(m):
         e = evals(run_dir(args, variant, m, 0))
-        return e[-1][1] if e and e[-1][0] == args.steps and math.isfinite(e[-1][1]) else math.inf
-    return min(args.lr_mults, key=final)
+        return e[-1][1] if finished(run_dir(args, variant, m, 0), args.steps) and math.isfinite(e[-1][1]) else math.inf
+    return min(args.lr_mults, key=lambda m: (final(m), m != 1))  # multiplier 1 until the sweep has a better one
 
 
 def steps_to_reach(curve, target):
@@ -112,34 +112,39 @@ def mean(xs):
 
 
 def summarize(args):
-    """Tables (markdown) and results.json from the finished runs."""
-    seeds = range(args.seeds)
-    sweep = {v: {m: evals(run_dir(args, v, m, 0)) for m in args.lr_mults} for v in args.variants}
-    chosen = {v: best_mult(v, args) for v in args.variants}
-    curves = {v: [evals(run_dir(args, v, chosen[v], s)) for s in seeds] for v in args.variants}
-    target = mean([c[-1][1] for c in curves["baseline"]])  # the baseline's final val loss, mean over seeds
-    base_steps = mean([steps_to_reach(c, target) for c in curves["baseline"]])
-    print(f"\nlr sweep (seed 0): final val loss at step {args.steps} per lr multiplier")
+    """Tables (markdown) and results.json from the finished runs (an interrupted experiment reports what it has)."""
+    done = lambda v, m, s: finished(run_dir(args, v, m, s), args.steps)
+    variants = [v for v in args.variants if done(v, best_mult(v, args), 0)]
+    if "baseline" not in variants:
+        sys.exit("no finished baseline run yet")
+    sweep = {v: {m: evals(run_dir(args, v, m, 0)) if done(v, m, 0) else [] for m in args.lr_mults} for v in variants}
+    chosen = {v: best_mult(v, args) for v in variants}
+    curves = {v: [evals(run_dir(args, v, chosen[v], s)) for s in range(args.seeds) if done(v, chosen[v], s)]
+              for v in variants}
+    mean_curves = {v: [(it, mean([dict(c)[it] for c in curves[v]])) for it, _ in curves[v][0]] for v in variants}
+    target = mean_curves["baseline"][-1][1]  # the baseline's final val loss, mean over seeds
+    base_steps = steps_to_reach(mean_curves["baseline"], target)  # args.steps, unless its mean curve is not monotone
+    print(f"\nlr sweep (seed 0): final val loss at step {args.steps} per lr multiplier ('-': not run yet)")
     print("| variant | " + " | ".join(f"x{m:g}" for m in args.lr_mults) + " | chosen |")
     print("|---|" + "---:|" * len(args.lr_mults) + "---|")
-    for v in args.variants:
-        cells = [f"{e[-1][1]:.4f}" if e and e[-1][0] == args.steps else "-" for e in sweep[v].values()]
+    for v in variants:
+        cells = [f"{e[-1][1]:.4f}" if e else "-" for e in sweep[v].values()]
         print(f"| {v} | " + " | ".join(cells) + f" | x{chosen[v]:g} |")
-    eval_iters = [it for it, _ in curves["baseline"][0]]
-    shown = [it for it in eval_iters if it > 0][1::2] or eval_iters
-    print(f"\nval loss at equal steps (mean of {args.seeds} seeds at the chosen lr); steps to reach the baseline's "
-          f"final val loss {target:.4f}")
-    print("| variant | " + " | ".join(f"step {it}" for it in shown) + " | steps to target | vs baseline |")
-    print("|---|" + "---:|" * (len(shown) + 2))
+    shown = [it for it, _ in curves["baseline"][0] if it > 0][1::2]
+    print(f"\nval loss at equal steps (mean over the seeds run at the chosen lr); steps for that mean curve to reach "
+          f"the baseline's final val loss {target:.4f} (each seed's own curve in brackets)")
+    print("| variant | seeds | " + " | ".join(f"step {it}" for it in shown) + " | steps to target | vs baseline |")
+    print("|---|---:|" + "---:|" * (len(shown) + 2))
     rows = {}
-    for v in args.variants:
-        at = {it: mean([dict(c)[it] for c in curves[v]]) for it in shown}
-        reach = [steps_to_reach(c, target) for c in curves[v]]
-        rows[v] = {"lr_mult": chosen[v], "val_at": at, "steps_to_target": reach,
-                   "ratio": mean(reach) / base_steps}
-        reach_text = f"{mean(reach):.1f} ({', '.join(f'{r:.0f}' for r in reach)})" if all(map(math.isfinite, reach)) \
-            else "not reached (" + ", ".join(f"{r:.0f}" for r in reach) + ")"
-        print(f"| {v} | " + " | ".join(f"{at[it]:.4f}" for it in shown) + f" | {reach_text} | "
+    for v in variants:
+        at = {it: dict(mean_curves[v])[it] for it in shown}
+        reach = steps_to_reach(mean_curves[v], target)  # on the mean curve; each seed's own in brackets
+        seeds = [steps_to_reach(c, target) for c in curves[v]]
+        rows[v] = {"lr_mult": chosen[v], "seeds": len(curves[v]), "val_at": at, "steps_to_target": reach,
+                   "steps_to_target_per_seed": seeds, "ratio": reach / base_steps}
+        reach_text = (f"{reach:.1f}" if math.isfinite(reach) else "not reached") + \
+            f" ({', '.join(f'{r:.1f}' if math.isfinite(r) else 'not reached' for r in seeds)})"
+        print(f"| {v} | {len(curves[v])} | " + " | ".join(f"{at[it]:.4f}" for it in shown) + f" | {reach_text} | "
               f"{rows[v]['ratio']:.2f}x |")
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump({"steps": args.steps, "target": target, "variants": rows,
@@ -157,11 +162,12 @@ def plot(curves, target, args):
         for i, c in enumerate(runs):
             ax.plot([it for it, _ in c], [loss for _, loss in c], color=color, alpha=0.9 if i == 0 else 0.45,
                     label=v if i == 0 else None, marker="o", markersize=2.5, linewidth=1.2)
-    ax.axhline(target, color="gray", linestyle="--", linewidth=0.8, label="baseline final (mean)")
+    ax.axhline(target, color="tab:green", linestyle="--", linewidth=0.8, label="baseline final (mean)")
     ax.set_xlabel(f"optimizer step (2,048 tokens each)")
     ax.set_ylabel("val loss")
-    ax.set_ylim(target - 0.6, target + 1.5)
-    ax.set_title(f"6 x 256, block 256, {args.seeds} seeds at each variant's best lr")
+    losses = [(it, loss) for runs in curves.values() for c in runs for it, loss in c]
+    ax.set_ylim(min(l for _, l in losses) - 0.1, max(l for it, l in losses if it >= args.steps // 4) + 0.2)
+    ax.set_title("6 x 256, block 256; each variant at its best lr, one line per seed")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.out_dir, "curves.png"), dpi=110)
