@@ -10,7 +10,7 @@ from conftest import REPO
 LAYERS = [
     {"errors"},  # one-line user errors: standard library only
     {"tokens", "model", "metrics", "monitor"},  # token files / the torch model / reading metrics.jsonl / watching a run
-    {"config", "device"},
+    {"config", "device", "optim"},
     {"checkpoint"},
     {"condensation", "generation"},  # the diagnostic train.py logs (and a script drawing its picture); the
     # generation code sample.py and serve.py share
