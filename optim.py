@@ -59,7 +59,7 @@ def split_parameters(model):
 
 
 class MuonAdamW:
-    """torch.optim.Muon and a fused AdamW side by side, behaving like one optimizer for train.py, bench.py and
+    """torch.optim.Muon and a fused AdamW side by side, behaving like one optimizer for train.py, bench/bench.py and
     GradScaler (disabled): param_groups (Muon's first), state, step, zero_grad, state_dict, load_state_dict.
     step() also sets Muon's momentum for this step of the warm-up; its step count is in the state dict."""
 
