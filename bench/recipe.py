@@ -193,7 +193,7 @@ def main():
         sys.exit(f"--variants: a comma-separated subset of {', '.join(VARIANTS)} that includes baseline")
     if not args.report_only:
         run_all([(v, 1.0, s) for s in range(args.seeds) for v in args.variants], args)
-        run_all([(v, m, 0) for m in args.lr_mults if m != 1 for v in args.variants], args)
+        run_all([(v, m, 0) for v in args.variants for m in args.lr_mults if m != 1], args)  # baseline's first
         run_all([(v, best_mult(v, args), s) for s in range(1, args.seeds) for v in args.variants], args)
     summarize(args)
 
