@@ -32,3 +32,16 @@ lr_decay_iters = 19073
 min_lr = 6e-5
 eval_interval = 250
 eval_iters = 100  # 100 x 8 x 1024 = 819,200 validation tokens, as the GPT-2 run
+# Optimizer: Muon on the block matrices, AdamW on the tied embedding and the gains (docs/muon.md). Muon lr 0.02,
+# Nesterov momentum 0.85 -> 0.95 over the first 300 steps and no Muon weight decay are modded-nanogpt's published
+# values at 124M on 524k-token steps (nanochat d12 uses the same lr); the tied embedding's AdamW lr 3.6e-3 is
+# modded-nanogpt record #7's (tied head, Muon 0.02). learning_rate above stays the gains' lr and the schedule's
+# peak: every group follows its warm-up and decay. Estimates for this size, not tuned on a GPU; the CPU comparison
+# in BENCHMARKS.md ("The 2026 recipe") is far smaller.
+optimizer = "muon"
+muon_lr = 0.02
+muon_momentum = 0.95
+muon_momentum_start = 0.85
+muon_momentum_warmup = 300
+muon_weight_decay = 0.0
+adam_embed_lr = 3.6e-3

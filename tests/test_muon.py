@@ -56,10 +56,27 @@ def test_every_parameter_in_exactly_one_group(multipliers):
     assert adamw["embeddings"] == ["transformer.wte.weight", "transformer.wpe.weight"]  # wte is the tied head too
     assert all(model.get_parameter(n).dim() == 1 for n in adamw["vectors"])  # gains and biases
     assert ("multipliers" in adamw) == (multipliers != "none")
-    # until Q, K and V are stored apart (the modern block), the fused c_attn is one Muon matrix of 3C x C
-    for block in model.transformer.h:
-        assert any(p is block.attn.c_attn.weight for p in opt.muon.param_groups[0]["params"])
-        assert block.attn.c_attn.weight.shape == (3 * 64, 64)
+    # Q, K and V are three Muon matrices of C x C each, not one fused 3C x C block
+    qkv = [n for n in muon if n.split(".")[-2] in ("c_q", "c_k", "c_v")]
+    assert len(qkv) == 3 * cfg.n_layer and all(model.get_parameter(n).shape == (64, 64) for n in qkv)
+    assert not any("c_attn" in n for n in muon)
+
+
+def test_modern_block_split():
+    """The modern block (RMSNorm gains, QK-norm gains, SwiGLU's three matrices, an untied head) splits the same way."""
+    model, cfg = tiny_model("--pos_emb=rope", "--norm=rmsnorm", "--qk_norm=True", "--mlp=swiglu", "--mlp_hidden=96",
+                            "--tie_embeddings=False")
+    opt = configure_optimizer(model, cfg, "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups}
+    assert sum(map(len, groups.values())) == len(names)
+    per_block = {n.split(".", 3)[3] for n in groups["muon"]}
+    assert per_block == {"attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
+                         "mlp.c_fc.weight", "mlp.c_gate.weight", "mlp.c_proj.weight"}
+    assert groups["embeddings"] == ["transformer.wte.weight"] and groups["head"] == ["lm_head.weight"]
+    assert {n.rsplit(".", 2)[-2] for n in groups["vectors"]} == {"ln_1", "ln_2", "q_norm", "k_norm", "ln_f"}
+    head = next(g for g in opt.param_groups if g["name"] == "head")
+    assert head["lr_scale"] == pytest.approx(cfg.adam_head_lr / cfg.learning_rate)
 
 
 def test_group_settings_follow_the_config():
@@ -175,7 +192,8 @@ def records(out_dir, kind):
 @pytest.mark.slow
 def test_muon_learns_and_resumes_exactly(tmp_path, token_dir):
     """Stopped at step 6 (inside the momentum warm-up) and resumed == uninterrupted, bit for bit; the loss falls."""
-    common = [*FAST, f"--data_dir={token_dir}", "--eval_interval=3", "--lr_decay_iters=12", "--warmup_iters=2"]
+    common = [*FAST, f"--data_dir={token_dir}", "--eval_interval=3", "--lr_decay_iters=12", "--warmup_iters=2",
+              "--deterministic"]  # bit-exact whatever the load: docs/reproducibility.md
     full, part = tmp_path / "full", tmp_path / "part"
     run_script("train.py", *common, f"--out_dir={full}", "--max_iters=12")
     run_script("train.py", *common, f"--out_dir={part}", "--max_iters=6")
@@ -201,10 +219,12 @@ def test_muon_learns_and_resumes_exactly(tmp_path, token_dir):
 
 @pytest.mark.slow
 def test_torchrun_matches_one_process(tmp_path, token_dir):
-    """2 processes (gloo) == 1 process with the same global batch: DDP averages the gradients, then every rank
+    """Muon and the modern block: 2 processes (gloo) == 1 process with the same global batch: DDP averages the
+    gradients, then every rank
     takes the same Muon step (Newton-Schulz is deterministic on identical inputs)."""
     args = [*FAST, f"--data_dir={token_dir}", "--eval_interval=4", "--lr_decay_iters=8", "--warmup_iters=2",
-            "--max_iters=8"]
+            "--max_iters=8", "--pos_emb=rope", "--norm=rmsnorm", "--qk_norm=True", "--mlp=swiglu",
+            "--tie_embeddings=False"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run_script("train.py", *args, f"--out_dir={single}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
