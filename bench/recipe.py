@@ -163,7 +163,7 @@ def plot(curves, target, args):
             ax.plot([it for it, _ in c], [loss for _, loss in c], color=color, alpha=0.9 if i == 0 else 0.45,
                     label=v if i == 0 else None, marker="o", markersize=2.5, linewidth=1.2)
     ax.axhline(target, color="tab:green", linestyle="--", linewidth=0.8, label="baseline final (mean)")
-    ax.set_xlabel(f"optimizer step (2,048 tokens each)")
+    ax.set_xlabel("optimizer step (2,048 tokens each)")
     ax.set_ylabel("val loss")
     losses = [(it, loss) for runs in curves.values() for c in runs for it, loss in c]
     ax.set_ylim(min(l for _, l in losses) - 0.1, max(l for it, l in losses if it >= args.steps // 4) + 0.2)
