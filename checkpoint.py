@@ -3,6 +3,7 @@ Checkpoints: atomic writing, finding one in a run directory, and the one loader 
 condensation.py and the other scripts share (ours and nanoGPT's ckpt.pt), plus the code version that every
 run records.
 """
+import functools
 import os
 import subprocess
 from dataclasses import fields
@@ -69,6 +70,7 @@ def model_from_checkpoint(ckpt):
     return model
 
 
+@functools.cache  # asked once per process: every checkpoint write records it, and git takes milliseconds
 def code_version():
     """The git commit of this code and whether the tree had uncommitted changes, e.g. '97b21d9 (dirty)'; or
     'unknown' outside a git checkout. Recorded in config.json and every checkpoint, printed at start."""
