@@ -53,6 +53,7 @@ def load_checkpoint(path, device="cpu"):
                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise DataError(f"{path} is not a GPT checkpoint (no 'model' / 'model_args')")
+    ckpt["model_args"].setdefault("token_multipliers", False)  # checkpoints older than the key had none
     return ckpt
 
 

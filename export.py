@@ -7,10 +7,11 @@ GPT-2 tokenizer files, so that other tools (lm-eval-harness, llama.cpp's GGUF co
     python export.py --model=out/fineweb-40m                    # writes out/fineweb-40m/hf
     python export.py --model=out/fineweb-40m/last.pt --out=my-model
 
-Learnable multipliers are merged into plain weights first and the padded vocabulary (50304) is cut back to
-GPT-2's 50257 tokens. The GPT-2 architecture becomes a GPT2LMHeadModel: Linear weights transposed into HF's
-Conv1D layout, missing biases (bias=False) as zeros, the GELU declared as trained (exact 'gelu' or tanh
-'gelu_new'), the head tied, block_size as n_positions. The modern block (RoPE, RMSNorm, SwiGLU) becomes a
+Learnable multipliers are merged into plain weights first (a tied model with trained per-token embedding
+multipliers is untied to take them) and the padded vocabulary (50304) is cut back to GPT-2's 50257 tokens. The
+GPT-2 architecture becomes a GPT2LMHeadModel: Linear weights transposed into HF's Conv1D layout, missing biases
+(bias=False) as zeros, the GELU declared as trained (exact 'gelu' or tanh 'gelu_new'), the head tied as
+trained, block_size as n_positions. The modern block (RoPE, RMSNorm, SwiGLU) becomes a
 LlamaForCausalLM, or a Qwen3ForCausalLM with QK-norm. Switches that no stock class has (logit soft-cap, ReLU^2,
 GPT-2 and modern parts mixed) stop with one line naming the switch. With --check (on by default) the directory
 is loaded back with transformers and its logits are compared with the checkpoint's; a mismatch fails.
@@ -61,7 +62,7 @@ def hf_architecture(cfg):
     if cfg.mlp == "relu2":
         raise DataError("mlp='relu2': no HF GPT-2, Llama or Qwen3 MLP squares a ReLU; no export")
     if cfg.pos_emb == "learned":  # GPT2LMHeadModel is the stock model with a position table
-        for key, want in (("norm", "layernorm"), ("mlp", "gelu"), ("qk_norm", False), ("tie_embeddings", True)):
+        for key, want in (("norm", "layernorm"), ("mlp", "gelu"), ("qk_norm", False)):
             if getattr(cfg, key) != want:
                 raise DataError(f"{key}={getattr(cfg, key)!r} with pos_emb='learned': GPT2LMHeadModel, the HF model "
                                 f"with learned positions, has {key}={want!r}; no export")
@@ -85,14 +86,17 @@ def gpt2_config(cfg):
         n_head=cfg.n_head, n_inner=cfg.mlp_hidden or 4 * cfg.n_embd, layer_norm_epsilon=1e-5,
         activation_function="gelu" if cfg.gelu_approximate == "none" else "gelu_new",  # HF's default is tanh
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=EOT, eos_token_id=EOT,
-        tie_word_embeddings=True)
+        tie_word_embeddings=cfg.tie_embeddings)
 
 
 def gpt2_state_dict(model):
     """Our (multiplier-free) weights under HF GPT-2's names and layouts, float32."""
     transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    sd = {k: v.float() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: HF re-ties it
-    sd["transformer.wte.weight"] = sd["transformer.wte.weight"][:GPT2_VOCAB]  # [:V], never a negative slice
+    sd = {k: v.float() for k, v in model.state_dict().items()}
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        sd[key] = sd[key][:GPT2_VOCAB]  # [:V], never a negative slice
+    if model.config.tie_embeddings:
+        del sd["lm_head.weight"]  # HF re-ties it
     for key in [k for k in sd if ".attn.c_q." in k]:  # our Q, K, V matrices are rows of HF's one c_attn
         sd[key.replace("c_q", "c_attn")] = torch.cat([sd.pop(key.replace("c_q", f"c_{x}")) for x in "qkv"])
     sd = {k: v.t() if k.endswith(transposed) else v for k, v in sd.items()}  # HF's Conv1D stores (in, out)
@@ -149,6 +153,8 @@ def llama_state_dict(model):
 def to_hf(model):
     """The stock transformers model (float32) computing what our model computes: GPT2LMHeadModel,
     LlamaForCausalLM or Qwen3ForCausalLM."""
+    if model.config.multipliers != "none" or model.token_scale is not None:
+        raise ValueError("to_hf takes a plain model: call model.merge_multipliers(untie=True) first")
     transformers = import_transformers()
     arch = hf_architecture(model.config)
     if arch == "gpt2":
@@ -234,7 +240,7 @@ def main(argv):
     model = model_from_checkpoint(load_checkpoint(path))
     if model.config.vocab_size < GPT2_VOCAB:
         raise DataError(f"{path} has vocab_size {model.config.vocab_size}: the export needs GPT-2's {GPT2_VOCAB} tokens")
-    model.merge_multipliers().eval()
+    model.merge_multipliers(untie=True).eval()  # HF has no per-token embedding scale: untie to fold it
     export(model, out)
     print(f"exported {path} to {out}")
     if cfg.check:

@@ -27,6 +27,7 @@ MULTIPLIER_SUFFIX = "_mult"  # every learnable multiplier's parameter name ends 
 DISPERSION_VARIANTS = ("angular_spread", "decorrelation", "l2_repel", "orthogonal")
 # the keys that define the weights' shapes and meaning: fixed for a checkpoint, unlike training-time options
 ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "gelu_approximate", "multipliers",
+             "token_multipliers",
              "pos_emb", "rope_theta", "norm", "qk_norm", "mlp", "mlp_hidden", "tie_embeddings", "logit_softcap")
 KEY_CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"),
                "multipliers": ("none", "scalar", "vector"), "gelu_approximate": ("none", "tanh"),
@@ -54,6 +55,7 @@ class GPTConfig:
     loss_chunk_size: int = 1024  # tokens per cross-entropy chunk (~6 bytes x vocab each in bf16); 0 = plain F.cross_entropy
     activation_checkpointing: bool = False  # recompute each block in backward: ~10% slower on CPU, far less memory
     multipliers: str = "none"  # learnable multipliers: 'none' | 'scalar' | 'vector' (rows and columns)
+    token_multipliers: bool = True  # multipliers='vector': one more per token on the embedding lookup, as the paper has
     dispersion_coeff: float = 0.0  # lambda of the dispersion loss; 0 = off
     dispersion_tau: float = 1.0  # temperature tau of the dispersion loss
     dispersion_layers: str = "all"  # blocks it acts on: 'all' | 'late_half' | 'last' | indices like '6,7,8'
@@ -425,11 +427,15 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
         # Embedding multipliers act on the lookup output only: on a tied weight they would land on the LM
-        # head. Per-channel only, because a per-token one cannot be folded into a tied plain model.
+        # head. The paper has them per channel and per token (x = W[t] * c * r[t]).
         if config.multipliers == "vector":
             self.wte_mult = nn.Parameter(torch.ones(config.n_embd))
+            if config.token_multipliers:
+                self.wte_token_mult = nn.Parameter(torch.ones(config.vocab_size))
         elif config.multipliers == "scalar":
             self.wte_mult = nn.Parameter(torch.ones(1))
+        # a merged tied model keeps its per-token multipliers here (merge_multipliers); None otherwise
+        self.register_buffer("token_scale", None)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
             if name.endswith("c_proj.weight"):
@@ -464,6 +470,9 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         if cfg.multipliers != "none":
             x = x * self.wte_mult
+        token_scale = getattr(self, "wte_token_mult", self.token_scale)
+        if token_scale is not None:
+            x = x * token_scale[idx].unsqueeze(-1)
         rope = None
         if cfg.pos_emb == "learned":
             x = x + self.transformer.wpe(pos)
@@ -570,16 +579,26 @@ class GPT(nn.Module):
         return dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one GPU sync
 
     @torch.no_grad()
-    def merge_multipliers(self):
-        """Fold every multiplier into plain weights; afterwards this is a plain model (config.multipliers = none)
-        computing the same logits. An untied embedding takes its multiplier c directly (W[idx] * c = (W * c)[idx]).
-        A tied W cannot take c alone (the head would see it), so W <- W * c and the final norm's gain (and bias)
-        are divided by c: the head then computes (ln_f(x) / c) @ (W * c).T = ln_f(x) @ W.T, exactly as before."""
+    def merge_multipliers(self, untie=False):
+        """Fold every multiplier into plain weights; afterwards config.multipliers = none and the logits are the
+        same. An untied embedding takes its channel multiplier c and per-token multiplier r directly
+        (W[t] * c * r[t] = (r[:, None] * W * c)[t]). A tied W cannot take c alone (the head would see it), so
+        W <- W * c and the final norm's gain (and bias) are divided by c: the head then computes
+        (ln_f(x) / c) @ (W * c).T = ln_f(x) @ W.T, exactly as before. Nor can a tied W take r: it stays a
+        (vocab_size,) vector applied at lookup (token_scale, one multiply per token), unless untie=True, which
+        gives the head its own copy of W so that the embedding can take r (a plain untied model, for export)."""
         if self.config.multipliers == "none":
             return self
         for module in self.modules():
             if isinstance(module, Linear):
                 module.merge_multipliers()
+        r = self.wte_token_mult.detach() if hasattr(self, "wte_token_mult") else None
+        if r is not None:
+            del self.wte_token_mult
+            r = None if bool((r == 1).all()) else r  # never trained: nothing to keep
+        if r is not None and untie and self.config.tie_embeddings:
+            self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone())
+            self.config = replace(self.config, tie_embeddings=False)  # a copy: the config may be shared
         c = self.wte_mult.detach()
         ln_f = self.transformer.ln_f
         if self.config.tie_embeddings:
@@ -589,8 +608,12 @@ class GPT(nn.Module):
             if getattr(ln_f, "bias", None) is not None:
                 ln_f.bias.div_(c)
         self.transformer.wte.weight.mul_(c)
+        if r is not None and self.config.tie_embeddings:
+            self.token_scale = r
+        elif r is not None:
+            self.transformer.wte.weight.mul_(r[:, None])
         del self.wte_mult
-        self.config = replace(self.config, multipliers="none")  # a copy: the config may be shared
+        self.config = replace(self.config, multipliers="none")
         return self
 
     # -------------------------------------------------------------------------

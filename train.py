@@ -107,8 +107,13 @@ def build_model(cfg, resume_ckpt):
             raise DataError(f"cannot load {cfg.init_from} from Hugging Face: {(str(e).splitlines() or [''])[0]}")
     else:  # a checkpoint file or directory: its architecture, this config's other options, fresh multipliers
         source = model_from_checkpoint(load_checkpoint(find_checkpoint(cfg.init_from, "last")))
-    source.merge_multipliers()
-    model = GPT(GPTConfig(**{**args, **{k: getattr(source.config, k) for k in ARCH_KEYS if k != "multipliers"}}))
+    tied = source.config.tie_embeddings
+    source.merge_multipliers(untie=True)  # plain weights: the multipliers of this run start afresh at 1
+    if tied and not source.config.tie_embeddings:
+        print(f"init_from: the trained per-token embedding multipliers fold only into an untied embedding: "
+              f"this run has tie_embeddings=False")
+    kept = {k: getattr(source.config, k) for k in ARCH_KEYS if k not in ("multipliers", "token_multipliers")}
+    model = GPT(GPTConfig(**{**args, **kept}))
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     assert not unexpected and all(k.endswith(MULTIPLIER_SUFFIX) for k in missing), (missing, unexpected)
     return model

@@ -32,16 +32,18 @@ def tiny(**overrides):
 
 
 def export_and_load(model, out):
-    model.merge_multipliers()
+    model.merge_multipliers(untie=True)  # as export.py does
     export.export(model, str(out))
     return transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
 
 
-@pytest.mark.parametrize("gelu,bias,multipliers", [("none", False, "none"), ("tanh", False, "none"),
-                                                   ("none", True, "none"), ("tanh", True, "vector"),
-                                                   ("none", False, "scalar")])
-def test_transformers_logits_equal_ours(tmp_path, gelu, bias, multipliers):
-    model = tiny(gelu_approximate=gelu, bias=bias, multipliers=multipliers)
+@pytest.mark.parametrize("gelu,bias,multipliers,token_multipliers", [
+    ("none", False, "none", False), ("tanh", False, "none", False), ("none", True, "none", False),
+    ("tanh", True, "vector", False), ("none", False, "vector", True), ("none", False, "scalar", False)])
+def test_transformers_logits_equal_ours(tmp_path, gelu, bias, multipliers, token_multipliers):
+    """Trained per-token embedding multipliers cannot live in a tied GPT-2: the export unties the head to fold
+    them into the embedding (tie_word_embeddings=False)."""
+    model = tiny(gelu_approximate=gelu, bias=bias, multipliers=multipliers, token_multipliers=token_multipliers)
     idx = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(idx)[0][..., :V]  # before merging the multipliers
@@ -49,7 +51,8 @@ def test_transformers_logits_equal_ours(tmp_path, gelu, bias, multipliers):
         assert type(hf).__name__ == "GPT2LMHeadModel"
         assert hf.config.activation_function == {"none": "gelu", "tanh": "gelu_new"}[gelu]
         assert hf.config.n_positions == 16 and hf.config.vocab_size == V
-        assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied
+        tied = hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+        assert tied == (not token_multipliers) == hf.config.tie_word_embeddings
         torch.testing.assert_close(hf(idx).logits, expected, atol=1e-4, rtol=0)
     assert export.compare_logits(model, str(tmp_path)) < 1e-5
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))

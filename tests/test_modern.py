@@ -264,15 +264,17 @@ def test_qkv_have_their_own_row_and_column_multipliers():
 @pytest.mark.parametrize("name", ["llama", "qwen3", "qwen3_untied_bias", "untied", "relu2"])
 @pytest.mark.parametrize("kind", ["vector", "scalar"])
 def test_merge_exact_on_modern_block(name, kind):
-    """Random multipliers (and gains) folded into plain weights: the same logits, and exactly a plain model's keys."""
+    """Random multipliers (and gains) folded into plain weights: the same logits, and exactly a plain model's keys.
+    untie=True: a tied model's per-token embedding multipliers (vector) fold into an untied embedding."""
     model = randomize(tiny(multipliers=kind, **SWITCHES[name])).eval()
-    merged = copy.deepcopy(model).merge_multipliers()
+    merged = copy.deepcopy(model).merge_multipliers(untie=True)
     idx = tokens()
     with torch.no_grad():
         torch.testing.assert_close(merged(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
-    plain = tiny(**SWITCHES[name]).eval()
+    assert merged.config.tie_embeddings == (model.config.tie_embeddings and kind != "vector")
+    plain = tiny(**{**SWITCHES[name], "tie_embeddings": merged.config.tie_embeddings}).eval()
     plain.load_state_dict(merged.state_dict())  # strict: exactly the plain model's parameters
-    assert (merged.lm_head.weight is merged.transformer.wte.weight) == model.config.tie_embeddings
+    assert (merged.lm_head.weight is merged.transformer.wte.weight) == merged.config.tie_embeddings
     with torch.no_grad():
         assert torch.equal(plain(idx)[0], merged(idx)[0])
 
@@ -292,7 +294,7 @@ def test_multiplier_stats_qk_ratio():
 def test_old_fused_multiplier_checkpoint_loads(tmp_path):
     """Our pre-split layout: c_attn weight (3C, C), row_mult (3C,) and ONE col_mult (C,) shared by Q, K and V.
     Through model_from_checkpoint (model_args without the new keys) it computes what the fused model computed."""
-    source = randomize(tiny(multipliers="vector", bias=True))
+    source = randomize(tiny(multipliers="vector", bias=True, token_multipliers=False))
     with torch.no_grad():  # the old layout had one column multiplier for all three
         for block in source.transformer.h:
             block.attn.c_k.col_mult.copy_(block.attn.c_q.col_mult)

@@ -58,11 +58,11 @@ def train_a_few_steps(model, batches, **cfg):
 # Placement and config keys
 
 def test_placement_vector():
-    """Row and column multipliers on every block matrix, a channel multiplier on the embedding lookup, and
-    nothing on the tied LM head."""
+    """Row and column multipliers on every block matrix, a channel and a per-token multiplier on the embedding
+    lookup, and nothing on the tied LM head."""
     model = tiny_model("vector")
     C = TINY["n_embd"]
-    expected = {"wte_mult": (C,)}
+    expected = {"wte_mult": (C,), "wte_token_mult": (model.config.vocab_size,)}
     for i in range(TINY["n_layer"]):
         for name, (d_out, d_in) in {"attn.c_q": (C, C), "attn.c_k": (C, C), "attn.c_v": (C, C), "attn.c_proj": (C, C),
                                     "mlp.c_fc": (4 * C, C), "mlp.c_proj": (C, 4 * C)}.items():
@@ -71,6 +71,8 @@ def test_placement_vector():
     assert {n: tuple(p.shape) for n, p in multipliers(model).items()} == expected
     assert all(torch.equal(p, torch.ones_like(p)) for p in multipliers(model).values())
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied, no multiplier in between
+    expected.pop("wte_token_mult")
+    assert {n: tuple(p.shape) for n, p in multipliers(tiny_model("vector", token_multipliers=False)).items()} == expected
 
 
 def test_placement_scalar_and_none():
@@ -130,8 +132,9 @@ def test_row_column_scaling_gradients_match_autograd():
 @pytest.mark.parametrize("kind,bias", [("vector", False), ("vector", True), ("scalar", False)])
 def test_merged_model_is_the_plain_model(batches, kind, bias):
     """After training, merging folds the multipliers into plain weights: the same logits (float32, tight
-    tolerance), exactly the plain model's parameters, loadable by a plain GPT."""
-    model = train_a_few_steps(tiny_model(kind, bias), batches[:3], learning_rate=2e-2).eval()
+    tolerance), exactly the plain model's parameters, loadable by a plain GPT. (Per-token multipliers, which a
+    tied plain model cannot hold, have their own test below.)"""
+    model = train_a_few_steps(tiny_model(kind, bias, token_multipliers=False), batches[:3], learning_rate=2e-2).eval()
     moved = max((p - 1).abs().max().item() for p in multipliers(model).values())
     assert moved > 1e-2, "the multipliers should have left 1, or the merge test proves nothing"
     merged = copy.deepcopy(model).merge_multipliers()
@@ -152,6 +155,67 @@ def test_merged_model_is_the_plain_model(batches, kind, bias):
         prompt = x[:2, :8]
         tokens = torch.stack(list(model.generate(prompt, 4, temperature=0)), 1)
         assert torch.equal(torch.stack(list(merged.generate(prompt, 4, temperature=0)), 1), tokens)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_token_multipliers_merge_exactly_both_ways(batches, tied):
+    """The per-token embedding multiplier after training: merged as a (vocab_size,) lookup vector (tied: the
+    only form a tied model can hold; untied: folded into the embedding rows), and merged with untie=True into a
+    plain untied GPT. Same logits and greedy tokens every way; the merged models load into plain GPTs."""
+    model = train_a_few_steps(tiny_model("vector", tie_embeddings=tied), batches[:3], learning_rate=2e-2).eval()
+    r = model.wte_token_mult.detach()
+    x, _ = batches[0]
+    assert (r[x.unique()] - 1).abs().max() > 1e-2, "the per-token multipliers of seen tokens should have moved"
+    seen = set(torch.cat([b[0].flatten() for b in batches[:3]]).tolist())
+    unseen = r[[t for t in range(r.numel()) if t not in seen]]
+    assert torch.equal(unseen, torch.full_like(unseen, unseen[0])), "unseen tokens: weight decay alone"
+    with torch.no_grad():
+        logits = model(x)[0]
+    for untie in (False, True):
+        merged = copy.deepcopy(model).merge_multipliers(untie=untie)
+        keeps_vector = tied and not untie
+        assert merged.config.multipliers == "none" and merged.config.tie_embeddings == (tied and not untie)
+        assert (merged.token_scale is not None) == keeps_vector
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x)[0], logits, rtol=1e-5, atol=1e-5)
+        plain = tiny_model("none", tie_embeddings=merged.config.tie_embeddings)
+        if keeps_vector:  # a plain tied GPT plus the one buffer
+            assert merged.state_dict().keys() - plain.state_dict().keys() == {"token_scale"}
+            assert torch.equal(merged.token_scale, r)
+        else:
+            plain.load_state_dict(merged.state_dict())  # strict: exactly a plain model
+            with torch.no_grad():
+                torch.testing.assert_close(plain.eval()(x)[0], logits, rtol=1e-5, atol=1e-5)
+        prompt = x[:2, :8]
+        assert torch.equal(torch.stack(list(merged.generate(prompt, 4, temperature=0)), 1),
+                           torch.stack(list(model.generate(prompt, 4, temperature=0)), 1))
+
+
+def test_token_multipliers_scale_each_tokens_embedding():
+    """The per-token multiplier scales the lookup of its token only: r[t] = 2 doubles token t's embedding
+    (layer 0 of the hidden states) and leaves every other token's alone."""
+    model = tiny_model("vector")
+    idx = torch.tensor([[5, 7, 5, 9]])
+    _, before = model.hidden_states(idx, collect=[0])
+    with torch.no_grad():
+        model.wte_token_mult[5] = 2.0
+    _, after = model.hidden_states(idx, collect=[0])
+    emb = model.transformer.wte.weight * model.wte_mult
+    torch.testing.assert_close(after[0] - before[0], torch.stack([emb[5], 0 * emb[7], emb[5], 0 * emb[9]])[None])
+
+
+def test_checkpoints_from_before_token_multipliers_still_load(tmp_path):
+    """A multipliers='vector' checkpoint written before the key existed (no wte_token_mult, no token_multipliers
+    in model_args) loads as the model it was; resuming it with the new default is refused with one line."""
+    from checkpoint import model_from_checkpoint
+    old = tiny_model("vector", token_multipliers=False)
+    args = {k: v for k, v in vars(old.config).items() if k != "token_multipliers"}
+    torch.save({"model": old.state_dict(), "model_args": args}, tmp_path / "old.pt")
+    ckpt = load_checkpoint(tmp_path / "old.pt")
+    loaded = model_from_checkpoint(ckpt)
+    assert loaded.config.token_multipliers is False and not hasattr(loaded, "wte_token_mult")
+    with pytest.raises(ConfigError, match="token_multipliers \\(config True, checkpoint False\\)"):
+        train.build_model(TrainConfig(**TINY, multipliers="vector"), ckpt)
 
 
 def test_multiplier_stats():
