@@ -8,8 +8,8 @@ where it stopped when the same command runs again (train.py's own exact resume d
     python ablate.py --base=config/train_tiny.py --data_dir=data/sample --seeds=1,2 --report_only --markdown
 
 Each run goes to <out_dir>/<variant>-s<seed> (the variant's name: its overlay's file name without .py). The
-report: per variant, the mean and spread (sample standard deviation over seeds) of the final val loss, val bpb
-and condensation score, and the paired difference to the baseline seed by seed (same seed = same data order
+report: per variant, the mean and spread (sample standard deviation over seeds) of the final val loss, val bpb,
+condensation score (Spearman) and mean cosine of the late half of the layers, and the paired difference to the baseline seed by seed (same seed = same data order
 and the same initial weights where the architecture is the same).
 """
 import os
@@ -73,14 +73,24 @@ def run_one(cfg, name, overlay, seed):
         raise DataError(f"the run {out} failed (see above); run the same command again to resume the sweep")
 
 
+def late_mean_cosine(record):
+    """The mean cosine mu of the late half of the diagnostic layers (blocks n/2.. and the final output), where
+    condensation shows and where a Spearman score of a few layers saturates at +1; None without the diagnostic."""
+    layers = sorted(int(k.rsplit("_l", 1)[1]) for k in record if k.startswith("cond/mean_cos_l"))
+    if not layers:
+        return None
+    late = [layer for layer in layers if layer > layers[-1] // 2]
+    return statistics.fmean(record[f"cond/mean_cos_l{layer}"] for layer in late)
+
+
 def final_scores(out):
-    """The last evaluation of one run: val loss, val bpb, condensation score (None where missing)."""
+    """The last evaluation of one run: val loss, val bpb, condensation scores (None where missing)."""
     evals = of_type(read_records(out), "eval")
     if not evals:
         return None
     last = max(evals, key=lambda r: r["iter"])
     return {"iter": last["iter"], "val_loss": last["val_loss"], "val_bpb": last["val_bpb"],
-            "spearman": last.get("cond/spearman")}
+            "spearman": last.get("cond/spearman"), "late_mu": late_mean_cosine(last)}
 
 
 def mean_spread(values):
@@ -102,7 +112,7 @@ def report(cfg, variants, seeds):
     finished = max((d["iter"] for d in scores.values() if d is not None), default=None)
     scores = {k: d if d is not None and d["iter"] == finished else None for k, d in scores.items()}  # whole runs only
     reference = variants[0][0]
-    header = ["variant", "runs", "val loss", "val bpb", "condensation", f"val loss - {reference}, per seed"]
+    header = ["variant", "runs", "val loss", "val bpb", "condensation", "late mu", f"val loss - {reference}, per seed"]
     rows = []
     for name, _ in variants:
         done = [scores[name, s] for s in seeds if scores[name, s] is not None]
@@ -110,6 +120,7 @@ def report(cfg, variants, seeds):
                   if scores[name, s] is not None and scores[reference, s] is not None]
         rows.append([name, f"{len(done)}/{len(seeds)}", mean_spread([d["val_loss"] for d in done]),
                      mean_spread([d["val_bpb"] for d in done]), mean_spread([d["spearman"] for d in done]),
+                     mean_spread([d["late_mu"] for d in done]),
                      ("" if name == reference else mean_spread([d for _, d in paired]) + " (" +
                       ", ".join(f"s{s} {d:+.4f}" for s, d in paired) + ")")])
     if cfg.markdown:
@@ -118,8 +129,8 @@ def report(cfg, variants, seeds):
         widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + rows]
     print("\n".join(lines))
-    print("mean ± sample standard deviation over seeds; the final evaluation of each run. A difference inside the "
-          "spread is no effect.")
+    print("mean ± sample standard deviation over seeds; the final evaluation of each run. condensation: Spearman of "
+          "mu with depth; late mu: mu over the late half of the layers. A difference inside the spread is no effect.")
 
 
 def main(argv):

@@ -5,8 +5,9 @@ output) we take the pairwise cosine similarities of a sequence's token vectors; 
 The score is the rank correlation (Spearman, Kendall) of mu with depth: +1 = similarity rises with every
 layer (condensed), ~0 = no trend, < 0 = dispersing. train.py logs it at every evaluation.
 
-Run as a script, it draws the paper's picture for a checkpoint (needs matplotlib): per layer, the density of
-the token-pair cosines over [-1, 1], and mu(layer) with its Spearman / Kendall scores.
+Run as a script, it draws the paper's picture for a checkpoint (needs matplotlib): the depth x cosine heatmap
+as the paper draws it (per layer, the density of all cosine entries, diagonal included, over [-1, 1]), the same
+densities as curves without the self-pairs, and mu(layer) with its Spearman / Kendall scores.
 
     python condensation.py --out_dir=out/tiny                       # writes out/tiny/condensation.png
     python condensation.py --out_dir=out/x --which=last --num_seqs=100 --seq_len=512 --out=x.png
@@ -47,19 +48,22 @@ def layer_cosines(model, idx):
 
 def layer_statistics(model, idx, batch_size=8, bins=0):
     """mu(layer): the mean of all T x T cosine entries (diagonal included, as in the paper), averaged over the
-    sequences idx (B, T). With bins > 0 also a (layers, bins) tensor counting the token-pair cosines (i != j) in
-    `bins` equal bins over [-1, 1]: the self-pairs would add a spike of 1/T of the mass at +1 to every layer."""
-    sums, counts = None, None
+    sequences idx (B, T). With bins > 0 also two (layers, bins) tensors counting cosines in `bins` equal bins
+    over [-1, 1]: the token pairs i != j, and the self-pairs (the diagonal, T per sequence, all at +1 unless a
+    state is ~0). pairs + self is the histogram of whole matrices, which the paper's heatmap shows; every
+    sequence has T x T entries, so the pooled counts are the per-sequence histograms averaged over sequences."""
+    sums, pair_counts, self_counts = None, 0, 0
     for s in range(0, idx.size(0), batch_size):  # a few sequences at a time: each layer's matrix is B x T x T
         cosines = layer_cosines(model, idx[s:s + batch_size])
         means = torch.stack([c.mean(dim=(1, 2)).sum() for c in cosines])
         sums = means if sums is None else sums + means
         if bins:
             pairs = ~torch.eye(idx.size(1), dtype=torch.bool, device=idx.device)
-            hist = torch.stack([torch.histc(c[:, pairs], bins=bins, min=-1, max=1) for c in cosines])
-            counts = hist if counts is None else counts + hist
+            pair_counts = pair_counts + torch.stack([torch.histc(c[:, pairs], bins=bins, min=-1, max=1) for c in cosines])
+            self_counts = self_counts + torch.stack([torch.histc(c.diagonal(dim1=1, dim2=2), bins=bins, min=-1, max=1)
+                                                     for c in cosines])
     mu = (sums / idx.size(0)).tolist()
-    return (mu, counts.cpu()) if bins else mu
+    return (mu, pair_counts.cpu(), self_counts.cpu()) if bins else mu
 
 
 def mean_cosine_per_layer(model, idx, batch_size=8):
@@ -158,17 +162,37 @@ def import_pyplot():
     return plt
 
 
-def draw(counts, mu, title, path):
-    """The paper's figure: left, the density of the token-pair cosines per layer, coloured by relative depth;
-    right, mu against relative depth with its rank correlations."""
+def densities(counts, edges):
+    """Counts per layer (layers, bins) -> densities over the bins: each layer integrates to 1."""
+    return counts / counts.sum(dim=1, keepdim=True) / (edges[1] - edges[0])
+
+
+def draw_heatmap(ax, fig, counts, depth, edges):
+    """The paper's depth x cosine heatmap: a column per layer at its relative depth, the density of all the
+    cosine entries of the (averaged) matrices up the column, on a log colour scale."""
+    from matplotlib.colors import LogNorm
+    density = densities(counts, edges)
+    step = depth[1] - depth[0] if len(depth) > 1 else 1.0
+    floor = density[density > 0].min().item()
+    image = ax.imshow(density.T.clamp(min=floor).numpy(), origin="lower", aspect="auto", cmap="magma",
+                      norm=LogNorm(vmin=floor, vmax=density.max().item()),
+                      extent=(depth[0] - step / 2, depth[-1] + step / 2, edges[0].item(), edges[-1].item()))
+    ax.set(xlabel="layer / (n_layers - 1)", ylabel="cosine similarity", title="cosine density by depth (diagonal included)")
+    fig.colorbar(image, ax=ax, label="density (log scale)")
+
+
+def draw(pair_counts, self_counts, mu, title, path):
+    """The paper's figure: the depth x cosine heatmap of whole cosine matrices; the density of the token-pair
+    cosines per layer as curves, coloured by relative depth; mu against relative depth with its rank correlations."""
     plt = import_pyplot()
     from matplotlib.cm import ScalarMappable
     n = len(mu) - 1  # layers are 0..n
     depth = [layer / n for layer in range(n + 1)]  # layer / (n_layers - 1)
     cmap = plt.get_cmap("viridis")
-    edges = torch.linspace(-1, 1, counts.size(1) + 1)
-    density = counts / counts.sum(dim=1, keepdim=True) / (edges[1] - edges[0])  # each layer integrates to 1
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw=dict(width_ratios=[1.4, 1]))
+    edges = torch.linspace(-1, 1, pair_counts.size(1) + 1)
+    density = densities(pair_counts, edges)
+    fig, (heat, left, right) = plt.subplots(1, 3, figsize=(19, 4.8), gridspec_kw=dict(width_ratios=[1.1, 1.4, 1]))
+    draw_heatmap(heat, fig, pair_counts + self_counts, depth, edges)
     for layer in range(n + 1):
         left.stairs(density[layer].numpy(), edges.numpy(), color=cmap(depth[layer]), linewidth=1.3)
     left.set(xlim=(-1, 1), yscale="log", xlabel="cosine similarity of token pairs (i != j)",
@@ -211,7 +235,7 @@ def main(argv):
     val_tokens, _ = open_split(data_dir, "val")
     x, _ = stack_windows(val_tokens, fixed_windows(val_tokens, opt.num_seqs, seq_len), seq_len)
     with autocast(device, select_dtype("auto", device)):
-        mu, counts = layer_statistics(model, x.to(device), opt.batch_size, bins=BINS)
+        mu, pair_counts, self_counts = layer_statistics(model, x.to(device), opt.batch_size, bins=BINS)
     depth = list(range(len(mu)))
     iteration = ckpt.get("iter_num", "?")
     print(f"{path} (iter {iteration}): {opt.num_seqs} val sequences of {seq_len} tokens from {data_dir}")
@@ -219,7 +243,7 @@ def main(argv):
         name = "embedding" if layer == 0 else "final (post-LN)" if layer == len(mu) - 1 else f"block {layer - 1}"
         print(f"layer {layer:2d} {name:>16}: mean cosine {m:+.4f}")
     print(f"condensation: spearman {spearman(depth, mu):+.3f} | kendall {kendall(depth, mu):+.3f}")
-    draw(counts, mu, f"{path} (iter {iteration}), {opt.num_seqs} x {seq_len} val tokens", out)
+    draw(pair_counts, self_counts, mu, f"{path} (iter {iteration}), {opt.num_seqs} x {seq_len} val tokens", out)
     print(f"wrote {out}")
 
 

@@ -35,6 +35,13 @@ def test_sweep_runs_resumes_and_compares(tmp_path, token_dir):
     assert "| 2/2 |" in row and f"s1 {d1:+.4f}" in row and f"s2 {d2:+.4f}" in row
 
 
+def test_late_mean_cosine_takes_the_late_half_of_the_layers():
+    from ablate import late_mean_cosine
+    record = {"val_loss": 5.0, **{f"cond/mean_cos_l{layer}": 0.1 * layer for layer in range(7)}}  # 6 blocks: layers 0..6
+    assert late_mean_cosine(record) == pytest.approx((0.4 + 0.5 + 0.6) / 3)  # blocks 3, 4, 5 (the last post-norm)
+    assert late_mean_cosine({"val_loss": 5.0}) is None
+
+
 @pytest.mark.slow
 def test_sweep_errors_are_one_line(tmp_path):
     result = run_script("ablate.py", "--base=config/train_tiny.py", "--variants=baseline,config/nope.py", check=False)

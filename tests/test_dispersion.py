@@ -315,11 +315,32 @@ def test_mean_cosine_per_layer_matches_direct_computation():
 def test_histograms_count_every_token_pair():
     model = tiny_gpt()
     idx = batch(B=5)[0]
-    mu, counts = layer_statistics(model, idx, batch_size=2, bins=128)
+    mu, counts, self_counts = layer_statistics(model, idx, batch_size=2, bins=128)
     assert counts.shape == (5, 128) and (counts.sum(1) == 5 * 16 * 15).all()  # i != j pairs of every sequence
+    assert (self_counts[:, -1] == 5 * 16).all() and (self_counts[:, :-1] == 0).all()  # the diagonal: all +1
     centres = torch.linspace(-1, 1, 129)[:-1] + 1 / 128
     pair_means = (counts * centres).sum(1) / counts.sum(1)  # mean off-diagonal cosine, to within half a bin
     assert (pair_means * 15 / 16 + 1 / 16).tolist() == pytest.approx(mu, abs=1 / 128)  # + the diagonal's ones
+    whole = counts + self_counts  # the heatmap's histogram of whole matrices: its mean is mu itself
+    assert ((whole * centres).sum(1) / whole.sum(1)).tolist() == pytest.approx(mu, abs=1 / 128)
+
+
+def test_heatmap_shows_each_layers_density():
+    """The depth x cosine heatmap: one column per layer at its relative depth, each column the layer's density
+    over [-1, 1] (integrating to 1), bottom = -1."""
+    from condensation import draw_heatmap, import_pyplot
+    plt = import_pyplot()
+    counts = torch.zeros(3, 4)
+    counts[0, 0], counts[1, 1], counts[1, 2], counts[2, 3] = 8, 3, 1, 2  # layer 0 at -1, layer 1 mid, layer 2 at +1
+    fig, ax = plt.subplots()
+    draw_heatmap(ax, fig, counts, [0.0, 0.5, 1.0], torch.linspace(-1, 1, 5))
+    image = ax.images[0]
+    grid = torch.tensor(image.get_array().data)  # (bins, layers), origin lower
+    plt.close(fig)
+    assert grid.shape == (4, 3) and list(image.get_extent()) == [-0.25, 1.25, -1.0, 1.0]
+    # densities over bins 0.5 wide: count / total / 0.5; an empty bin shows at the smallest density (log scale)
+    assert (grid[0, 0], grid[1, 1], grid[2, 1], grid[3, 2]) == (2.0, 1.5, 0.5, 2.0)
+    assert grid[3, 0] == grid[0, 2] == 0.5
 
 
 def test_cosines_are_float32_under_bf16_autocast():
