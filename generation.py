@@ -5,12 +5,15 @@ seeded samples, and decoding tokens to whole characters as they arrive. The samp
 top-k, top-p) is GPT.generate and sample_token in model.py.
 """
 import codecs
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from device import select_device, select_dtype
 from errors import DataError
+from tokens import get_tokenizer
 
 
 @dataclass
@@ -23,6 +26,17 @@ class Sampling:
     top_k: int  # 0 = off
     top_p: float  # 1.0 = off
     seed: int  # sample i uses a generator seeded seed + i
+
+
+def open_for_generation(cfg):
+    """What sample.py and serve.py start from: the device and dtype (cfg.device, cfg.dtype), the GPT-2 tokenizer
+    and the checkpoint's model (load_model), with one line on stderr saying what was loaded."""
+    device = select_device(cfg.device)
+    dtype = select_dtype(cfg.dtype, device)
+    enc = get_tokenizer()
+    model, info = load_model(cfg, device, enc.n_vocab)
+    print(f"{info}; {model.num_params() / 1e6:.1f}M parameters on {device} in {dtype}", file=sys.stderr)
+    return model, enc, device, dtype
 
 
 def load_model(cfg, device, n_vocab):

@@ -19,10 +19,9 @@ import time
 from dataclasses import dataclass
 
 from config import parse_args
-from device import autocast, select_device, select_dtype
+from device import autocast
 from errors import ConfigError, DataError, run_main
-from generation import encode_prompt, generate_samples, load_model, text_stream
-from tokens import get_tokenizer
+from generation import encode_prompt, generate_samples, open_for_generation, text_stream
 
 
 @dataclass
@@ -75,13 +74,9 @@ def read_prompt(start):
 
 def main(argv):
     cfg = validate(parse_args(SampleConfig, argv))
-    device = select_device(cfg.device)
-    dtype = select_dtype(cfg.dtype, device)
-    enc = get_tokenizer()
-    eot = enc.eot_token
     text = read_prompt(cfg.start)  # before the model: a wrong path fails at once
-    model, info = load_model(cfg, device, enc.n_vocab)
-    print(f"{info}; {model.num_params() / 1e6:.1f}M parameters on {device} in {dtype}", file=sys.stderr)
+    model, enc, device, dtype = open_for_generation(cfg)
+    eot = enc.eot_token
 
     # --- the prompt: cropped to the model's context, as generation would see it anyway
     prompt, cropped = encode_prompt(enc, text, model.config.block_size)

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 from config import parse_args
-from device import autocast, select_device, select_dtype
+from device import autocast
 from errors import ConfigError, DataError, run_main
-from generation import Sampling, encode_prompt, load_model, stream_tokens, text_stream
-from tokens import get_tokenizer
+from generation import Sampling, encode_prompt, open_for_generation, stream_tokens, text_stream
 
 try:
     import uvicorn
@@ -368,11 +367,7 @@ def make_app(engine, cfg, model_name):
 
 def main(argv):
     cfg = validate(parse_args(ServeConfig, argv))
-    device = select_device(cfg.device)
-    dtype = select_dtype(cfg.dtype, device)
-    enc = get_tokenizer()
-    model, info = load_model(cfg, device, enc.n_vocab)
-    print(f"{info}; {model.num_params() / 1e6:.1f}M parameters on {device} in {dtype}", file=sys.stderr)
+    model, enc, device, dtype = open_for_generation(cfg)
     engine = Engine(model, enc, device, dtype, cfg.queue_size)
     app = make_app(engine, cfg, model_name=cfg.out_dir.rstrip("/") or cfg.out_dir)
     try:  # bound here rather than by uvicorn: a port in use is one line, before "serving on"

@@ -191,6 +191,22 @@ def test_token_multipliers_merge_exactly_both_ways(batches, tied):
                            torch.stack(list(model.generate(prompt, 4, temperature=0)), 1))
 
 
+@pytest.mark.parametrize("new_multipliers", ["none", "vector"])
+def test_init_from_a_token_multiplier_checkpoint_unties_to_keep_them(batches, tmp_path, capsys, new_multipliers):
+    """--init_from a tied checkpoint whose per-token multipliers trained: they fold into an untied embedding (said
+    on the console), so the new run starts from exactly the old function, with fresh multipliers at 1 if it has any."""
+    from dataclasses import asdict
+    source = train_a_few_steps(tiny_model("vector"), batches[:3], learning_rate=2e-2).eval()
+    torch.save({"model": source.state_dict(), "model_args": asdict(source.config)}, tmp_path / "last.pt")
+    model = train.build_model(TrainConfig(**TINY, init_from=str(tmp_path), multipliers=new_multipliers), None).eval()
+    assert "tie_embeddings=False" in capsys.readouterr().out
+    assert not model.config.tie_embeddings and model.lm_head.weight is not model.transformer.wte.weight
+    assert all(torch.equal(p, torch.ones_like(p)) for p in multipliers(model).values())
+    x, _ = batches[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], source(x)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_token_multipliers_scale_each_tokens_embedding():
     """The per-token multiplier scales the lookup of its token only: r[t] = 2 doubles token t's embedding
     (layer 0 of the hidden states) and leaves every other token's alone."""
