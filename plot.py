@@ -25,6 +25,7 @@ from monitor import duration
 
 TRAIN, EVAL, DOWNSTREAM = ("train",), ("eval",), ("eval", "eval_downstream")  # eval.py appends eval_downstream
 LAYER_STATS = ("qk_ratio", "attn_out_rms", "mlp_out_rms")  # model.multiplier_stats: mult/h{layer}.{stat}
+NORM_KINDS = ("qkv", "attn_out", "fc", "mlp_out")  # model.weight_norms: norm/h{layer}.{kind}, at every evaluation
 PANELS = [  # title, y label, y scale, [(legend label, record types, key)]
     ("loss", "cross-entropy (nats)", "linear", [("train", TRAIN, "loss"), ("val", EVAL, "val_loss")]),
     ("val bits per byte", "bits per UTF-8 byte", "linear", [("val", EVAL, "val_bpb")]),
@@ -39,6 +40,9 @@ PANELS = [  # title, y label, y scale, [(legend label, record types, key)]
      [("min", TRAIN, "mult/min"), ("rms", TRAIN, "mult/rms"), ("max", TRAIN, "mult/max")]),
     ("multipliers (mean over layers)", "value", "linear",
      [(stat, TRAIN, f"mult/layer_mean.{stat}") for stat in LAYER_STATS]),
+    ("weight norms (raw W, mean over layers)", "Frobenius norm", "linear",
+     [(kind, EVAL, f"norm/layer_mean.{kind}") for kind in NORM_KINDS]),
+    ("residual stream RMS", "RMS", "log", [("embedding", EVAL, "resid/rms_l0"), ("last block", EVAL, "resid/rms_last")]),
 ]
 SMOOTHED = ("loss", "grad_norm", "tok_s", "mfu", "dispersion")  # noisy per-step series; --smooth leaves the rest
 LINESTYLES = ("-", "--", ":", "-.")
@@ -47,16 +51,26 @@ LINESTYLES = ("-", "--", ":", "-.")
 # -----------------------------------------------------------------------------
 # A run: its records and where each one sits on the tokens axis
 
+def add_layer_means(record, prefix, stats):
+    """prefix/layer_mean.{stat}: the mean over layers of the record's prefix/h{layer}.{stat} values, if any."""
+    for stat in stats:
+        values = [v for k, v in record.items() if k.startswith(f"{prefix}/h") and k.endswith(f".{stat}")]
+        if values:
+            record[f"{prefix}/layer_mean.{stat}"] = sum(values) / len(values)
+
+
 class Run:
     def __init__(self, path):
         self.name = os.path.normpath(path)
         self.records = read_records(path)
         train = sorted(of_type(self.records, "train"), key=lambda r: r["iter"])
-        for r in train:  # per-layer multiplier statistics, averaged over layers for one readable curve each
-            for stat in LAYER_STATS:
-                values = [v for k, v in r.items() if k.startswith("mult/h") and k.endswith(f".{stat}")]
-                if values:
-                    r[f"mult/layer_mean.{stat}"] = sum(values) / len(values)
+        for r in train:  # per-layer statistics, averaged over layers for one readable curve each
+            add_layer_means(r, "mult", LAYER_STATS)
+        for r in of_type(self.records, "eval"):
+            add_layer_means(r, "norm", NORM_KINDS)
+            layers = [int(k[len("resid/rms_l"):]) for k in r if k.startswith("resid/rms_l")]
+            if layers:  # the output of the last block, before the final norm
+                r["resid/rms_last"] = r[f"resid/rms_l{max(layers)}"]
         # steps done -> tokens trained on, from the train records (exact even if the batch size changed on resume)
         self.steps = np.array([0] + [r["iter"] + 1 for r in train], dtype=float)
         self.tokens = np.array([0] + [r["tokens"] for r in train], dtype=float)

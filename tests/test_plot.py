@@ -152,6 +152,21 @@ def test_hellaswag_panel_from_eval_downstream_records(tmp_path):
     assert run.series(("eval",), "val_loss", "tokens")[1].tolist() == [4.0]
 
 
+def test_weight_norm_and_residual_panels_average_over_layers(tmp_path):
+    """The mechanism the multiplier paper is about, per evaluation: each matrix kind's raw norm averaged over
+    layers, and the residual stream's RMS at the embedding and after the last block."""
+    ev = {"type": "eval", "iter": 4, "val_loss": 4.0, "val_bpb": 2.0, "resid/rms_l0": 0.5, "resid/rms_l1": 2.0,
+          "resid/rms_l2": 3.0, **{f"norm/h{i}.{kind}": 1.0 + i + j for i in range(2)
+                                  for j, kind in enumerate(("qkv", "attn_out", "fc", "mlp_out"))}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(ev) + "\n")
+    run = Run(str(tmp_path))
+    panels = {p[0]: p for p in panels_with_data([run], "steps")}
+    norms = panels["weight norms (raw W, mean over layers)"][3]
+    assert [run.series(kinds, key, "steps")[1].tolist() for _, kinds, key in norms] == [[1.5], [2.5], [3.5], [4.5]]
+    resid = panels["residual stream RMS"][3]
+    assert [run.series(kinds, key, "steps")[1].tolist() for _, kinds, key in resid] == [[0.5], [3.0]]
+
+
 @pytest.mark.slow
 def test_the_table_needs_no_matplotlib(tmp_path):
     rows = [{"type": "train", "iter": 0, "loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "ms": 2000.0, "tok_s": 1.0,
