@@ -66,6 +66,12 @@ def check_arguments(script, args):
     elif script == "export.py":
         import export
         parse_args(export.ExportConfig, args)
+    elif script == "ablate.py":
+        import ablate
+        ablate.parse_sweep(parse_args(ablate.AblateConfig, args))  # the base and every overlay exist
+    elif script == "condensation.py":
+        import condensation
+        parse_args(condensation.PictureConfig, args)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
