@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
@@ -115,7 +116,7 @@ def val_metrics(loaded, data_dir, batch_size, device, ctx):
         x, y = (t.to(device) for t in stack_windows(tokens, batch, length, meta["vocab_size"]))
         with ctx:
             logits = loaded.logits_fn(x)
-        sums += loss_sums(logits, y, table)
+        sums += loss_sums(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none"), y, table)
     nats, count, byte_nats, n_bytes = sums.tolist()
     return {"val_loss": nats / count, "val_bpb": bits_per_byte(byte_nats, n_bytes), "val_tokens": int(count)}
 

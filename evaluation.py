@@ -32,21 +32,14 @@ def token_bytes(enc, vocab_size):
     return torch.tensor(counts + [0] * (vocab_size - len(counts)), dtype=torch.long)
 
 
-def byte_targets(targets, token_bytes):
-    """targets with every 0-byte token replaced by -1 (the losses' ignore index), and the bytes of the rest:
-    the mean CE over these targets times their count is bpb's numerator, in nats."""
-    n_bytes = token_bytes.to(targets.device)[targets]
-    return targets.masked_fill(n_bytes == 0, -1), n_bytes.sum()
-
-
 def bits_per_byte(nats, n_bytes):
     return nats / math.log(2) / n_bytes
 
 
-def loss_sums(logits, targets, token_bytes):
-    """Per-token CE (float32) of logits (B, T, V) against targets (B, T). Returns float64 sums
-    [nats of all targets, number of targets, nats of byte-carrying targets, their bytes]."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").double()
+def loss_sums(losses, targets, token_bytes):
+    """The CE of every target (any shape, as targets) -> float64 sums [nats of all targets, number of targets,
+    nats of byte-carrying targets, their bytes]: val loss = [0] / [1], bits per byte from [2] and [3]."""
+    losses = losses.flatten().double()
     n_bytes = token_bytes.to(targets.device)[targets.flatten()]
     return torch.stack([losses.sum(), torch.tensor(float(losses.numel()), dtype=torch.float64, device=losses.device),
                         losses[n_bytes > 0].sum(), n_bytes.sum().double()])

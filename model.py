@@ -369,10 +369,17 @@ def cross_entropy(h, weight, targets, chunk_size, softcap=0.0):
         return F.cross_entropy(softcap_logits((h @ weight.t()).float(), softcap), targets, ignore_index=-1)
     if torch.is_grad_enabled():
         return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size, softcap)
-    total = sum(F.cross_entropy(softcap_logits((h[s:s + chunk_size] @ weight.t()).float(), softcap),
-                                targets[s:s + chunk_size], ignore_index=-1, reduction="sum")
-                for s in range(0, h.size(0), chunk_size))
-    return total / (targets != -1).sum().clamp(min=1)
+    return token_losses(h, weight, targets, chunk_size, softcap).sum() / (targets != -1).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def token_losses(h, weight, targets, chunk_size, softcap=0.0):
+    """The CE of every target (N,) (float32, 0 where the target is -1), one chunk of logits at a time: what an
+    evaluation sums as it likes (bits per byte weighs the targets by their bytes) from a single forward pass."""
+    chunk_size = chunk_size if chunk_size > 0 else h.size(0)
+    return torch.cat([F.cross_entropy(softcap_logits((h[s:s + chunk_size] @ weight.t()).float(), softcap),
+                                      targets[s:s + chunk_size], ignore_index=-1, reduction="none")
+                      for s in range(0, h.size(0), chunk_size)])
 
 
 def dispersion_loss(z, variant="angular_spread", tau=1.0, max_tokens=256, clamp=0.1, eps=1e-2):
@@ -495,16 +502,20 @@ class GPT(nn.Module):
         """The LM head on final states x (..., C), soft-capped when logit_softcap > 0."""
         return softcap_logits(self.lm_head(x), self.config.logit_softcap)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, per_token=False):
         """idx, targets: (B, T) token ids. Without targets: returns (logits (B, T, V), None).
         With targets: returns (None, losses), losses = {'loss': what to backpropagate, 'ce': cross-entropy,
-        and 'dispersion' when that loss is active (training only; evaluation is CE alone)}."""
+        and 'dispersion' when that loss is active (training only; evaluation is CE alone)}. per_token=True (no
+        gradients): losses = {'ce_tokens': the CE of every target, (B * T,)}."""
         cfg = self.config
         use_dispersion = self.training and cfg.dispersion_coeff > 0 and targets is not None
         layers = [i + 1 for i in cfg.dispersion_block_indices()] if use_dispersion else []
         x, hidden = self.hidden_states(idx, collect=layers)
         if targets is None:
             return self.logits(x), None
+        if per_token:
+            return None, {"ce_tokens": token_losses(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                                    cfg.loss_chunk_size, cfg.logit_softcap)}
         ce = cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), cfg.loss_chunk_size,
                            cfg.logit_softcap)
         losses = {"loss": ce, "ce": ce}

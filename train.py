@@ -31,7 +31,7 @@ from condensation import condensation_metrics
 from config import load_train_config, model_args
 from device import autocast, peak_flops, select_device, select_dtype, to_device
 from errors import ConfigError, DataError, run_main
-from evaluation import bits_per_byte, byte_targets, hellaswag_file, load_hellaswag, score_hellaswag, token_bytes
+from evaluation import bits_per_byte, hellaswag_file, load_hellaswag, loss_sums, score_hellaswag, token_bytes
 from metrics import read_records
 from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
 from monitor import Clock, Health, compile_failure, count, duration, gpu_report, probe_compiled
@@ -110,8 +110,8 @@ def build_model(cfg, resume_ckpt):
     tied = source.config.tie_embeddings
     source.merge_multipliers(untie=True)  # plain weights: the multipliers of this run start afresh at 1
     if tied and not source.config.tie_embeddings:
-        print(f"init_from: the trained per-token embedding multipliers fold only into an untied embedding: "
-              f"this run has tie_embeddings=False")
+        print("init_from: the trained per-token embedding multipliers fold only into an untied embedding: "
+              "this run has tie_embeddings=False")
     kept = {k: getattr(source.config, k) for k in ARCH_KEYS if k not in ("multipliers", "token_multipliers")}
     model = GPT(GPTConfig(**{**args, **kept}))
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
@@ -372,17 +372,14 @@ class Evaluator:
     def __call__(self, model, raw_model, iter_num):
         cfg, rt = self.cfg, self.rt
         model.eval()
-        # sums of: window losses, windows, nats of the targets that carry bytes, their bytes (evaluation.py)
+        # sums of: nats of all targets, targets, nats of the targets that carry bytes, their bytes (evaluation.py)
         total = torch.zeros(4, device=rt.device, dtype=torch.float64)
         for b in range(rt.rank, cfg.eval_iters, rt.world):
             x, y = stack_windows(self.tokens, self.starts[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.block_size,
                                  self.vocab_size)
             x, y = to_device(x, rt.device), to_device(y, rt.device)
-            y_bytes, n_bytes = byte_targets(y, self.token_bytes)
-            with autocast(rt.device, rt.dtype):  # a second forward for bits per byte: 0-byte targets (EOT) masked out
-                ce, byte_ce = model(x, y)[1]["ce"].double(), model(x, y_bytes)[1]["ce"].double()
-            total += torch.stack([ce * x.size(0), torch.tensor(x.size(0), device=rt.device, dtype=torch.float64),
-                                  byte_ce * (y_bytes != -1).sum(), n_bytes.double()])
+            with autocast(rt.device, rt.dtype):  # one forward: per-target CE, summed two ways
+                total += loss_sums(model(x, y, per_token=True)[1]["ce_tokens"], y, self.token_bytes)
         if rt.ddp:
             dist.all_reduce(total)
         val_loss = (total[0] / total[1]).item()

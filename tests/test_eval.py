@@ -12,7 +12,7 @@ from conftest import REPO, run_script
 
 from errors import DataError
 from tokens import get_tokenizer
-from evaluation import (byte_targets, hellaswag_file, hellaswag_predictions, load_hellaswag, loss_sums, render,
+from evaluation import (hellaswag_file, hellaswag_predictions, load_hellaswag, loss_sums, render,
                         score_hellaswag, score_rendered, token_bytes)
 from model import GPT, GPTConfig
 
@@ -40,21 +40,27 @@ def test_token_bytes_count_raw_bytes_and_nothing_for_eot_and_padding(enc):
     assert table[enc.encode_ordinary(text)].sum() == len(text.encode("utf-8"))  # split characters included
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", logit_softcap=15.0)])
+@pytest.mark.parametrize("overrides", [dict(loss_chunk_size=7), dict(loss_chunk_size=0),
+                                       dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", logit_softcap=15.0)])
 def test_train_and_eval_compute_the_same_bits_per_byte(enc, overrides):
-    """eval.py sums per-token losses from logits; train.py takes the model's mean CE over the byte-carrying
-    targets (0-byte ones masked to -1). Both are the same number (soft-capped logits included)."""
+    """eval.py sums per-token losses from logits; train.py takes them from one chunked forward
+    (per_token=True). Both give the same sums (soft-capped logits included), whose parts are what they say:
+    the mean is the model's CE, and the byte-weighted part leaves out the 0-byte EOT targets."""
     model, table = tiny(**overrides), token_bytes(enc, 50304)
     ids = torch.tensor([enc.encode_ordinary("The cat sat on the mat. ") + [50256] + enc.encode_ordinary("A dog ran.")] * 2)
     x, y = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():
-        nats, count, byte_nats, n_bytes = loss_sums(model(x)[0], y, table).tolist()
-        masked, masked_bytes = byte_targets(y, table)
-        mean_ce = model(x, masked)[1]["ce"].item()
-        assert nats / count == pytest.approx(model(x, y)[1]["ce"].item(), rel=1e-5)
-    assert (masked == -1).sum() == 2 and masked_bytes.item() == n_bytes
-    assert mean_ce * (masked != -1).sum().item() == pytest.approx(byte_nats, rel=1e-5)
-    assert byte_nats < nats  # the EOT target's loss is left out
+        logits = model(x)[0]
+        per_token = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        from_logits = loss_sums(per_token, y, table)
+        from_forward = loss_sums(model(x, y, per_token=True)[1]["ce_tokens"], y, table)
+        mean_ce = model(x, y)[1]["ce"].item()
+    torch.testing.assert_close(from_forward, from_logits, rtol=1e-5, atol=0)
+    nats, count, byte_nats, n_bytes = from_forward.tolist()
+    assert count == y.numel() and nats / count == pytest.approx(mean_ce, rel=1e-5)
+    eot = y.flatten() == 50256
+    assert eot.sum() == 2 and n_bytes == table[y].sum().item()
+    assert byte_nats == pytest.approx(nats - per_token[eot].sum().item(), rel=1e-5)  # the EOT targets' losses left out
 
 
 # --- HellaSwag
@@ -260,3 +266,28 @@ def test_eval_user_mistakes_are_one_line(tmp_path):
                    "nothing to evaluate")
     one_line_error(run_script("eval.py", f"--model={tmp_path / 'no-run'}", f"--hellaswag={FIXTURE}", check=False),
                    "no-run: no such path")
+
+
+def test_train_evaluator_is_the_mean_over_its_windows(enc, token_dir):
+    """train.py's evaluation (one chunked forward per batch) against a brute force over the same fixed windows:
+    the mean CE of all targets from full logits, and bits per byte over the byte-carrying targets."""
+    import math
+    from tokens import fixed_windows, open_split, stack_windows
+    from train import Evaluator, Runtime
+    import config
+    cfg = config.TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=3, eval_iters=2,
+                             condensation_seqs=0, loss_chunk_size=20)
+    tokens, meta = open_split(token_dir, "val")
+    rt = Runtime(ddp=False, rank=0, local_rank=0, world=1, device="cpu", dtype="float32", accum=1)
+    model = tiny(block_size=32, loss_chunk_size=20)
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(1))
+    result = Evaluator(cfg, tokens, meta, rt)(model, model, 0)
+    assert len(calls) == cfg.eval_iters  # one forward per batch, both numbers from it
+    x, y = stack_windows(tokens, fixed_windows(tokens, 6, 32), 32)
+    with torch.no_grad():
+        losses = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), reduction="none").double()
+    table = token_bytes(enc, 50304)[y.flatten()]
+    assert result["val_loss"] == pytest.approx(losses.mean().item(), rel=1e-6)
+    expected_bpb = losses[table > 0].sum().item() / math.log(2) / table.sum().item()
+    assert result["val_bpb"] == pytest.approx(expected_bpb, rel=1e-6)
