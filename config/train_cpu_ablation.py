@@ -1,6 +1,6 @@
 # The base of the CPU ablation in docs/RESULTS.md: a 6 x 256 GPT (17.6M parameters, 4.7M outside the tied
-# embedding) trained for 120 steps of 2,048 tokens (246k tokens) on the shared English sample. One run takes
-# about 8 minutes on one CPU thread; docs/RESULTS.md has the sweep's commands:
+# embedding) trained for 120 steps of 2,048 tokens (246k tokens) on the shared English sample. One run took
+# 6.4-7.7 minutes on one CPU thread, two runs side by side on 2 cores; docs/RESULTS.md has the sweep's commands:
 #   python ablate.py --base=config/train_cpu_ablation.py --data_dir=data/sample --seeds=1,2,3 --variants=...
 out_dir = "out/cpu-ablation"
 n_layer = 6
