@@ -505,7 +505,8 @@ def test_tokenizer_from_a_local_file(sample_parquet, tmp_path, monkeypatch):
 
     src = write_parquet(tmp_path / "s.parquet", texts)
     assert run_main(src, f"--out_dir={tmp_path / 'reference'}", "--num_proc=1") is None
-    offline = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"), https_proxy="http://127.0.0.1:9",
+    offline = {k: v for k, v in os.environ.items() if k != "GPT2_TIKTOKEN_FILE"}  # set per call below
+    offline.update(TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"), https_proxy="http://127.0.0.1:9",
                    HTTPS_PROXY="http://127.0.0.1:9")  # any download fails at once
 
     def prepare_offline(out, **env):
