@@ -56,3 +56,24 @@ def run_script(script, *args, timeout=600, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def randomized_tiny_gpt(wide_mlp=False, **overrides):
+    """A tiny GPT (block 16, 2 x 32, GPT-2's padded vocabulary) with every weight randomised: biases, norm gains
+    and multipliers too, so that a wrong mapping of any of them shows. wide_mlp: MLP weights of std 0.5, whose
+    pre-activations of order 1 are where exact and tanh GELU part (and are amplified)."""
+    import torch
+    from model import GPT, GPTConfig
+    args = dict(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
+    args.update(overrides)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_mult"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif wide_mlp and name.endswith(("mlp.c_fc.weight", "mlp.c_proj.weight")):
+                p.normal_(0, 0.5)
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    return model

@@ -1,34 +1,21 @@
 """export.py: our checkpoints as transformers directories (logits, generation, tokenizer, entry point)."""
 import pytest
 import torch
-from conftest import run_script
+from conftest import randomized_tiny_gpt, run_script
 
 transformers = pytest.importorskip("transformers")
 
 import export
 from errors import ConfigError, DataError
 from tokens import get_tokenizer
-from model import GPT, GPTConfig
+from model import GPTConfig
 
 V = export.GPT2_VOCAB
 
 
 def tiny(**overrides):
-    """A tiny GPT with every weight randomised (biases, LayerNorm gains, multipliers too, so that a wrong
-    mapping of any of them shows) and an MLP wide enough in its inputs that exact and tanh GELU differ."""
-    args = dict(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
-    args.update(overrides)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**args)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("_mult"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith(("mlp.c_fc.weight", "mlp.c_proj.weight")):
-                p.normal_(0, 0.5)  # pre-activations of order 1, where the two GELUs part, and amplified
-            else:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    """Every weight randomised, and an MLP whose pre-activations are where exact and tanh GELU differ."""
+    return randomized_tiny_gpt(wide_mlp=True, **overrides)
 
 
 def export_and_load(model, out):

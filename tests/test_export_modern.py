@@ -6,23 +6,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import export
+from conftest import randomized_tiny_gpt
 from errors import DataError
-from model import GPT, GPTConfig
 
 V = export.GPT2_VOCAB
 MODERN = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu")
 
 
-def tiny(**overrides):
-    """A tiny GPT with every weight randomised (norm gains, biases, multipliers too)."""
-    args = dict(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
-    args.update(overrides)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**args)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("_mult") else p + 0.1 * torch.randn_like(p))
-    return model
+tiny = randomized_tiny_gpt  # every weight randomised (norm gains, biases, multipliers too)
 
 
 @pytest.mark.parametrize("overrides,cls", [
