@@ -18,9 +18,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from config import parse_args
-from errors import ConfigError, DataError, run_main
-from metrics import of_type, read_records
+from smallgpt.config import parse_args
+from smallgpt.errors import ConfigError, DataError, run_main
+from smallgpt.metrics import of_type, read_records
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

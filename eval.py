@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
-from config import parse_args
-from device import autocast, select_device
-from errors import ConfigError, DataError, run_main
-from evaluation import (HELLASWAG_ITEMS, bits_per_byte, hellaswag_file, load_hellaswag, loss_sums, score_hellaswag,
+from smallgpt.checkpoint import check_which, find_checkpoint, load_checkpoint, model_from_checkpoint
+from smallgpt.config import parse_args
+from smallgpt.device import autocast, select_device
+from smallgpt.errors import ConfigError, DataError, run_main
+from smallgpt.evaluation import (HELLASWAG_ITEMS, bits_per_byte, hellaswag_file, load_hellaswag, loss_sums, score_hellaswag,
                         token_bytes)
-from tokens import get_tokenizer, open_split, stack_windows
+from smallgpt.tokens import get_tokenizer, open_split, stack_windows
 
 
 @dataclass
@@ -44,8 +44,7 @@ class EvalConfig:
 
 
 def validate(cfg):
-    if cfg.which not in ("best", "last"):
-        raise ConfigError(f"which must be best or last, not {cfg.which!r}")
+    check_which(cfg.which)
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")
     if cfg.batch_size < 1 or cfg.hellaswag_items < 0:

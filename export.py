@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
-from config import parse_args
-from errors import ConfigError, DataError, run_main
-from tokens import TIKTOKEN_CACHE_NAMES, get_tokenizer
+from smallgpt.checkpoint import check_which, find_checkpoint, load_checkpoint, model_from_checkpoint
+from smallgpt.config import parse_args
+from smallgpt.errors import ConfigError, DataError, run_main
+from smallgpt.tokens import TIKTOKEN_CACHE_NAMES, get_tokenizer
 
 GPT2_VOCAB = 50257  # GPT-2's real tokens; ids above are vocabulary padding and never targets
 EOT = 50256  # <|endoftext|>
@@ -231,8 +231,7 @@ def export(model, out):
 
 def main(argv):
     cfg = parse_args(ExportConfig, argv)
-    if cfg.which not in ("best", "last"):
-        raise ConfigError(f"which must be best or last, not {cfg.which!r}")
+    check_which(cfg.which)
     path = find_checkpoint(cfg.model, cfg.which)
     out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(path)), "hf")
     check_out_dir(out)

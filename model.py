@@ -114,14 +114,15 @@ class _RowColumnScaled(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, r, c):
-        ctx.save_for_backward(weight, r, c)
-        return (weight * r[:, None]).mul_(c)
+        ctx.save_for_backward(weight, r, c)  # the inputs only: the scaled matrix is recomputed in backward
+        return (weight * r[:, None]).mul_(c)  # one temporary, scaled in place
 
     @staticmethod
     def backward(ctx, grad):
         weight, r, c = ctx.saved_tensors
         with torch.autocast(grad.device.type, enabled=False):  # float32 multiplier gradients, always
             grad_times_weight = grad * weight
+            # dW = g r c; dr = (g W) c; dc = r (g W)
             return (grad * r[:, None]).mul_(c), grad_times_weight @ c, r @ grad_times_weight
 
 
@@ -132,7 +133,7 @@ class Linear(nn.Linear):
         super().__init__(d_in, d_out, bias=bias)
         self.multipliers = multipliers
         if multipliers == "vector":
-            self.row_mult = nn.Parameter(torch.ones(d_out))
+            self.row_mult = nn.Parameter(torch.ones(d_out))  # init 1: the layer starts as the plain one
             self.col_mult = nn.Parameter(torch.ones(d_in))
         elif multipliers == "scalar":
             self.scale_mult = nn.Parameter(torch.ones(1))
@@ -169,7 +170,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)  # eps 1e-5, as GPT-2 and PyTorch
 
 
 class RMSNorm(nn.Module):
@@ -206,12 +207,13 @@ def rope_cos_sin(pos, head_dim, theta):
 
 def apply_rope(x, cos, sin):
     """Rotate channel pairs (j, j + hs/2) of x (B, nh, T, hs) by their angles: HF Llama's rotate_half layout."""
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # HF's rotate_half pairs channel j with j + hs/2 (not j + 1)
     return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
 
 
 def fused_linear(x, layers):
     """Linear layers that read the same input, as one matmul over their concatenated weights (and biases)."""
+    # one matmul beats three small ones; the optimizer still sees three
     weight = torch.cat([layer.effective_weight() for layer in layers])
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
     return F.linear(x, weight, bias)
@@ -266,10 +268,11 @@ class CausalSelfAttention(nn.Module):
             end = cache.pos + T
             cache.k[layer][:, :, cache.pos:end] = k
             cache.v[layer][:, :, cache.pos:end] = v
+            # every position cached so far, this one included
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-        dropout = self.dropout if self.training else 0.0
+        dropout = self.dropout if self.training else 0.0  # SDPA's dropout_p ignores eval(): switch it off here
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again: (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -308,7 +311,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, rope=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)  # pre-norm: the residual stream itself is never normalised
         return x + self.mlp(self.ln_2(x))
 
 
@@ -323,10 +326,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size, softcap=0.0):
-        valid = targets != -1
-        n_valid = valid.sum().clamp(min=1)
+        valid = targets != -1  # -1 marks an ignored target, as F.cross_entropy's ignore_index
+        n_valid = valid.sum().clamp(min=1)  # all targets ignored: a loss of 0, not 0 / 0
         loss = torch.zeros((), device=h.device, dtype=torch.float32)
         grad_h = torch.empty_like(h)
+        # summed over chunks in float32: bf16 sums would drop small chunks
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         for s in range(0, h.size(0), chunk_size):
             h_c, t_c, v_c = h[s:s + chunk_size], targets[s:s + chunk_size], valid[s:s + chunk_size]
@@ -338,7 +342,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 logits = tanh * softcap
             t_safe = t_c.clamp(min=0).unsqueeze(1)
             target = logits.gather(1, t_safe).squeeze(1)
-            m = logits.amax(dim=1)
+            m = logits.amax(dim=1)  # log-sum-exp with the max subtracted: exp never overflows
             grad = logits.sub_(m.unsqueeze(1)).exp_()  # exp(logits - max), in place: no second (n, V) buffer
             z = grad.sum(dim=1)
             loss += ((z.log() + m - target) * v_c).sum()
@@ -349,12 +353,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad = grad.mul_(v_c.unsqueeze(1)).to(dtype)  # ignored targets contribute nothing
             grad_h[s:s + chunk_size] = grad @ weight
             grad_w += (grad.t() @ h_c).float()
+        # gradients of the mean, ready: backward only scales them
         ctx.save_for_backward(grad_h / n_valid, (grad_w / n_valid).to(weight.dtype))
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
+        # grad_out: the loss's scale (1 / accum, GradScaler)
         return grad_h * grad_out, grad_w * grad_out, None, None, None
 
 
@@ -367,7 +373,7 @@ def cross_entropy(h, weight, targets, chunk_size, softcap=0.0):
     """Mean CE over targets != -1 of the logits h @ weight.T (soft-capped if softcap > 0); h: (N, C), targets: (N,)."""
     if chunk_size <= 0:
         return F.cross_entropy(softcap_logits((h @ weight.t()).float(), softcap), targets, ignore_index=-1)
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled():  # training: the fused path; without gradients no gradient buffers are needed
         return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_size, softcap)
     return token_losses(h, weight, targets, chunk_size, softcap).sum() / (targets != -1).sum().clamp(min=1)
 
@@ -392,7 +398,7 @@ def dispersion_loss(z, variant="angular_spread", tau=1.0, max_tokens=256, clamp=
             z = z[:, torch.randperm(L, device=z.device)[:max_tokens]]
             L = max_tokens
         off_diagonal = ~torch.eye(L, dtype=torch.bool, device=z.device)
-        log_pairs = math.log(L * (L - 1))
+        log_pairs = math.log(L * (L - 1))  # logsumexp - log(pairs): the log of the mean over the pairs i != j
         if variant in ("angular_spread", "orthogonal"):
             u = z / (z.norm(dim=-1, keepdim=True) + eps)
             cos = u @ u.transpose(1, 2)  # (B, L, L)
@@ -430,7 +436,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config, config.n_embd),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # logits = h @ W.T: no bias, as GPT-2
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
         # Embedding multipliers act on the lookup output only: on a tied weight they would land on the LM
@@ -443,7 +449,7 @@ class GPT(nn.Module):
             self.wte_mult = nn.Parameter(torch.ones(1))
         # a merged tied model keeps its per-token multipliers here (merge_multipliers); None otherwise
         self.register_buffer("token_scale", None)
-        self.apply(self._init_weights)
+        self.apply(self._init_weights)  # GPT-2's init: N(0, 0.02) for every matrix and table
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -476,7 +482,8 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx)  # (B, T, C)
         if cfg.multipliers != "none":
-            x = x * self.wte_mult
+            x = x * self.wte_mult  # the lookup's channel (or scalar) multiplier; W itself stays the head's
+        # trained per-token multipliers, or their merged copy
         token_scale = getattr(self, "wte_token_mult", self.token_scale)
         if token_scale is not None:
             x = x * token_scale[idx].unsqueeze(-1)
@@ -488,6 +495,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         collected = {0: x} if 0 in collect else {}
         for i, block in enumerate(self.transformer.h):
+            # recompute in backward, keep no activations
             if cfg.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
@@ -495,7 +503,7 @@ class GPT(nn.Module):
             if i + 1 in collect:
                 collected[i + 1] = x
         if cache is not None:
-            cache.pos += T
+            cache.pos += T  # after all layers: each wrote its keys at the same positions
         return self.transformer.ln_f(x), collected
 
     def logits(self, x):
@@ -509,6 +517,7 @@ class GPT(nn.Module):
         gradients): losses = {'ce_tokens': the CE of every target, (B * T,)}."""
         cfg = self.config
         use_dispersion = self.training and cfg.dispersion_coeff > 0 and targets is not None
+        # block i's output is layer i + 1
         layers = [i + 1 for i in cfg.dispersion_block_indices()] if use_dispersion else []
         x, hidden = self.hidden_states(idx, collect=layers)
         if targets is None:
@@ -516,6 +525,7 @@ class GPT(nn.Module):
         if per_token:
             return None, {"ce_tokens": token_losses(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                                     cfg.loss_chunk_size, cfg.logit_softcap)}
+        # (B * T, C): every position is one row of the loss
         ce = cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), cfg.loss_chunk_size,
                            cfg.logit_softcap)
         losses = {"loss": ce, "ce": ce}
@@ -538,22 +548,6 @@ class GPT(nn.Module):
         """Everything but the multipliers: the paper computes the clipping norm without them (including
         them made early clipping far too aggressive) and does not clip them."""
         return [p for n, p in self.named_parameters() if not n.endswith(MULTIPLIER_SUFFIX)]
-
-    def configure_optimizer(self, learning_rate, weight_decay, betas, eps, multiplier_weight_decay,
-                            multiplier_lr_scale, device_type):
-        """AdamW with three groups: matrices (weight_decay), vectors and gains (no decay) and learnable
-        multipliers (their own decay and lr scale: a 'no decay for 1-D' rule would silently give them 0).
-        Each group's lr_scale multiplies the scheduled learning rate."""
-        groups = {"matrices": [], "vectors": [], "multipliers": []}
-        for name, p in self.named_parameters():
-            kind = "multipliers" if name.endswith(MULTIPLIER_SUFFIX) else "matrices" if p.dim() >= 2 else "vectors"
-            groups[kind].append(p)
-        settings = {"matrices": (weight_decay, 1.0), "vectors": (0.0, 1.0),
-                    "multipliers": (multiplier_weight_decay, multiplier_lr_scale)}
-        param_groups = [dict(params=ps, name=kind, weight_decay=settings[kind][0], lr_scale=settings[kind][1],
-                             lr=learning_rate * settings[kind][1]) for kind, ps in groups.items() if ps]
-        fused = device_type in ("cuda", "cpu")  # fused AdamW: one kernel for all parameters (also on a CPU)
-        return torch.optim.AdamW(param_groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     @torch.no_grad()
     def multiplier_stats(self):
@@ -603,11 +597,13 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.merge_multipliers()
+        # per-token multipliers (vector with token_multipliers)
         r = self.wte_token_mult.detach() if hasattr(self, "wte_token_mult") else None
         if r is not None:
             del self.wte_token_mult
             r = None if bool((r == 1).all()) else r  # never trained: nothing to keep
         if r is not None and untie and self.config.tie_embeddings:
+            # the head keeps W; the embedding takes r below
             self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone())
             self.config = replace(self.config, tie_embeddings=False)  # a copy: the config may be shared
         c = self.wte_mult.detach()
@@ -615,7 +611,7 @@ class GPT(nn.Module):
         if self.config.tie_embeddings:
             if c.abs().min() < 1e-6:
                 raise ValueError("an embedding multiplier is ~0: merging would divide the final norm by it")
-            ln_f.weight.div_(c)
+            ln_f.weight.div_(c)  # (ln_f(x) / c) @ (W * c).T = ln_f(x) @ W.T
             if getattr(ln_f, "bias", None) is not None:
                 ln_f.bias.div_(c)
         self.transformer.wte.weight.mul_(c)
@@ -644,9 +640,9 @@ class GPT(nn.Module):
         B, block = idx.size(0), self.config.block_size
         device_type = idx.device.type  # is_autocast_enabled() without it asks about CUDA only
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.lm_head.weight.dtype
-        cache = KVCache(self.config, B, idx.device, dtype)
+        cache = KVCache(self.config, B, idx.device, dtype)  # in the dtype the layers produce: writes need no cast
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        context = idx[:, -block:]
+        context = idx[:, -block:]  # a longer prompt keeps its last block_size tokens
         x, _ = self.hidden_states(context, cache)
         for step in range(max_new_tokens):
             logits = self.logits(x[:, -1, :]).float()  # (B, V)
@@ -661,11 +657,11 @@ class GPT(nn.Module):
                 return  # no forward pass for a token nobody will read
             context = torch.cat([context, token.unsqueeze(1)], dim=1)
             if context.size(1) <= block:
-                x, _ = self.hidden_states(context[:, -1:], cache)
+                x, _ = self.hidden_states(context[:, -1:], cache)  # one new token: its keys and values join the cache
             else:  # the window slides: every position shifts, so the whole window is prefilled again (as costly
                 # as a step of full recomputation; exact, unlike reusing keys computed at other positions)
                 context = context[:, -block:]
-                cache.pos = 0
+                cache.pos = 0  # refill the cache from position 0 with the slid window
                 x, _ = self.hidden_states(context, cache)
 
     # -------------------------------------------------------------------------
@@ -680,6 +676,7 @@ class GPT(nn.Module):
         for key, value in state_dict.items():
             for prefix in ("_orig_mod.", "module."):
                 key = key[len(prefix):] if key.startswith(prefix) else key
+            # nanoGPT's and HF's causal-mask buffers: SDPA needs none
             if key.endswith((".attn.bias", ".attn.masked_bias")):
                 continue
             if ".attn.c_attn." in key:
@@ -698,7 +695,7 @@ class GPT(nn.Module):
             from transformers import GPT2LMHeadModel
         except ImportError:
             raise ImportError("from_pretrained needs the transformers package: pip install transformers")
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)  # downloads once into HF's cache
         hc = hf.config
         args = dict(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, block_size=hc.n_positions,
                     vocab_size=hc.vocab_size, bias=True,
@@ -713,6 +710,7 @@ class GPT(nn.Module):
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B: 6N + 12 L H Q T."""
         cfg = self.config
+        # 6N: matmuls forward + backward; 12LHQT: attention scores
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
 
 
@@ -723,14 +721,14 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generators=Non
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # the k-th largest logit of each row
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # tokens after the nucleus is already full
         probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
+        probs = probs / probs.sum(-1, keepdim=True)  # renormalise the nucleus
     # inverse-CDF sampling with one uniform per row from that row's own generator
     if generators is None:
         u = torch.rand(probs.size(0), 1, device=probs.device, dtype=torch.float64)
@@ -741,4 +739,4 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generators=Non
     # right=True: the first cdf entry strictly above the draw, so a zero-probability token (a flat step of the
     # cdf) can never be picked, not even when the draw is exactly 0
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
-    return token.clamp(max=probs.size(-1) - 1)
+    return token.clamp(max=probs.size(-1) - 1)  # a draw of exactly 1.0 lands past the end: the last token

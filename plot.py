@@ -19,9 +19,9 @@ import os
 
 import numpy as np
 
-from errors import DataError, run_main
-from metrics import metrics_path, of_type, read_records, shared_eval_iters, summarize
-from monitor import duration
+from smallgpt.errors import DataError, run_main
+from smallgpt.metrics import metrics_path, of_type, read_records, shared_eval_iters, summarize
+from smallgpt.monitor import duration
 
 TRAIN, EVAL, DOWNSTREAM = ("train",), ("eval",), ("eval", "eval_downstream")  # eval.py appends eval_downstream
 LAYER_STATS = ("qk_ratio", "attn_out_rms", "mlp_out_rms")  # model.multiplier_stats: mult/h{layer}.{stat}

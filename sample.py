@@ -18,10 +18,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from config import parse_args
-from device import autocast
-from errors import ConfigError, DataError, run_main
-from generation import encode_prompt, generate_samples, open_for_generation, text_stream
+from smallgpt.checkpoint import check_which
+from smallgpt.config import parse_args
+from smallgpt.device import autocast
+from smallgpt.errors import ConfigError, DataError, run_main
+from smallgpt.generation import encode_prompt, generate_samples, open_for_generation, text_stream
 
 
 @dataclass
@@ -42,8 +43,7 @@ class SampleConfig:
 
 
 def validate(cfg):
-    if cfg.which not in ("best", "last"):
-        raise ConfigError(f"which must be best or last, not {cfg.which!r}")
+    check_which(cfg.which)
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16, not {cfg.dtype!r}")
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0 or cfg.top_k < 0:

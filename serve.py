@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from config import parse_args
-from device import autocast
-from errors import ConfigError, DataError, run_main
-from generation import Sampling, encode_prompt, open_for_generation, stream_tokens, text_stream
+from smallgpt.checkpoint import check_which
+from smallgpt.config import parse_args
+from smallgpt.device import autocast
+from smallgpt.errors import ConfigError, DataError, run_main
+from smallgpt.generation import Sampling, encode_prompt, open_for_generation, stream_tokens, text_stream
 
 try:
     import uvicorn
@@ -62,8 +63,7 @@ class ServeConfig:
 
 
 def validate(cfg):
-    if cfg.which not in ("best", "last"):
-        raise ConfigError(f"which must be best or last, not {cfg.which!r}")
+    check_which(cfg.which)
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16, not {cfg.dtype!r}")
     if not 0 < cfg.port < 65536:

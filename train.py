@@ -26,17 +26,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import code_version, find_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
-from condensation import condensation_metrics
-from config import load_train_config, model_args
-from device import autocast, peak_flops, select_device, select_dtype, to_device
-from errors import ConfigError, DataError, run_main
-from evaluation import bits_per_byte, hellaswag_file, load_hellaswag, loss_sums, score_hellaswag, token_bytes
-from metrics import read_records
 from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
-from monitor import Clock, Health, compile_failure, count, duration, gpu_report, probe_compiled
-from optim import configure_optimizer
-from tokens import TrainWindows, fixed_windows, get_tokenizer, open_split, stack_windows
+from smallgpt.checkpoint import code_version, find_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
+from smallgpt.condensation import condensation_metrics
+from smallgpt.config import load_train_config, model_args
+from smallgpt.device import autocast, peak_flops, select_device, select_dtype, to_device
+from smallgpt.errors import ConfigError, DataError, run_main
+from smallgpt.evaluation import bits_per_byte, hellaswag_file, load_hellaswag, loss_sums, score_hellaswag, token_bytes
+from smallgpt.metrics import MetricsLog
+from smallgpt.monitor import Clock, Health, compile_failure, count, duration, gpu_report, probe_compiled
+from smallgpt.optim import configure_optimizer
+from smallgpt.tokens import TrainWindows, fixed_windows, get_tokenizer, open_split, stack_windows
 
 # -----------------------------------------------------------------------------
 # Learning-rate schedule
@@ -45,7 +45,7 @@ def get_lr(it, cfg):
     """Linear warm-up, then cosine decay to min_lr at lr_decay_iters ('cosine') or constant then a linear
     decay over the last wsd_decay_frac of lr_decay_iters ('wsd'); min_lr afterwards."""
     if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)  # it + 1: step 0 already takes a small step
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it >= cfg.lr_decay_iters:
@@ -54,14 +54,16 @@ def get_lr(it, cfg):
         decay_start = wsd_decay_start(cfg)
         if it < decay_start:
             return cfg.learning_rate
-        frac = (it - decay_start) / max(1, cfg.lr_decay_iters - decay_start)
+        frac = (it - decay_start) / max(1, cfg.lr_decay_iters - decay_start)  # max(1, .): a decay of length 0 is a drop
         return cfg.learning_rate + frac * (cfg.min_lr - cfg.learning_rate)
     frac = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    # frac 0 -> learning_rate, 1 -> min_lr
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.learning_rate - cfg.min_lr)
 
 
 def wsd_decay_start(cfg):
     """The first step of the WSD decay (stable.pt holds the state just before it)."""
+    # never inside the warm-up
     return max(cfg.warmup_iters, cfg.lr_decay_iters - int(cfg.wsd_decay_frac * cfg.lr_decay_iters))
 
 
@@ -75,6 +77,7 @@ def schedule_change(old_config, cfg, it):
     changed = {k: old_config[k] for k in SCHEDULE_KEYS if k in old_config and old_config[k] != getattr(cfg, k)}
     if not changed:
         return None
+    # the old schedule: this config with the checkpoint's schedule keys
     old_lr, new_lr = get_lr(it, replace(cfg, **changed)), get_lr(it, cfg)
     line = (f"schedule changed on resume: {', '.join(f'{k} {v!r} -> {getattr(cfg, k)!r}' for k, v in changed.items())}; "
             f"lr at iter {it}: {old_lr:.2e} (old) -> {new_lr:.2e} (new)")
@@ -95,11 +98,14 @@ def build_model(cfg, resume_ckpt):
         changed = [f"{k} (config {args[k]!r}, checkpoint {saved[k]!r})" for k in ARCH_KEYS if saved[k] != args[k]]
         if changed:
             raise ConfigError(f"cannot resume with a different architecture: {'; '.join(changed)}")
+        # the checkpoint's shapes, this config's training options (dispersion...)
         model = GPT(GPTConfig(**{**args, **saved}))
+        # reads nanoGPT's names and torch.compile's _orig_mod. prefix too
         model.load_nanogpt_state_dict(resume_ckpt["model"])
         return model
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(**args))
+    # a hub name, unless a file has that name
     if cfg.init_from.startswith("gpt2") and not os.path.exists(cfg.init_from):
         try:
             source = GPT.from_pretrained(cfg.init_from)
@@ -112,19 +118,17 @@ def build_model(cfg, resume_ckpt):
     if tied and not source.config.tie_embeddings:
         print("init_from: the trained per-token embedding multipliers fold only into an untied embedding: "
               "this run has tie_embeddings=False")
+    # the source's shapes and block switches; the multiplier switches are this config's
     kept = {k: getattr(source.config, k) for k in ARCH_KEYS if k not in ("multipliers", "token_multipliers")}
     model = GPT(GPTConfig(**{**args, **kept}))
+    # strict=False: this run's multipliers are new (they start at 1)
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     assert not unexpected and all(k.endswith(MULTIPLIER_SUFFIX) for k in missing), (missing, unexpected)
     return model
 
 
 # -----------------------------------------------------------------------------
-# One optimizer step (bench.py times this same function)
-
-def make_optimizer(raw_model, cfg, device_type, dtype=None):
-    return configure_optimizer(raw_model, cfg, device_type, dtype)  # optim.py: AdamW, or Muon + AdamW
-
+# One optimizer step (bench/bench_train.py times this same function)
 
 def train_step(model, optimizer, scaler, ctx, get_batch, accum, clip_params, grad_clip, ddp=False):
     """Accumulate gradients over `accum` micro-batches (get_batch(i) -> x, y on the device; under DDP the
@@ -133,55 +137,26 @@ def train_step(model, optimizer, scaler, ctx, get_batch, accum, clip_params, gra
     sums = None
     for micro in range(accum):
         x, y = get_batch(micro)  # fetched while the GPU still runs the previous micro-batch
+        # DDP all-reduces on the last micro-batch only: one communication per step
         with model.no_sync() if ddp and micro < accum - 1 else nullcontext():
             with ctx:
                 _, losses = model(x, y)
+            # / accum: the sum of the micro-batches' gradients is the big batch's mean
             scaler.scale(losses["loss"] / accum).backward()
-        ce = losses["ce"].detach().float()
+        ce = losses["ce"].detach().float()  # the CE alone (no dispersion term): what the curves compare
         step_sums = torch.stack([ce, losses["dispersion"].detach().float() if "dispersion" in losses else 0 * ce])
         sums = step_sums if sums is None else sums + step_sums
-    scaler.unscale_(optimizer)
+    scaler.unscale_(optimizer)  # before clipping: the norm of the true gradients, not of float16's scaled ones
+    # grad_clip 0: no clipping, but the norm is still measured for the log
     grad_norm = torch.nn.utils.clip_grad_norm_(clip_params, grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)
+    scaler.step(optimizer)  # skips the update when float16 gradients overflowed (a plain step otherwise)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # None, not zeros: the gradients' memory is free until the next backward
     return sums, grad_norm
 
 
 # -----------------------------------------------------------------------------
-# Logging
-
-class MetricsLog:
-    """metrics.jsonl in out_dir (always) and wandb (when asked). On resume, records after the checkpoint's
-    iteration are dropped, so the file shows one consistent curve; the trimmed file replaces the old one
-    atomically, so a kill at that moment loses nothing."""
-
-    def __init__(self, cfg, resume_iter):
-        self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
-        kept = []
-        if resume_iter is not None and os.path.exists(self.path):
-            records = read_records(self.path)  # a last line cut by a kill is left out
-            kept = [r for r in records  # evaluations of the resumed checkpoint itself stay (eval.py's too)
-                    if r["iter"] < resume_iter or r["type"] in ("eval", "eval_downstream") and r["iter"] == resume_iter]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(self.path + ".tmp", self.path)
-        self.wandb = None
-        if cfg.wandb_log:
-            try:
-                import wandb
-                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg),
-                                        settings=wandb.Settings(init_timeout=60))
-            except Exception as e:  # no wandb, no network, no login: train anyway
-                print(f"wandb disabled: {type(e).__name__}: {e}")
-
-    def write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({f"{record['type']}/{k}": v for k, v in record.items() if k not in ("type", "iter")},
-                           step=record["iter"])
-
+# Logging (metrics.jsonl itself is written by smallgpt/metrics.py's MetricsLog)
 
 def log_line(record, eta):
     """The console line of a train record: step | loss | lr | grad norm | ms | tok/s [| mfu] [| disp] | tokens |
@@ -200,11 +175,12 @@ class StepLog:
     """After each optimizer step: the ETA clock, the spike checks (a warning and a 'health' record once per spike),
     and every log_interval steps the train record (metrics.jsonl) and its console line. Rank 0 only writes."""
 
-    def __init__(self, cfg, rt, raw_model, metrics, progress, flops_peak):
-        self.cfg, self.rt, self.raw_model, self.metrics, self.flops_peak = cfg, rt, raw_model, metrics, flops_peak
-        self.clock = Clock(progress.iter_num, cfg.max_iters, progress.elapsed_s)
-        self.health = Health(cfg.loss_spike_factor, cfg.grad_spike_factor)
-        self.steps_timed, self.t0 = 0, time.time()
+    def __init__(self, run, flops_peak):
+        self.cfg, self.rt, self.raw_model, self.metrics, self.flops_peak = run.cfg, run.rt, run.raw_model, run.metrics, flops_peak
+        # ETA from the steps of this start, wall time over all starts
+        self.clock = Clock(run.progress.iter_num, run.cfg.max_iters, run.progress.elapsed_s)
+        self.health = Health(run.cfg.loss_spike_factor, run.cfg.grad_spike_factor)
+        self.steps_timed, self.t0 = 0, time.time()  # the throughput of the steps since the last log line
 
     def __call__(self, progress, lr, ce, disp, grad_norm):
         cfg, it = self.cfg, progress.iter_num - 1  # the step just taken
@@ -216,13 +192,17 @@ class StepLog:
         for record in self.health.check(it, loss=ce, grad_norm=grad_norm):
             self.rt.log(Health.message(record))
             self.metrics.write(record)
+        # a line every log_interval steps, and at the last step
         if progress.iter_num % cfg.log_interval and progress.iter_num != cfg.max_iters:
             return
+        # the mean since the last line: a single slow step does not distort it
         dt = (time.time() - self.t0) / self.steps_timed
+        # every rank's tokens: the whole run's throughput
         tok_s = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps / dt
         record = {"type": "train", "iter": it, "loss": ce, "lr": lr, "grad_norm": grad_norm, "ms": 1000 * dt,
                   "tok_s": tok_s, "tokens": progress.data_position * cfg.block_size, "time_s": self.clock.elapsed()}
         if self.flops_peak:
+            # achieved model FLOP/s over the device's peak
             record["mfu"] = self.raw_model.flops_per_token() * tok_s / self.flops_peak
         if self.raw_model.config.dispersion_coeff > 0:
             record["dispersion"] = disp
@@ -261,13 +241,14 @@ class Runtime:
 
 def setup_runtime(cfg):
     """Processes (torchrun sets RANK / WORLD_SIZE), device and precision."""
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun sets these; plain python is one process
     rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
     device = select_device(cfg.device)
     if ddp:
         if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
+            device = f"cuda:{local_rank}"  # one GPU per process on this node
             torch.cuda.set_device(device)
+        # NCCL between GPUs, gloo between CPU processes (the tests)
         backend = cfg.backend if cfg.backend != "auto" else "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
     if cfg.gradient_accumulation_steps % world:
@@ -279,7 +260,7 @@ def setup_runtime(cfg):
         torch.use_deterministic_algorithms(True)
         torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls in TF32 on Ampere and later: faster, precise enough
     torch.backends.cudnn.allow_tf32 = True
     return Runtime(ddp, rank, local_rank, world, device, select_dtype(cfg.dtype, device),
                    cfg.gradient_accumulation_steps // world)
@@ -292,9 +273,11 @@ def read_resume_checkpoint(cfg):
     """The checkpoint to continue from with init_from=resume: last.pt, or best.pt when the run was killed after
     its first best.pt and before its first last.pt (best.pt holds the same full training state). None for a new
     run, which refuses an out_dir that already holds a run's checkpoints."""
+    # an untrained model's val loss is log(vocab): nothing to learn from
     if cfg.eval_only and cfg.init_from == "scratch":
         raise ConfigError("eval_only evaluates a trained model: set init_from=resume (out_dir/last.pt), a checkpoint "
                           "path or gpt2")
+    # in the order resume prefers them
     existing = [n for n in ("last.pt", "best.pt") if os.path.exists(os.path.join(cfg.out_dir, n))]
     if cfg.init_from != "resume":
         if existing and not cfg.eval_only:
@@ -303,8 +286,8 @@ def read_resume_checkpoint(cfg):
         return None
     if not existing:
         raise DataError(f"init_from=resume but {cfg.out_dir} holds no last.pt or best.pt")
-    path = os.path.join(cfg.out_dir, existing[0])
-    ckpt = load_checkpoint(path)
+    path = os.path.join(cfg.out_dir, existing[0])  # last.pt when there is one: the newest full state
+    ckpt = load_checkpoint(path)  # on CPU: weights move to the device with the model
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         raise DataError(f"{path} was not written by this train.py (no {', '.join(missing)}): start a new run from "
@@ -330,27 +313,44 @@ class Progress:
     elapsed_s: float = 0.0  # the run's wall time so far, over all its starts
 
 
+@dataclass
+class Run:
+    """A run's state in one place, built once by main: the chapters below (checkpoints, evaluation, the loop) read
+    and write it."""
+    cfg: object  # TrainConfig, as resolved at start (an init_from architecture and a compile fallback applied)
+    rt: Runtime
+    raw_model: GPT  # the module itself: its weights go into checkpoints, its statistics into the log
+    model: torch.nn.Module  # what a step calls: raw_model, compiled and/or wrapped in DDP
+    optimizer: object  # torch.optim.AdamW or optim.MuonAdamW
+    scaler: torch.amp.GradScaler  # enabled for float16 only
+    progress: Progress
+    metrics: object = None  # MetricsLog on rank 0 of a training run; None elsewhere
+
+
 def restore(ckpt, optimizer, scaler, rt):
     """Load a checkpoint's optimizer, scaler and RNG state; return its Progress."""
+    # load_state_dict restores the checkpoint's group settings: keep this run's
     wanted = [{k: g[k] for k in ("weight_decay", "lr_scale", "betas", "eps") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
     for group, settings in zip(optimizer.param_groups, wanted):  # this run's settings, not the checkpoint's
         group.update(settings)
     scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
+    torch.set_rng_state(ckpt["rng"]["torch"])  # the dispersion loss's draws continue where the run stopped
     if "cuda" in ckpt["rng"] and rt.device_type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    # older checkpoints: evaluated at save
     return Progress(ckpt["iter_num"], ckpt["data_position"], ckpt["best_val_loss"], ckpt.get("evaluated", True),
                     ckpt.get("elapsed_s", 0.0))
 
 
-def save(name, cfg, raw_model, optimizer, scaler, progress, rt):
+def save(run, name):
     """Write out_dir/name with everything an exact resume needs (atomically: a kill leaves the old file)."""
+    cfg, progress = run.cfg, run.progress
+    rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if run.rt.device_type == "cuda" else {})}
     save_checkpoint({
-        "format": "gpt-checkpoint", "version": 1, "code_version": code_version(), "model_args": asdict(raw_model.config),
-        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "config": asdict(cfg), **asdict(progress), "tokens_seen": progress.data_position * cfg.block_size,
-        "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if rt.device_type == "cuda" else {})},
+        "format": "gpt-checkpoint", "version": 1, "code_version": code_version(), "model_args": asdict(run.raw_model.config),
+        "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+        "config": asdict(cfg), **asdict(progress), "tokens_seen": progress.data_position * cfg.block_size, "rng": rng,
     }, os.path.join(cfg.out_dir, name))
 
 
@@ -360,8 +360,9 @@ class Evaluator:
 
     def __init__(self, cfg, val_tokens, meta, rt):
         self.cfg, self.tokens, self.rt, self.vocab_size = cfg, val_tokens, rt, meta["vocab_size"]
+        # the same windows every time: evaluations compare
         self.starts = fixed_windows(val_tokens, cfg.eval_iters * cfg.batch_size, cfg.block_size)
-        self.cond_len = min(512, cfg.block_size)
+        self.cond_len = min(512, cfg.block_size)  # the paper measures condensation on 512-token sequences
         self.cond_starts = fixed_windows(val_tokens, cfg.condensation_seqs, self.cond_len) if cfg.condensation_seqs else []
         enc = get_tokenizer()  # bits per byte count each target token's bytes; HellaSwag encodes text
         self.token_bytes, self.encode = token_bytes(enc, cfg.vocab_size).to(rt.device), enc.encode_ordinary
@@ -373,16 +374,17 @@ class Evaluator:
         cfg, rt = self.cfg, self.rt
         model.eval()
         # sums of: nats of all targets, targets, nats of the targets that carry bytes, their bytes (evaluation.py)
+        # float64: sums over millions of targets keep their digits
         total = torch.zeros(4, device=rt.device, dtype=torch.float64)
-        for b in range(rt.rank, cfg.eval_iters, rt.world):
+        for b in range(rt.rank, cfg.eval_iters, rt.world):  # each rank takes every world-th batch; all_reduce sums them
             x, y = stack_windows(self.tokens, self.starts[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.block_size,
                                  self.vocab_size)
-            x, y = to_device(x, rt.device), to_device(y, rt.device)
+            x, y = to_device(x, rt.device), to_device(y, rt.device)  # pinned and non-blocking on CUDA
             with autocast(rt.device, rt.dtype):  # one forward: per-target CE, summed two ways
                 total += loss_sums(model(x, y, per_token=True)[1]["ce_tokens"], y, self.token_bytes)
         if rt.ddp:
             dist.all_reduce(total)
-        val_loss = (total[0] / total[1]).item()
+        val_loss = (total[0] / total[1]).item()  # .item() waits for the GPU: once per evaluation
         if not math.isfinite(val_loss):
             raise DataError(f"val loss is {val_loss} at iter {iter_num}: stopped without saving")
         result = {"val_loss": val_loss, "val_bpb": bits_per_byte(total[2], total[3]).item(), **raw_model.weight_norms()}
@@ -391,7 +393,7 @@ class Evaluator:
                 result.update(score_hellaswag(lambda idx: raw_model(idx)[0], self.hellaswag, self.encode,
                                               cfg.block_size, rt.device, rank=rt.rank, world=rt.world))
         model.train()
-        if self.cond_starts and rt.master:
+        if self.cond_starts and rt.master:  # rank 0 only: a diagnostic, not part of the val loss
             x, _ = stack_windows(self.tokens, self.cond_starts, self.cond_len, self.vocab_size)
             with autocast(rt.device, rt.dtype):
                 result.update(condensation_metrics(raw_model, to_device(x, rt.device)))
@@ -404,7 +406,8 @@ def compile_model(cfg, rt, raw_model):
     the uncompiled model (compile_fallback, said loudly) or a stop. Returns (model, cfg, failure line or None)."""
     if not cfg.compile:
         return raw_model, cfg, None
-    model = torch.compile(raw_model)
+    model = torch.compile(raw_model)  # shares raw_model's parameters: checkpoints keep raw_model's names
+    # compiles now, on a real-shaped batch
     error = probe_compiled(model, cfg.batch_size, cfg.block_size, rt.device, autocast(rt.device, rt.dtype))
     if error is None:
         return model, cfg, None
@@ -417,7 +420,8 @@ def compile_model(cfg, rt, raw_model):
     return raw_model, replace(cfg, compile=False), failure
 
 
-def print_start(cfg, rt, raw_model, train_tokens, progress, resumed_from, flops_peak):
+def print_start(run, train_tokens, resumed_from, flops_peak):
+    cfg, rt, raw_model, progress = run.cfg, run.rt, run.raw_model, run.progress
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     rt.log(f"code {code_version()}")
     rt.log("config: " + ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
@@ -443,7 +447,7 @@ class StopRequest:
 
     def handle(self, signum, frame):
         self.signals.append(signum)
-        signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
         self.rt.log(f"\n{signal.Signals(signum).name}: finishing this step, then saving {self.cfg.out_dir}/last.pt")
 
     def __bool__(self):
@@ -466,7 +470,7 @@ def main(argv):
         rt.log(f"{ckpt['path']} is at iter {ckpt['iter_num']}: this run already reached max_iters {cfg.max_iters}. "
                f"Nothing to do (raise --max_iters to train further)")
         return
-    raw_model = build_model(cfg, ckpt).to(rt.device)
+    raw_model = build_model(cfg, ckpt).to(rt.device)  # on CPU, then moved: one copy on the device
     from_source = {k: getattr(raw_model.config, k) for k in ARCH_KEYS if getattr(raw_model.config, k) != getattr(cfg, k)}
     if from_source:  # init_from a checkpoint or GPT-2: its architecture wins, and config.json says so
         rt.log(f"architecture of {cfg.init_from}: " + ", ".join(f"{k}={v!r} (config had {getattr(cfg, k)!r})"
@@ -474,34 +478,39 @@ def main(argv):
         cfg = replace(cfg, **from_source)
     if meta["vocab_size"] > cfg.vocab_size:
         raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']})")
-    optimizer = make_optimizer(raw_model, cfg, rt.device_type, rt.dtype)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
+    optimizer = configure_optimizer(raw_model, cfg, rt.device_type, rt.dtype)  # AdamW, or Muon + AdamW
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # a no-op unless float16
     progress = restore(ckpt, optimizer, scaler, rt) if ckpt is not None else Progress()
     resumed_from = ckpt["path"] if ckpt is not None else None
     schedule_note = schedule_change(ckpt["config"], cfg, progress.iter_num) if ckpt is not None else None
     del ckpt  # free the memory it holds
     model, cfg, compile_error = compile_model(cfg, rt, raw_model)
     if rt.ddp:
+        # all-reduces gradients in backward
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    run = Run(cfg, rt, raw_model, model, optimizer, scaler, progress)
 
     # --- what the loop reads and writes
+    # a seeded permutation: each window once per epoch
     windows = TrainWindows(train_tokens, cfg.block_size, cfg.seed, meta["vocab_size"])
-    evaluate = Evaluator(cfg, val_tokens, meta, rt)
-    flops_peak = peak_flops(rt.device, cfg.peak_flops)
+    evaluate = Evaluator(cfg, val_tokens, meta, rt)  # HellaSwag is read (or downloaded) here, before the first step
+    flops_peak = peak_flops(rt.device, cfg.peak_flops)  # None when unknown: no MFU then
     if rt.master and not cfg.eval_only:  # eval_only prints its result and writes nothing
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({**asdict(cfg), "code_version": code_version(),
+            json.dump({**asdict(cfg), "code_version": code_version(),  # the resolved config: what this run really used
                        **({"compile_error": compile_error} if compile_error else {})}, f, indent=1)
-    print_start(cfg, rt, raw_model, train_tokens, progress, resumed_from, flops_peak)
+    print_start(run, train_tokens, resumed_from, flops_peak)
     if schedule_note:
         rt.log(schedule_note)
-    metrics = MetricsLog(cfg, progress.iter_num if resumed_from else None) if rt.master and not cfg.eval_only else None
     if cfg.eval_only:
         t0 = time.time()
         rt.log(eval_line(progress.iter_num, evaluate(model, raw_model, progress.iter_num), time.time() - t0))
         return
-    train_loop(cfg, rt, model, raw_model, optimizer, scaler, windows, evaluate, metrics, progress, flops_peak)
+    if rt.master:
+        # trims records after a resumed checkpoint
+        run.metrics = MetricsLog(cfg, progress.iter_num if resumed_from else None)
+    train_loop(run, windows, evaluate, flops_peak)
     if rt.ddp:  # wait for rank 0's checkpoint write: a rank tearing gloo down early can abort its peers
         dist.barrier()
         dist.destroy_process_group()
@@ -514,50 +523,54 @@ def eval_line(iter_num, result, seconds):
             + f" | took {duration(seconds)}")
 
 
-def evaluate_due(cfg, rt, model, raw_model, evaluate, metrics, progress, stopping):
+def evaluate_due(run, evaluate, stopping):
     """Evaluate this iteration unless a stop was requested or the stopped run that this one resumes already did.
     Returns whether val loss improved on the best so far."""
+    progress = run.progress
     if stopping or progress.evaluated:
         return False
     t0 = time.time()
-    result = evaluate(model, raw_model, progress.iter_num)
+    result = evaluate(run.model, run.raw_model, progress.iter_num)
     progress.evaluated = True
-    rt.log(eval_line(progress.iter_num, result, time.time() - t0))
-    if rt.master:
-        metrics.write({"type": "eval", "iter": progress.iter_num, **result})
-    if result["val_loss"] >= progress.best_val_loss:
+    run.rt.log(eval_line(progress.iter_num, result, time.time() - t0))
+    if run.rt.master:
+        run.metrics.write({"type": "eval", "iter": progress.iter_num, **result})
+    if result["val_loss"] >= progress.best_val_loss:  # ties keep the earlier best
         return False
     progress.best_val_loss = result["val_loss"]
     return True
 
 
-def write_checkpoints(cfg, rt, raw_model, optimizer, scaler, progress, done, improved):
+def write_checkpoints(run, done, improved):
     """last.pt at every evaluation (always_save_checkpoint) and at the end, then best.pt when val loss improved.
     last.pt first: a kill between the two never leaves a best.pt newer than last.pt."""
-    if not rt.master or progress.iter_num == 0:
+    cfg, progress = run.cfg, run.progress
+    if not run.rt.master or progress.iter_num == 0:  # iter 0: nothing trained yet, nothing to save
         return
     if done or (progress.evaluated and cfg.always_save_checkpoint):
-        save("last.pt", cfg, raw_model, optimizer, scaler, progress, rt)
+        save(run, "last.pt")
         if done:
-            rt.log(f"saved {cfg.out_dir}/last.pt at iter {progress.iter_num}")
+            run.rt.log(f"saved {cfg.out_dir}/last.pt at iter {progress.iter_num}")
     if improved:
-        save("best.pt", cfg, raw_model, optimizer, scaler, progress, rt)
+        save(run, "best.pt")
 
 
-def save_stable(cfg, rt, raw_model, optimizer, scaler, progress):
+def save_stable(run):
     """With lr_schedule='wsd': stable.pt when the decay starts, the state after the last constant-lr step. A run
     resumed from it with a later lr_decay_iters goes on at the constant lr and decays at its new end."""
-    if rt.master and cfg.lr_schedule == "wsd" and cfg.decay_lr and progress.iter_num == wsd_decay_start(cfg):
-        save("stable.pt", cfg, raw_model, optimizer, scaler, progress, rt)
-        rt.log(f"saved {cfg.out_dir}/stable.pt at iter {progress.iter_num} (the decay starts): extend the run from it "
-               f"(docs/monitoring.md)")
+    cfg = run.cfg
+    if run.rt.master and cfg.lr_schedule == "wsd" and cfg.decay_lr and run.progress.iter_num == wsd_decay_start(cfg):
+        save(run, "stable.pt")
+        run.rt.log(f"saved {cfg.out_dir}/stable.pt at iter {run.progress.iter_num} (the decay starts): extend the run "
+                   f"from it (docs/monitoring.md)")
 
 
-def train_loop(cfg, rt, model, raw_model, optimizer, scaler, windows, evaluate, metrics, progress, flops_peak):
+def train_loop(run, windows, evaluate, flops_peak):
     """Until max_iters or a stop: evaluate and checkpoint when due, one optimizer step, the log line."""
+    cfg, rt, progress, optimizer = run.cfg, run.rt, run.progress, run.optimizer
     stop, stopping = StopRequest(cfg, rt), False
-    clip_params = raw_model.parameters_to_clip()
-    step_log = StepLog(cfg, rt, raw_model, metrics, progress, flops_peak)
+    clip_params = run.raw_model.parameters_to_clip()  # the multipliers are neither clipped nor counted in the norm
+    step_log = StepLog(run, flops_peak)
     while True:
         # every eval_interval steps and at the end: evaluate, then checkpoint. A stop request saves without
         # evaluating; the checkpoint records whether this iteration's evaluation ran, so a resumed run does it
@@ -565,35 +578,36 @@ def train_loop(cfg, rt, model, raw_model, optimizer, scaler, windows, evaluate, 
         done = progress.iter_num >= cfg.max_iters or stopping
         progress.elapsed_s = step_log.clock.elapsed()  # saved with any checkpoint below
         if done or progress.iter_num % cfg.eval_interval == 0:
-            improved = evaluate_due(cfg, rt, model, raw_model, evaluate, metrics, progress, stopping)
+            improved = evaluate_due(run, evaluate, stopping)
             done = done or (not rt.ddp and bool(stop))  # one process: a Ctrl-C during the evaluation saves now
-            write_checkpoints(cfg, rt, raw_model, optimizer, scaler, progress, done, improved)
+            write_checkpoints(run, done, improved)
         if done:
             return
-        save_stable(cfg, rt, raw_model, optimizer, scaler, progress)
+        save_stable(run)
 
         # one optimizer step: accum micro-batches on each rank, gradients synchronised on the last one
-        lr = get_lr(progress.iter_num, cfg)
-        for group in optimizer.param_groups:
+        lr = get_lr(progress.iter_num, cfg)  # from the step count alone: a resumed run continues the schedule
+        for group in optimizer.param_groups:  # each group's lr_scale: Muon, embeddings, multipliers (optim.py)
             group["lr"] = lr * group["lr_scale"]
         first = progress.data_position + rt.rank * rt.accum * cfg.batch_size  # this rank's windows of the step
+        # windows are numbered over ranks and steps: data_position alone places a resumed run
         get_batch = lambda m: tuple(to_device(t, rt.device) for t in windows.batch(first + m * cfg.batch_size, cfg.batch_size))
-        sums, grad_norm = train_step(model, optimizer, scaler, autocast(rt.device, rt.dtype), get_batch, rt.accum,
+        sums, grad_norm = train_step(run.model, optimizer, run.scaler, autocast(rt.device, rt.dtype), get_batch, rt.accum,
                                      clip_params, cfg.grad_clip, rt.ddp)
-        progress.data_position += cfg.gradient_accumulation_steps * cfg.batch_size
+        progress.data_position += cfg.gradient_accumulation_steps * cfg.batch_size  # windows of every rank
 
         # the true mean over every micro-batch of every rank; .tolist() waits for the GPU once per step
         sums = torch.cat([sums, torch.tensor([float(bool(stop))], device=rt.device)])  # + stop votes
         if rt.ddp:
             dist.all_reduce(sums)
-        ce, disp, stop_votes = sums.tolist()
+        ce, disp, stop_votes = sums.tolist()  # one transfer for the loss, the dispersion and the stop votes
         ce, disp, stopping = ce / cfg.gradient_accumulation_steps, disp / cfg.gradient_accumulation_steps, stop_votes > 0
-        if not math.isfinite(ce):
+        if not math.isfinite(ce):  # nothing is saved: last.pt keeps the last finite state
             last = os.path.join(cfg.out_dir, "last.pt")
             raise DataError(f"loss is {ce} at iter {progress.iter_num}: stopped without saving (last good checkpoint: "
                             f"{last if os.path.exists(last) else 'none yet'}); try a lower learning_rate")
         progress.iter_num += 1
-        progress.evaluated = False
+        progress.evaluated = False  # the new iteration's evaluation (if one is due) has not run
         step_log(progress, lr, ce, disp, grad_norm)
 
 

@@ -9,9 +9,9 @@ shared sample (the Nx file repeats the sample's row groups). Measures, per run, 
 Runs alternate (baseline, prepare, baseline, ...) so that drift in machine speed hits both alike, and
 each run waits for a quiet machine and is retried if other processes took more than --max_other CPUs.
 
-  python bench/bench_prepare.py                       # 1x and 10x of ../shared/data/english-sample.parquet
+  python -m bench.bench_prepare                       # 1x and 10x of ../shared/data/english-sample.parquet
                                                 # (waits for quiet moments on a shared machine)
-  python bench/bench_prepare.py --repeat=5 --scale=10 --parquet=path/to/shard.parquet
+  python -m bench.bench_prepare --repeat=5 --scale=10 --parquet=path/to/shard.parquet
 """
 import argparse
 import json
@@ -24,9 +24,11 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: run as python bench/<name>.py
 
-from tokens import seed_tiktoken_cache
+if not __package__:  # run as a file, the repository root is not on the path: say how to run it
+    sys.exit(f"run it from the repository root as: python -m bench.{os.path.basename(__file__)[:-3]} ...")
+
+from smallgpt.tokens import seed_tiktoken_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREPARE = os.path.join(REPO, "data", "fineweb", "prepare.py")

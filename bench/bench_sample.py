@@ -3,9 +3,9 @@ Generation speed: GPT.generate (KV cache: one prefill, then one token per step) 
 (nanoGPT's sampler: a forward over the whole context, cropped to block_size, for every new token), batch 1,
 greedy, random weights; and a multipliers='vector' model after merge_multipliers() against a plain one.
 
-    python bench/bench_sample.py                 # the 40M architecture on CPU, 256 and 1024 new tokens (minutes)
-    python bench/bench_sample.py --quick         # a tiny model, seconds: a smoke test for CI
-    python bench/bench_sample.py --device=cuda --lengths=256,1024,4096
+    python -m bench.bench_sample                 # the 40M architecture on CPU, 256 and 1024 new tokens (minutes)
+    python -m bench.bench_sample --quick         # a tiny model, seconds: a smoke test for CI
+    python -m bench.bench_sample --device=cuda --lengths=256,1024,4096
 
 The compared variants run in one process, in lockstep: one token of each in turn, each one's time summed, so load
 from other processes that comes and goes falls on both in the same seconds. Both must produce the same tokens
@@ -16,13 +16,14 @@ import sys
 import time
 from dataclasses import dataclass
 
+if not __package__:  # run as a file, the repository root is not on the path: say how to run it
+    sys.exit(f"run it from the repository root as: python -m bench.{os.path.basename(__file__)[:-3]} ...")
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: run as python bench/<name>.py
-
-from errors import run_main
-from config import parse_args
 from model import GPT, GPTConfig
+from smallgpt.errors import run_main
+from smallgpt.config import parse_args
 
 
 @dataclass

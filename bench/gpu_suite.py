@@ -1,10 +1,10 @@
 """
 Every GPU figure of BENCHMARKS.md in one command, for the rare sessions that have a GPU (issue 18):
 
-    python bench/gpu_suite.py                               # CUDA: every part that fits in ~8 minutes
-    python bench/gpu_suite.py --parts=sample,muon           # some parts only (e.g. those the first run left)
-    python bench/gpu_suite.py --dry_run                     # tiny sizes on the CPU, under a minute: CI runs this
-    python bench/gpu_suite.py --dry_run --device=cuda       # tiny sizes on a GPU: compile, bf16, the memory cap
+    python -m bench.gpu_suite                               # CUDA: every part that fits in ~8 minutes
+    python -m bench.gpu_suite --parts=sample,muon           # some parts only (e.g. those the first run left)
+    python -m bench.gpu_suite --dry_run                     # tiny sizes on the CPU, under a minute: CI runs this
+    python -m bench.gpu_suite --dry_run --device=cuda       # tiny sizes on a GPU: compile, bf16, the memory cap
 
 The parts (PARTS below, run in this order; each a function that fills one markdown table):
   smoke            the 40M config trains SMOKE_STEPS steps on fixed random tokens: the loss must fall, and the
@@ -16,7 +16,7 @@ The parts (PARTS below, run in this order; each a function that fills one markdo
   sample           sample.py's KV-cache generation, eager and compiled, batch 1 and 8
   muon             40M at its micro-batch: Muon vs AdamW step time (once train.py has optimizer=muon)
   fit_*_modern     the fit part for the modern-block configs with Muon (once those configs exist)
-Training parts time train.py's own train_step through bench/bench.py (one variant at a time, the GPU to itself,
+Training parts time train.py's own train_step through bench/bench_train.py (one variant at a time, the GPU to itself,
 compiled and in bf16 on a GPU, as train.py runs there).
 
 Each part has a time budget (PARTS), checked between steps: a compile already under way finishes first. A part
@@ -36,22 +36,21 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, fields, replace
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-# the repository root in place of bench/ (Python puts a script's folder first): model.py, train.py... import from
-# there, and "bench" is then this folder, so bench.bench is bench/bench.py
-sys.path = [REPO] + [p for p in sys.path if os.path.abspath(p) != HERE]
+if not __package__:  # run as a file, the repository root is not on the path: say how to run it
+    sys.exit(f"run it from the repository root as: python -m bench.{os.path.basename(__file__)[:-3]} ...")
 
-import torch  # noqa: E402  (after the path set-up above)
+import torch
 
-from bench.bench import (GB, BenchConfig, Variant, cap_memory, device_name, fits, free_device_memory,  # noqa: E402
-                         largest_fitting, out_of_memory, run_alone, summarize, variant_config)
-from config import model_args, parse_args, validate  # noqa: E402
-from device import GPU_PEAK_FLOPS, autocast, peak_flops, select_device, select_dtype  # noqa: E402
-from errors import ConfigError, run_main  # noqa: E402
-from generation import generate_samples  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from sample import SampleConfig  # noqa: E402
+from bench.bench_train import (GB, BenchConfig, Variant, cap_memory, device_name, fits, free_device_memory,
+                               largest_fitting, out_of_memory, run_alone, summarize, variant_config)
+from model import GPT, GPTConfig
+from smallgpt.config import model_args, parse_args, validate
+from smallgpt.device import GPU_PEAK_FLOPS, autocast, peak_flops, select_device, select_dtype
+from smallgpt.errors import ConfigError, run_main
+from smallgpt.generation import generate_samples
+from sample import SampleConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RTX_4070_FLOPS = dict(GPU_PEAK_FLOPS)["rtx 4070"]  # 58.3e12, dense bf16: the card the configs are made for
 ACCUM = 8  # micro-batches per timed optimizer step (the configs use 32: shorter steps keep the parts within
@@ -115,13 +114,13 @@ class Suite:
             raise OutOfTime()
 
     def argv(self, config_file, *overrides):
-        """bench/bench.py's command line for a config on this device: the overrides, then (dry run) the tiny sizes."""
+        """bench/bench_train.py's command line for a config on this device: the overrides, then (dry run) the tiny sizes."""
         return [os.path.join(REPO, config_file), f"--device={self.device}", f"--dtype={self.dtype}",
                 f"--compile={self.compile}", f"--peak_flops={self.peak or 0.0}", *TIMING, *overrides,
                 *(DRY_RUN if self.dry_run else [])]
 
     def config(self, argv, variant=None):
-        """The config of argv, or of argv plus one bench/bench.py variant (dispersion, plain_ce, key=value...)."""
+        """The config of argv, or of argv plus one bench/bench_train.py variant (dispersion, plain_ce, key=value...)."""
         return variant_config(argv, variant) if variant else validate(parse_args(BenchConfig, argv))
 
     def measure(self, name, cfg):
@@ -187,7 +186,7 @@ TIMING_COLUMNS = [("name", "variant", "{}"), ("batch_size", "micro-batch", "{}")
 
 
 def timing_row(v, base, suite):
-    """bench/bench.py's summary of a measured variant, with the step-time ratio as one (median, low, high) value."""
+    """bench/bench_train.py's summary of a measured variant, with the step-time ratio as one (median, low, high) value."""
     s = summarize(v, base, suite.peak, v.cfg.steps)
     if s.get("out_of_memory"):
         return {"name": f"{v.name}: out of memory", "batch_size": v.cfg.batch_size, "out_of_memory": True}
@@ -446,14 +445,14 @@ def report(env, tables, not_run, argv):
     """All tables as one markdown document."""
     mem = f", {env['gpu_free_gb']:.1f} of {env['gpu_total_gb']:.1f} GiB free at start" if "gpu_total_gb" in env else ""
     lines = [f"### GPU suite: {env['device_name']}, {env['date']}", "",
-             f"`python bench/gpu_suite.py {' '.join(argv)}`: device {env['device']}, {env['dtype']}, compile "
+             f"`python -m bench.gpu_suite {' '.join(argv)}`: device {env['device']}, {env['dtype']}, compile "
              f"{env['compile']}, torch {env['torch']}{mem}."]
     if env["dry_run"]:
         lines.append("**Dry run: tiny models and single steps, a check of the code paths. Not benchmark figures.**")
     lines += [""] + targets(tables) + [t.markdown() + "\n" for t in tables]
     if not_run:
         lines.append(f"Not run (yet, or the suite's time was spent): {', '.join(not_run)}. Run them with "
-                     f"`python bench/gpu_suite.py --parts={','.join(not_run)}` and another --json_out (the same one "
+                     f"`python -m bench.gpu_suite --parts={','.join(not_run)}` and another --json_out (the same one "
                      f"would be overwritten).")
     return "\n".join(lines)
 

@@ -3,9 +3,9 @@ A bounded load test of serve.py: starts the real server on 127.0.0.1 (a free por
 clients each send `requests` streamed completions one after another; checks every reply, prints latency
 (p50 / p95), time to first text and tokens/s, stops the server and exits.
 
-    OMP_NUM_THREADS=1 python bench/load_serve.py                  # random weights, the 40M architecture
-    python bench/load_serve.py --out_dir=out/fineweb-40m --clients=4 --requests=2
-    python bench/load_serve.py --port=8000                       # a server already running (its --queue_size >= clients)
+    OMP_NUM_THREADS=1 python -m bench.load_serve                  # random weights, the 40M architecture
+    python -m bench.load_serve --out_dir=out/fineweb-40m --clients=4 --requests=2
+    python -m bench.load_serve --port=8000                       # a server already running (its --queue_size >= clients)
 
 Checks: every request gets status 200, [DONE], max_tokens tokens or an end (finish_reason), and the same text as
 every other request with the same seed (request j of each client uses seed j): had two requests shared a KV cache
@@ -25,12 +25,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as `python bench/load_serve.py` from anywhere: the repo's modules
+if not __package__:  # run as a file, the repository root is not on the path: say how to run it
+    sys.exit(f"run it from the repository root as: python -m bench.{os.path.basename(__file__)[:-3]} ...")
 
-from checkpoint import save_checkpoint  # noqa: E402
-from errors import run_main  # noqa: E402
-from config import ConfigError, parse_args  # noqa: E402
+from smallgpt.checkpoint import save_checkpoint
+from smallgpt.config import ConfigError, parse_args
+from smallgpt.errors import run_main
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass

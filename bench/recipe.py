@@ -4,7 +4,7 @@ fewer steps? Trains the same small model four ways through train.py itself, on t
 budget, with a small learning-rate sweep for every variant and two or more seeds at each variant's best lr.
 
     python data/fineweb/prepare.py /work/shared/data/english-sample.parquet --out_dir=data/sample --val_docs=400
-    OMP_NUM_THREADS=1 python bench/recipe.py --data_dir=data/sample --out_dir=out/recipe
+    OMP_NUM_THREADS=1 python -m bench.recipe --data_dir=data/sample --out_dir=out/recipe
 
 Phase 1: every variant and seed at its default lrs (multiplier 1), so an interrupted experiment still has a
 complete comparison. Phase 2 (the sweep): seed 0 at the other lr multipliers (each scales all of a variant's

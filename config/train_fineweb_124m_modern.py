@@ -6,7 +6,7 @@
 # Micro-batch 8 (not GPT-2's 16): an estimate, not measured on a GPU. Measured under CPU bf16 autocast (eager), the
 # activations take 0.77 GiB per 1024-token sequence (GPT-2's block: 0.43), so 16 would need ~15 GiB and 8 ~9 GiB
 # (BENCHMARKS.md, "modern block"). On a GPU, torch.compile and PyTorch's fused RMSNorm keep less, so 16 may fit:
-# check with bench/bench.py --max_memory_gb=12 --find_max_batch and, if so, --batch_size=16 --gradient_accumulation_steps=32.
+# check with bench/bench_train.py --max_memory_gb=12 --find_max_batch and, if so, --batch_size=16 --gradient_accumulation_steps=32.
 # Learning rate: the GPT-2 run's 6e-4 (GPT-3 small's), untuned for this block; QK-norm tolerates larger ones
 # (Wortsman et al. 2023), so a higher value may be better: an estimate until a sweep has measured it.
 out_dir = "out/fineweb-124m-modern"

@@ -6,7 +6,7 @@
 # Micro-batch 16: estimated, not yet measured on a GPU (BENCHMARKS.md). Activations measured under CPU bf16
 # autocast take 0.18 GiB per 1024-token sequence (2.8 GiB at 16), plus ~0.7 GiB of weights and AdamW state and
 # ~0.6 GiB for the 1024-token chunks of the cross-entropy: ~4.2 GiB of 12. The plain loss would add the full
-# 16 x 1024 x 50304 logits (~5 GiB in bf16 + float32). A GPU owner can check with bench/bench.py --find_max_batch.
+# 16 x 1024 x 50304 logits (~5 GiB in bf16 + float32). A GPU owner can check with bench/bench_train.py --find_max_batch.
 out_dir = "out/fineweb-40m"
 data_dir = "data/fineweb"
 n_layer = 12

@@ -6,7 +6,7 @@
 # Micro-batch 16: an estimate, not measured on a GPU. Measured under CPU bf16 autocast (eager), the activations take
 # 0.54 GiB per 1024-token sequence (GPT-2's block: 0.14-0.18), so 16 needs ~10 GiB of 12 (BENCHMARKS.md, "modern
 # block"); on a GPU, torch.compile and PyTorch's fused RMSNorm keep less. If it does not fit: --batch_size=8
-# --gradient_accumulation_steps=64. Check with bench/bench.py --max_memory_gb=12 --find_max_batch.
+# --gradient_accumulation_steps=64. Check with bench/bench_train.py --max_memory_gb=12 --find_max_batch.
 # Learning rate: the GPT-2 run's 5e-4 (a known-good AdamW value at this size), untuned for this block. QK-norm
 # keeps attention logits bounded, which lets larger learning rates train stably (Wortsman et al. 2023), so a
 # higher value may well be better: an estimate until the issue-13 comparison has swept it.

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 
 
 def pytest_configure(config):
-    from tokens import seed_tiktoken_cache
+    from smallgpt.tokens import seed_tiktoken_cache
     seed_tiktoken_cache(SHARED_DATA)
 
 
@@ -49,9 +49,11 @@ def token_dir(tmp_path_factory, sample_parquet):
 
 
 def run_script(script, *args, timeout=600, check=True):
-    """Run one of the repo's scripts as a user would (python <script> args...) from the repo root."""
+    """Run one of the repo's scripts as a user would from the repo root: a file (python train.py args...) or, for
+    the tools in bench/, a module (python -m bench.bench_train args...)."""
     import subprocess
-    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, capture_output=True,
+    command = [str(REPO / script)] if script.endswith(".py") else ["-m", script]
+    result = subprocess.run([sys.executable, *command, *map(str, args)], cwd=REPO, capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")

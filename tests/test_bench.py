@@ -1,6 +1,6 @@
 """
 The memory-light paths against their plain references (chunked cross-entropy == F.cross_entropy on the full
-logits, activation checkpointing == none), and bench.py through its real entry point on a CPU.
+logits, activation checkpointing == none), and bench/bench_train.py through its real entry point on a CPU.
 """
 import json
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import bench
-from config import ConfigError
-from conftest import run_script
+from bench import bench_train as bench
 from model import GPT, GPTConfig, cross_entropy
+from smallgpt.config import ConfigError
+from conftest import run_script
 
 
 def plain_ce(h, weight, targets):
@@ -139,7 +139,7 @@ TINY = ["config/train_tiny.py", "--n_layer=1", "--n_head=2", "--n_embd=32", "--b
 @pytest.mark.slow
 def test_bench_smoke_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_script("bench/bench.py", *TINY, "--compare=dispersion,multipliers,loss_chunk_size=0", "--peak_flops=1e12",
+    result = run_script("bench.bench_train", *TINY, "--compare=dispersion,multipliers,loss_chunk_size=0", "--peak_flops=1e12",
                         f"--json_out={out}", timeout=240)
     report = json.loads(out.read_text())
     assert [v["name"] for v in report["variants"]] == ["base", "dispersion", "multipliers", "loss_chunk_size=0"]
@@ -160,7 +160,7 @@ def test_bench_smoke_on_cpu(tmp_path):
 ])
 @pytest.mark.slow
 def test_bench_user_errors_are_one_line(args, message):
-    result = run_script("bench/bench.py", "config/train_tiny.py", "--device=cpu", *args, check=False, timeout=60)
+    result = run_script("bench.bench_train", "config/train_tiny.py", "--device=cpu", *args, check=False, timeout=60)
     assert result.returncode != 0 and message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

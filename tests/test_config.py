@@ -6,7 +6,7 @@ from dataclasses import fields
 import pytest
 from conftest import REPO, run_script
 
-from config import ConfigError, TrainConfig, describe, load_train_config, parse_args
+from smallgpt.config import ConfigError, TrainConfig, describe, load_train_config, parse_args
 
 NANOGPT_CONFIG = '''
 # config/train_shakespeare_char.py as nanoGPT ships it
@@ -112,7 +112,7 @@ def test_config_file_that_is_not_text(tmp_path):
 @pytest.mark.parametrize("device, message", [("tpu", "is not a device name"), ("", "is not a device name"),
                                              ("cuda:99", "is not available on this machine")])
 def test_unusable_device_is_a_config_error(device, message):
-    from device import select_device
+    from smallgpt.device import select_device
     with pytest.raises(ConfigError, match=message):
         select_device(device)
     assert select_device("cpu") == "cpu"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO, run_script
 
-from checkpoint import load_checkpoint
+from smallgpt.checkpoint import load_checkpoint
 
 # both research features on; block_size 32 < dispersion_max_tokens, so no random subsets are drawn (with
 # subsampling each rank draws its own subsets, which differ from the single process's)

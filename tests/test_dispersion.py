@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import REPO, run_script
-from condensation import (condensation_metrics, kendall, layer_cosines, layer_statistics, mean_cosine_per_layer,
-                          spearman)
 from model import DISPERSION_VARIANTS, GPT, GPTConfig, dispersion_loss
+from smallgpt.condensation import (condensation_metrics, kendall, layer_cosines, layer_statistics, mean_cosine_per_layer,
+                          spearman)
 
 # -----------------------------------------------------------------------------
 # A plain float64 reference: one sequence at a time, one (i, j) pair at a time, the diagonal only for l2_repel

@@ -10,11 +10,11 @@ import torch
 from torch.nn import functional as F
 from conftest import REPO, run_script
 
-from errors import DataError
-from tokens import get_tokenizer
-from evaluation import (hellaswag_file, hellaswag_predictions, load_hellaswag, loss_sums, render,
-                        score_hellaswag, score_rendered, token_bytes)
 from model import GPT, GPTConfig
+from smallgpt.errors import DataError
+from smallgpt.tokens import get_tokenizer
+from smallgpt.evaluation import (hellaswag_file, hellaswag_predictions, load_hellaswag, loss_sums, render,
+                        score_hellaswag, score_rendered, token_bytes)
 
 FIXTURE = REPO / "tests" / "fixtures" / "hellaswag_tiny.jsonl"  # hand-written items in HellaSwag's format
 FAST = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
@@ -205,8 +205,8 @@ def test_hellaswag_in_training(tiny_run):
 
 
 def test_hellaswag_training_keys_are_checked():
-    from config import load_train_config
-    from errors import ConfigError
+    from smallgpt.config import load_train_config
+    from smallgpt.errors import ConfigError
     with pytest.raises(ConfigError, match="hellaswag_interval .* multiple of eval_interval"):
         load_train_config(["--eval_interval=10", "--hellaswag_interval=15"])
     with pytest.raises(ConfigError, match="hellaswag_items must be positive"):
@@ -272,9 +272,9 @@ def test_train_evaluator_is_the_mean_over_its_windows(enc, token_dir):
     """train.py's evaluation (one chunked forward per batch) against a brute force over the same fixed windows:
     the mean CE of all targets from full logits, and bits per byte over the byte-carrying targets."""
     import math
-    from tokens import fixed_windows, open_split, stack_windows
+    from smallgpt.tokens import fixed_windows, open_split, stack_windows
     from train import Evaluator, Runtime
-    import config
+    from smallgpt import config
     cfg = config.TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=3, eval_iters=2,
                              condensation_seqs=0, loss_chunk_size=20)
     tokens, meta = open_split(token_dir, "val")

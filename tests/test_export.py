@@ -6,9 +6,9 @@ from conftest import randomized_tiny_gpt, run_script
 transformers = pytest.importorskip("transformers")
 
 import export
-from errors import ConfigError, DataError
-from tokens import get_tokenizer
 from model import GPTConfig
+from smallgpt.errors import ConfigError, DataError
+from smallgpt.tokens import get_tokenizer
 
 V = export.GPT2_VOCAB
 

@@ -7,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 
 import export
 from conftest import randomized_tiny_gpt
-from errors import DataError
+from smallgpt.errors import DataError
 
 V = export.GPT2_VOCAB
 MODERN = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu")

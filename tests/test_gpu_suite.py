@@ -12,14 +12,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bench.bench import GB, BenchConfig, Variant, free_device_memory, out_of_memory
+from bench import gpu_suite
+from bench.bench_train import GB, BenchConfig, Variant, free_device_memory, out_of_memory
 from conftest import REPO, run_script
-from device import to_device
-from errors import ConfigError
+from smallgpt.device import to_device
+from smallgpt.errors import ConfigError
 
-spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "bench" / "gpu_suite.py")
-gpu_suite = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_suite)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -33,7 +31,7 @@ def expected_skips():
 
 def run_dry(tmp_path, *args):
     out = tmp_path / "suite.json"
-    result = run_script("bench/gpu_suite.py", "--dry_run", f"--json_out={out}", *args, timeout=900)
+    result = run_script("bench.gpu_suite", "--dry_run", f"--json_out={out}", *args, timeout=900)
     return result, json.loads(out.read_text()), out.with_suffix(".md").read_text()
 
 
@@ -81,12 +79,12 @@ def test_parts_and_total_budget(tmp_path):
     _, report, markdown = run_dry(tmp_path, "--parts=muon,overheads", "--total_minutes=0.1")
     # 6 s in all is less than a part needs to be started: both are listed with the command that runs them
     assert report["parts"] == [] and report["not_run"] == ["overheads", "muon"]
-    assert "`python bench/gpu_suite.py --parts=overheads,muon`" in markdown
+    assert "`python -m bench.gpu_suite --parts=overheads,muon`" in markdown
 
 
 @pytest.mark.slow
 def test_unknown_part_is_one_line():
-    result = run_script("bench/gpu_suite.py", "--dry_run", "--parts=smoke,nonsense", check=False, timeout=120)
+    result = run_script("bench.gpu_suite", "--dry_run", "--parts=smoke,nonsense", check=False, timeout=120)
     assert result.returncode != 0 and "unknown part 'nonsense'" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

@@ -2,9 +2,11 @@
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from errors import DataError
 from model import GPT, GPTConfig
+from smallgpt.config import TrainConfig
+from smallgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from smallgpt.errors import DataError
+from smallgpt.optim import configure_optimizer
 
 
 def tiny(**overrides):
@@ -31,7 +33,7 @@ def test_overfits_one_batch():
     model = tiny()
     idx = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(2))
     x, y = idx[:, :-1], idx[:, 1:]
-    optimizer = model.configure_optimizer(3e-3, 0.0, (0.9, 0.95), 1e-8, 0.0, 1.0, "cpu")
+    optimizer = configure_optimizer(model, TrainConfig(learning_rate=3e-3, weight_decay=0.0, beta2=0.95, adam_eps=1e-8), "cpu")
     first = None
     for _ in range(150):
         _, losses = model(x, y)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from config import ConfigError, load_train_config
+from model import GPT, MULTIPLIER_SUFFIX, GPTConfig, RMSNorm, apply_rope, cross_entropy, rope_cos_sin
+from smallgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from smallgpt.config import ConfigError, load_train_config
 from conftest import run_script
 from test_model import nanogpt_layout
-from model import GPT, MULTIPLIER_SUFFIX, GPTConfig, RMSNorm, apply_rope, cross_entropy, rope_cos_sin
 
 TINY = dict(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
 LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", mlp_hidden=48, rope_theta=500.0)

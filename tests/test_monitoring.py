@@ -13,12 +13,12 @@ import torch
 from conftest import REPO, run_script
 from test_train import run_main_in_process
 
-import monitor
+from smallgpt import monitor
 import train
-from checkpoint import load_checkpoint
-from config import load_train_config
-from metrics import read_records
-from monitor import Clock, SpikeWatch, compile_failure, count, duration, gpu_report
+from smallgpt.checkpoint import load_checkpoint
+from smallgpt.config import load_train_config
+from smallgpt.metrics import read_records
+from smallgpt.monitor import Clock, SpikeWatch, compile_failure, count, duration, gpu_report
 from train import schedule_change
 
 

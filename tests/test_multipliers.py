@@ -12,13 +12,14 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
-from tokens import open_split, stack_windows
-from config import ConfigError, TrainConfig, load_train_config
-from conftest import run_script
 from model import GPT, MULTIPLIER_SUFFIX, GPTConfig, _RowColumnScaled
+from smallgpt.checkpoint import load_checkpoint
+from smallgpt.tokens import open_split, stack_windows
+from smallgpt.config import ConfigError, TrainConfig, load_train_config
+from conftest import run_script
 import train
-from train import make_optimizer, train_step
+from smallgpt.optim import configure_optimizer as make_optimizer
+from train import train_step
 
 TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)  # GPT-2's vocabulary, real tokens
 NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
@@ -223,7 +224,7 @@ def test_token_multipliers_scale_each_tokens_embedding():
 def test_checkpoints_from_before_token_multipliers_still_load(tmp_path):
     """A multipliers='vector' checkpoint written before the key existed (no wte_token_mult, no token_multipliers
     in model_args) loads as the model it was; resuming it with the new default is refused with one line."""
-    from checkpoint import model_from_checkpoint
+    from smallgpt.checkpoint import model_from_checkpoint
     old = tiny_model("vector", token_multipliers=False)
     args = {k: v for k, v in vars(old.config).items() if k != "token_multipliers"}
     torch.save({"model": old.state_dict(), "model_args": args}, tmp_path / "old.pt")
@@ -410,7 +411,7 @@ def test_resume_is_exact(token_dir, tmp_path):
 def test_weight_norms_and_residual_rms(multipliers, mlp):
     """The per-layer norms are those of the raw matrices (multipliers left out) and the residual RMS that of the
     hidden states."""
-    from condensation import residual_rms
+    from smallgpt.condensation import residual_rms
     model = tiny_model(multipliers, mlp=mlp)
     with torch.no_grad():
         for p in model.multiplier_parameters():

@@ -10,11 +10,10 @@ import torch
 from conftest import REPO, run_script
 from torch.optim._muon import _zeropower_via_newtonschulz  # torch's bfloat16 Newton-Schulz, what Muon.step runs
 
-from checkpoint import load_checkpoint
-from config import ConfigError, load_train_config, model_args
 from model import GPT, GPTConfig
-from optim import MuonAdamW, configure_optimizer
-from train import make_optimizer
+from smallgpt.checkpoint import load_checkpoint
+from smallgpt.config import ConfigError, load_train_config, model_args
+from smallgpt.optim import MuonAdamW, configure_optimizer
 
 TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--vocab_size=256"]
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # the quintic of KellerJordan/Muon, torch's default
@@ -107,15 +106,27 @@ def test_unexpected_shapes_and_float16_fail_with_one_line():
         load_train_config(["--optimizer=sgd"])
 
 
+def adamw_reference(model, cfg):
+    """GPT-2's AdamW as the project has always built it (before optim.py owned it, GPT.configure_optimizer did):
+    matrices with weight_decay, vectors without, the multipliers with their own decay and lr scale; fused on CPU."""
+    kinds = {"matrices": [], "vectors": [], "multipliers": []}
+    for name, p in model.named_parameters():
+        kinds["multipliers" if name.endswith("_mult") else "matrices" if p.dim() >= 2 else "vectors"].append(p)
+    settings = {"matrices": (cfg.weight_decay, 1.0), "vectors": (0.0, 1.0),
+                "multipliers": (cfg.multiplier_weight_decay, cfg.multiplier_lr_scale)}
+    groups = [dict(params=ps, name=k, weight_decay=settings[k][0], lr_scale=settings[k][1],
+                   lr=cfg.learning_rate * settings[k][1]) for k, ps in kinds.items() if ps]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=True)
+
+
 def test_adamw_stays_the_default_optimizer():
-    """optimizer=adamw builds exactly GPT.configure_optimizer's AdamW (same groups, same settings)."""
+    """optimizer=adamw builds exactly GPT-2's AdamW as before (same groups, same settings)."""
     cfg = load_train_config([*TINY, "--multipliers=vector"])
     torch.manual_seed(0)
     model = GPT(GPTConfig(**model_args(cfg)))
     assert cfg.optimizer == "adamw"
-    opt = make_optimizer(model, cfg, "cpu")
-    ref = model.configure_optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
-                                    cfg.multiplier_weight_decay, cfg.multiplier_lr_scale, "cpu")
+    opt = configure_optimizer(model, cfg, "cpu")
+    ref = adamw_reference(model, cfg)
     assert type(opt) is torch.optim.AdamW and opt.defaults == ref.defaults
     for g, r in zip(opt.param_groups, ref.param_groups, strict=True):
         assert [id(p) for p in g["params"]] == [id(p) for p in r["params"]]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import REPO, run_script
 
-from errors import DataError
-from metrics import read_records, summarize
-from monitor import duration
+from smallgpt.errors import DataError
+from smallgpt.metrics import read_records, summarize
+from smallgpt.monitor import duration
 from plot import Run, panels_with_data, smooth, spread
 
 # three few-second runs of config/train_tiny.py: a baseline and the two research features (their panels)

@@ -24,7 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tokens import get_tokenizer, open_split, read_meta  # noqa: E402
+from smallgpt.tokens import get_tokenizer, open_split, read_meta  # noqa: E402
 
 PREPARE = REPO / "data" / "fineweb" / "prepare.py"
 _spec = importlib.util.spec_from_file_location("prepare", PREPARE)
@@ -491,8 +491,8 @@ def test_tokenizer_from_a_local_file(sample_parquet, tmp_path, monkeypatch):
     network, prepare.py writes the same tokens as with tiktoken's own GPT-2 encoding; without the variable, the
     error names it."""
     import tiktoken
-    from errors import DataError
-    from tokens import tokenizer_from_file
+    from smallgpt.errors import DataError
+    from smallgpt.tokens import tokenizer_from_file
     from conftest import SHARED_DATA
     texts = pq.ParquetFile(sample_parquet).read_row_group(0, columns=["text"]).column(0).to_pylist()[:200]
     local = tokenizer_from_file(str(SHARED_DATA / "gpt2.tiktoken"))

@@ -10,7 +10,7 @@ import shlex
 import pytest
 from conftest import REPO, SAMPLE_PARQUET, run_script
 
-from config import load_train_config, parse_args
+from smallgpt.config import load_train_config, parse_args
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
@@ -36,6 +36,8 @@ def python_invocations(command):
         return words[i], words[i + 1:]
     if words[0] == "python" and words[1].endswith(".py"):
         return words[1], words[2:]
+    if words[:2] == ["python", "-m"] and words[2].startswith("bench."):  # the tools in bench/ run as modules
+        return words[2].replace(".", "/") + ".py", words[3:]
     return None
 
 

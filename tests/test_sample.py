@@ -10,11 +10,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from errors import DataError
-from tokens import get_tokenizer
-from config import ConfigError
-from conftest import REPO, run_script
 from model import GPT, GPTConfig, sample_token
+from smallgpt.errors import DataError
+from smallgpt.tokens import get_tokenizer
+from smallgpt.config import ConfigError
+from conftest import REPO, run_script
 import sample
 from sample import SampleConfig, generate_samples, text_stream
 
@@ -351,6 +351,6 @@ def test_sample_script_errors_are_one_line(tmp_path):
 @pytest.mark.slow
 def test_bench_sample_quick():
     # the benchmark checks that both paths generate the same tokens, also past block_size (80 tokens, block 64)
-    result = run_script("bench/bench_sample.py", "--quick", "--threads=1")
+    result = run_script("bench.bench_sample", "--quick", "--threads=1")
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 16 |") or line.startswith("| 80 (")]
     assert len(rows) == 2 and "merged / plain time" in result.stdout

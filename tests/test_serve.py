@@ -18,11 +18,11 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from checkpoint import save_checkpoint  # noqa: E402
-from tokens import get_tokenizer  # noqa: E402
-from config import ConfigError  # noqa: E402
-from conftest import REPO, run_script  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from smallgpt.checkpoint import save_checkpoint  # noqa: E402
+from smallgpt.tokens import get_tokenizer  # noqa: E402
+from smallgpt.config import ConfigError  # noqa: E402
+from conftest import REPO, run_script  # noqa: E402
 from serve import Choice  # noqa: E402
 
 MAX_TOKENS = 4000  # the server's limit here: long generations for the queue and disconnect tests
@@ -367,7 +367,7 @@ def test_serve_script_errors_are_one_line(checkpoint_dir, tmp_path):
 
 @pytest.mark.slow
 def test_load_serve_script_quick(server):
-    result = run_script("bench/load_serve.py", f"--port={server}", "--clients=2", "--requests=3", "--max_tokens=4")
+    result = run_script("bench.load_serve", f"--port={server}", "--clients=2", "--requests=3", "--max_tokens=4")
     assert "2 clients x 3 requests x 4 tokens: 6 of 6 completed, 0 problems" in result.stdout
     assert "latency      p50" in result.stdout and "tokens/s" in result.stdout
 

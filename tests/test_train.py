@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import REPO, run_script
 
-from checkpoint import load_checkpoint
-from config import load_train_config
+from smallgpt.checkpoint import load_checkpoint
+from smallgpt.config import load_train_config
 import train
-from errors import DataError
-from tokens import TrainWindows, check_token_ids, fixed_windows
+from smallgpt.errors import DataError
+from smallgpt.tokens import TrainWindows, check_token_ids, fixed_windows
 from train import get_lr
 
 # a few-second version of config/train_tiny.py
@@ -85,7 +85,7 @@ def test_atomic_save_survives_kill_9(tmp_path):
     writer = f"""
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
-from checkpoint import save_checkpoint
+from smallgpt.checkpoint import save_checkpoint
 i = 0
 while True:
     save_checkpoint({{"model": {{"w": torch.full((4_000_000,), float(i))}}, "model_args": {{}}, "i": i}}, {str(path)!r})
@@ -310,8 +310,8 @@ def test_init_from_a_checkpoint_takes_its_architecture(tmp_path, token_dir):
      "lacks the field 'val'"),
 ])
 def test_damaged_meta_json_is_one_clear_error(tmp_path, content, message):
-    from errors import DataError
-    from tokens import read_meta
+    from smallgpt.errors import DataError
+    from smallgpt.tokens import read_meta
     (tmp_path / "meta.json").write_text(content)
     with pytest.raises(DataError, match=message):
         read_meta(tmp_path)
@@ -426,7 +426,7 @@ def test_metrics_trim_on_resume_is_atomic(tmp_path, monkeypatch):
 
 
 def test_code_version_is_recorded(tmp_path, token_dir):
-    from checkpoint import code_version
+    from smallgpt.checkpoint import code_version
     out = tmp_path / "out"
     result = run_script("train.py", "config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={out}",
                         "--max_iters=1")

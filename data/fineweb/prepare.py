@@ -52,9 +52,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+# run as a file (python data/fineweb/prepare.py, as the docs say): the repository root holds the package
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-from errors import DataError  # noqa: E402
-from tokens import FORMAT_NAME, FORMAT_VERSION, SPLITS, TOKEN_DTYPE, get_tokenizer  # noqa: E402
+from smallgpt.errors import DataError  # noqa: E402
+from smallgpt.tokens import FORMAT_NAME, FORMAT_VERSION, SPLITS, TOKEN_DTYPE, get_tokenizer  # noqa: E402
 
 HF_REPO = "HuggingFaceFW/fineweb"
 DEFAULT_INPUT = "hf:sample/10BT/000_00000.parquet"

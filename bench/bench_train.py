@@ -2,10 +2,10 @@
 Training throughput and memory of any train.py config, measured with train.py's own train_step (same model,
 optimizer, autocast, torch.compile, gradient accumulation) on random tokens: the speed does not depend on them.
 
-    python bench/bench.py config/train_tiny.py                                           # seconds on a CPU
-    python bench/bench.py config/train_fineweb_40m.py --batch_size=1 --gradient_accumulation_steps=1 --compile=False \
+    python -m bench.bench_train config/train_tiny.py                                           # seconds on a CPU
+    python -m bench.bench_train config/train_fineweb_40m.py --batch_size=1 --gradient_accumulation_steps=1 --compile=False \
         --compare=dispersion,multipliers,both                                     # feature overheads on a CPU
-    python bench/bench.py config/train_fineweb.py --max_memory_gb=12 --find_max_batch    # GPU: what fits a 12 GB card
+    python -m bench.bench_train config/train_fineweb.py --max_memory_gb=12 --find_max_batch    # GPU: what fits a 12 GB card
 
 Every train.py key works (config files, then --key=value), plus the bench keys at the end of BenchConfig.
 `--compare` adds variants to the config as given ("base"): a name from VARIANTS, an overlay config file, or
@@ -27,14 +27,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
+if not __package__:  # run as a file, the repository root is not on the path: say how to run it
+    sys.exit(f"run it from the repository root as: python -m bench.{os.path.basename(__file__)[:-3]} ...")
+
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: run as python bench/<name>.py
-
-from config import TrainConfig, parse_args, validate
-from device import autocast, peak_flops, select_device, select_dtype, to_device
-from errors import ConfigError, run_main
-from train import build_model, make_optimizer, train_step
+from smallgpt.config import TrainConfig, parse_args, validate
+from smallgpt.device import autocast, peak_flops, select_device, select_dtype, to_device
+from smallgpt.errors import ConfigError, run_main
+from smallgpt.optim import configure_optimizer
+from train import build_model, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {  # name -> the overlay (config files and --key=value) that turns it on, applied after the command line
@@ -50,7 +52,7 @@ GB = 2 ** 30  # memory figures are in GiB (an "RTX 4070 12 GB" has 12 GiB)
 
 @dataclass
 class BenchConfig(TrainConfig):
-    # --- bench.py only
+    # --- bench_train.py only
     compare: str = ""  # variants vs base, comma-separated: dispersion|multipliers|both|plain_ce|checkpointing|muon|a file|key=value
     warmup: int = 2  # untimed optimizer steps per variant first (torch.compile compiles during the first)
     steps: int = 3  # timed optimizer steps per variant in each round
@@ -84,7 +86,7 @@ class Variant:
         torch.manual_seed(cfg.seed)  # every variant starts from the same weights where their shapes agree
         self.raw_model = build_model(cfg, None).to(device)
         self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        self.optimizer = make_optimizer(self.raw_model, cfg, device_type)
+        self.optimizer = configure_optimizer(self.raw_model, cfg, device_type)
         self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
         self.ctx = autocast(device, dtype)
         self.clip_params = self.raw_model.parameters_to_clip()

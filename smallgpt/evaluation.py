@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from errors import DataError
+from .errors import DataError
 
 # -----------------------------------------------------------------------------
 # Bits per byte

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from errors import DataError
+from .errors import DataError
 
 # -----------------------------------------------------------------------------
 # Token files: a directory with train.bin, val.bin (raw little-endian uint16 tokens, documents

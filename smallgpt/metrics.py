@@ -1,6 +1,7 @@
 """
-Reading a run's metrics.jsonl: the one reader that train.py (trimming the file on resume), plot.py and
-comparison tools share. train.py writes one JSON object per line:
+A run's metrics.jsonl: its one writer (MetricsLog, train.py's, with wandb beside it when asked) and its one
+reader, which train.py (trimming the file on resume), plot.py and comparison tools share. One JSON object per
+line:
 
     {"type": "train", "iter": 199, "loss": 4.81, "lr": 0.0002, "grad_norm": 0.64, "ms": 609.7, "tok_s": 1680,
      "tokens": 204800, ...}         # optional: mfu, dispersion, mult/..., time_s (wall seconds since the start)
@@ -13,8 +14,9 @@ going) can only be the last one; it is skipped. This module imports nothing heav
 """
 import json
 import os
+from dataclasses import asdict
 
-from errors import DataError
+from .errors import DataError
 
 
 def metrics_path(run):
@@ -86,3 +88,35 @@ def shared_eval_iters(runs_records):
     """The evaluation iterations present in every run, sorted."""
     sets = [{r["iter"] for r in of_type(records, "eval")} for records in runs_records]
     return sorted(set.intersection(*sets)) if sets else []
+
+
+class MetricsLog:
+    """metrics.jsonl in out_dir (always) and wandb (when asked). On resume, records after the checkpoint's
+    iteration are dropped, so the file shows one consistent curve; the trimmed file replaces the old one
+    atomically, so a kill at that moment loses nothing."""
+
+    def __init__(self, cfg, resume_iter):
+        self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        kept = []
+        if resume_iter is not None and os.path.exists(self.path):
+            records = read_records(self.path)  # a last line cut by a kill is left out
+            kept = [r for r in records  # evaluations of the resumed checkpoint itself stay (eval.py's too)
+                    if r["iter"] < resume_iter or r["type"] in ("eval", "eval_downstream") and r["iter"] == resume_iter]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(self.path + ".tmp", self.path)
+        self.wandb = None
+        if cfg.wandb_log:
+            try:
+                import wandb  # optional, and slow to import: only when asked for
+                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg),
+                                        settings=wandb.Settings(init_timeout=60))
+            except Exception as e:  # no wandb, no network, no login: train anyway
+                print(f"wandb disabled: {type(e).__name__}: {e}")
+
+    def write(self, record):
+        with open(self.path, "a") as f:  # one line per record, closed at once: a reader sees whole lines
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"{record['type']}/{k}": v for k, v in record.items() if k not in ("type", "iter")},
+                           step=record["iter"])

@@ -10,8 +10,8 @@ from dataclasses import fields
 
 import torch
 
-from errors import DataError
 from model import GPT, GPTConfig
+from .errors import ConfigError, DataError
 
 # -----------------------------------------------------------------------------
 # Checkpoints: plain dicts of tensors and Python types, so torch.load(weights_only=True) reads them.
@@ -32,8 +32,16 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
+def check_which(which):
+    """The scripts' --which, checked at start-up (and by find_checkpoint): 'best' or 'last'."""
+    if which not in CHECKPOINT_NAMES:
+        raise ConfigError(f"which must be best or last, not {which!r}")
+    return which
+
+
 def find_checkpoint(path, which="best"):
     """A checkpoint file: path itself, or in directory path: best.pt / last.pt (which), else nanoGPT's ckpt.pt."""
+    check_which(which)
     if os.path.isfile(path):
         return path
     if not os.path.isdir(path):

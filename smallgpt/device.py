@@ -6,7 +6,7 @@ from contextlib import nullcontext
 
 import torch
 
-from errors import ConfigError
+from .errors import ConfigError
 
 # -----------------------------------------------------------------------------
 # Device and precision

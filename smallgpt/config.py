@@ -15,8 +15,8 @@ import math
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
 
-from errors import ConfigError
 from model import GPTConfig
+from .errors import ConfigError
 
 
 @dataclass

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
-from device import select_device, select_dtype
-from errors import DataError
-from tokens import get_tokenizer
+from .checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from .device import select_device, select_dtype
+from .errors import DataError
+from .tokens import get_tokenizer
 
 
 @dataclass

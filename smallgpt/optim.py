@@ -1,7 +1,10 @@
 """
-The optimizer of train.py, built in one place.
+The optimizer of train.py, built in one place: every parameter group, its weight decay and its lr scale. The
+model only names its parameters; which group each joins is decided here, from its name and shape.
 
-- optimizer = 'adamw' (default): GPT.configure_optimizer, fused AdamW on every parameter (GPT-2's recipe).
+- optimizer = 'adamw' (default): fused AdamW on every parameter (GPT-2's recipe) in three groups: matrices
+  (weight_decay), vectors (gains and biases: no decay) and the learnable multipliers (their own decay and lr
+  scale: a "no decay for 1-D" rule would silently give them 0).
 - optimizer = 'muon': torch.optim.Muon on the 2-D weight matrices inside the transformer blocks (attention
   and MLP projections, Q, K and V each on its own when the model stores them apart) and fused AdamW on the
   rest: token/position embeddings, the LM head, gains, biases and the learnable multipliers. Muon
@@ -16,8 +19,8 @@ gains and biases. Muon's momentum warms up linearly over its first steps (modded
 """
 import torch
 
-from errors import ConfigError
 from model import MULTIPLIER_SUFFIX
+from .errors import ConfigError
 
 BLOCKS_PREFIX = "transformer.h."  # the parameters of the transformer blocks (model.py's names)
 
@@ -25,15 +28,35 @@ BLOCKS_PREFIX = "transformer.h."  # the parameters of the transformer blocks (mo
 def configure_optimizer(model, cfg, device_type, dtype=None):
     """The optimizer for model (the raw module, not a compiled or DDP wrapper) as cfg asks. dtype: the
     resolved training dtype (None: not checked, for unit tests that step without autocast)."""
-    if cfg.optimizer == "adamw":  # exactly today's optimizer
-        return model.configure_optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
-                                         cfg.multiplier_weight_decay, cfg.multiplier_lr_scale, device_type)
+    if cfg.optimizer == "adamw":
+        return fused_adamw(adamw_groups(model, cfg), cfg, device_type)
     if not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"optimizer=muon needs torch.optim.Muon (torch >= 2.9), not torch {torch.__version__}")
     if dtype == "float16":
         raise ConfigError("optimizer=muon does not work with dtype=float16 (its GradScaler is untested with Muon, "
                           "and Muon's Newton-Schulz runs in bfloat16): use dtype=bfloat16 or float32")
     return MuonAdamW(model, cfg, device_type)
+
+
+def param_group(name, params, weight_decay, lr_scale, cfg):
+    """One group as train.py drives it: the loop sets lr = get_lr(it) * lr_scale at every step."""
+    return dict(params=params, name=name, weight_decay=weight_decay, lr_scale=lr_scale, lr=cfg.learning_rate * lr_scale)
+
+
+def fused_adamw(groups, cfg, device_type):
+    fused = device_type in ("cuda", "cpu")  # fused AdamW: one kernel for all parameters (also on a CPU)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
+
+
+def adamw_groups(model, cfg):
+    """AdamW on everything: matrices (weight_decay), vectors (no decay), multipliers (their own decay and lr)."""
+    kinds = {"matrices": [], "vectors": [], "multipliers": []}
+    for name, p in model.named_parameters():
+        kind = "multipliers" if name.endswith(MULTIPLIER_SUFFIX) else "matrices" if p.dim() >= 2 else "vectors"
+        kinds[kind].append(p)
+    settings = {"matrices": (cfg.weight_decay, 1.0), "vectors": (0.0, 1.0),
+                "multipliers": (cfg.multiplier_weight_decay, cfg.multiplier_lr_scale)}
+    return [param_group(kind, params, *settings[kind], cfg) for kind, params in kinds.items() if params]
 
 
 def split_parameters(model):
@@ -59,7 +82,7 @@ def split_parameters(model):
 
 
 class MuonAdamW:
-    """torch.optim.Muon and a fused AdamW side by side, behaving like one optimizer for train.py, bench/bench.py and
+    """torch.optim.Muon and a fused AdamW side by side, behaving like one optimizer for train.py, bench/bench_train.py and
     GradScaler (disabled): param_groups (Muon's first), state, step, zero_grad, state_dict, load_state_dict.
     step() also sets Muon's momentum for this step of the warm-up; its step count is in the state dict."""
 
@@ -74,10 +97,8 @@ class MuonAdamW:
                        "head": (cfg.weight_decay, cfg.adam_head_lr / lr),
                        "vectors": (0.0, 1.0),
                        "multipliers": (cfg.multiplier_weight_decay, cfg.multiplier_lr_scale)}
-        self.adamw = torch.optim.AdamW(
-            [dict(params=[p for _, p in parts[kind]], name=kind, weight_decay=wd, lr_scale=scale, lr=lr * scale)
-             for kind, (wd, scale) in adam_groups.items() if parts[kind]],
-            lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=device_type in ("cuda", "cpu"))
+        self.adamw = fused_adamw([param_group(kind, [p for _, p in parts[kind]], wd, scale, cfg)
+                                  for kind, (wd, scale) in adam_groups.items() if parts[kind]], cfg, device_type)
         self.momentum = (cfg.muon_momentum_start, cfg.muon_momentum, cfg.muon_momentum_warmup)
         self.steps = 0  # optimizer steps taken: the position in the momentum warm-up
 

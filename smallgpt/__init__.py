@@ -1,0 +1,21 @@
+"""
+What the scripts at the repository root share, one job per module. The scripts (train.py, sample.py, serve.py,
+eval.py, export.py, plot.py, ablate.py, condensation.py) and model.py stay at the root; model.py imports only
+torch, so it remains the one file to copy elsewhere. The modules sit in layers, each importing only lower ones
+(tests/test_layout.py checks it):
+
+    errors.py        the user-mistake errors and run_main: one line on stderr, never a traceback
+    --
+    tokens.py        the GPT-2 tokenizer, the token-file format, training and validation windows (numpy only)
+    metrics.py       metrics.jsonl: its writer (MetricsLog, with wandb) and its one reader
+    monitor.py       what a run watches: ETA clock, loss and gradient-norm spikes, GPU memory, the compile probe
+    condensation.py  the dispersion paper's condensation statistics, logged at every evaluation
+    evaluation.py    bits per byte (exact token bytes) and HellaSwag scoring, shared by train.py and eval.py
+    device.py        device and precision selection, autocast, GPU peak FLOP/s for MFU
+    --
+    config.py        every training key with its default and meaning (TrainConfig), config files, --key=value
+    optim.py         the optimizer and all its parameter groups: AdamW, or Muon + AdamW (docs/muon.md)
+    checkpoint.py    atomic checkpoint writing, the one checkpoint loader, the code version each run records
+    --
+    generation.py    what sample.py and serve.py share: the model for inference, prompts, seeded samples
+"""
