@@ -173,7 +173,7 @@ def test_the_table_needs_no_matplotlib(tmp_path):
              "tokens": 100}, {"type": "eval", "iter": 1, "val_loss": 4.0, "val_bpb": 2.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     code = ("import sys; sys.modules['matplotlib'] = None; sys.argv = ['plot.py', *sys.argv[1:]]; import plot; "
-            "from errors import run_main; run_main(plot.main)")
+            "from smallgpt.errors import run_main; run_main(plot.main)")
     table = subprocess.run([sys.executable, "-c", code, str(tmp_path), "--table"], cwd=REPO, capture_output=True,
                            text=True)
     assert table.returncode == 0 and "4.0000 (1)" in table.stdout and "~2.0s" in table.stdout
