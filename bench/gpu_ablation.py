@@ -23,9 +23,11 @@ How the budget (--minutes, everything after start-up included) is kept on any GP
   3. train in rounds, one step of every run per round, so all runs are always at the same step: if the estimate
      was too optimistic, the runs stop together at equal tokens before the budget is spent, and any drift in the
      GPU's speed hits them alike.
+A variant whose probe fails (it does not compile, it runs out of memory) is left out, its cause printed and
+reported, and the others go on; only the baseline's failure stops the command.
 Output: the tables on stdout, then as markdown for docs/RESULTS.md and BENCHMARKS.md, in --json_out (every figure,
-each run's resolved config) and beside it as .md; both rewritten at every evaluation, so a killed run keeps what
-it finished.
+each run's resolved config; rewritten at every evaluation, so a killed command keeps what it finished) and beside
+it as .md at the end.
 """
 import json
 import math
@@ -34,7 +36,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+import traceback
+from dataclasses import asdict, dataclass, field, replace
 
 if not __package__:  # run as a file, the repository root is not on the path: say how to run it
     sys.exit(f"run it from the repository root as: python -m bench.{os.path.basename(__file__)[:-3]} ...")
@@ -79,7 +82,7 @@ class AblationConfig:
     seeds: str = "1"  # comma-separated; each seed fixes the initial weights and the data order of every variant
     minutes: float = 8.0  # the whole command's budget: data, compiles, training and evaluations
     batch_size: int = 16  # micro-batch in sequences (the 40M configs'); 8 with accum=16 where 16 does not fit
-    accum: int = 8  # micro-batches per step: 16 x 1024 x 8 = 131,072 tokens (the configs' 524,288 would leave ~100 steps)
+    accum: int = 8  # micro-batches per step: 16 x 1024 x 8 = 131,072 tokens, a quarter of the configs' (4x the steps)
     eval_points: int = 4  # evaluations during training, evenly spaced, the last at the end (plus step 0)
     eval_iters: int = 50  # val micro-batches per evaluation (fixed windows; fewer if the val split is smaller)
     max_steps: int = 0  # cap on the planned steps; 0 = as many as the budget allows
@@ -352,6 +355,7 @@ class Report:
     evaluator: object = None
     runs: list = None
     plan: Plan = None
+    left_out: list = field(default_factory=list)  # runs that failed their probe, with the cause
 
     def seconds(self):
         return time.perf_counter() - self.start
@@ -373,12 +377,14 @@ class Report:
             f"- **Evaluation:** val loss and bits per byte on the same {len(ev.starts)} windows of {cfg.block_size} "
             f"tokens ({len(ev.starts) * cfg.block_size:,} tokens); condensation on {len(ev.cond_starts)} val sequences "
             f"of {ev.cond_len} tokens: mu = mean cosine of a sequence's hidden states at a layer (layer 0 = embedding "
-            f"output, i + 1 = block i's output), late mu = mu over the late half of the layers, Spearman of mu with depth.",
+            f"output, i + 1 = block i's output), late mu = mu over the late half of the layers, Spearman of mu with "
+            f"depth.",
             f"- **Budget:** {self.cfg.minutes:g} min, {self.seconds():.0f} s used; the measured step times allowed "
             f"{plan.budget_steps} steps per run ({plan.round_s:.2f} s per round of one step of every run)"
             + (f", capped at {self.cfg.max_steps} (max_steps)." if plan.steps < plan.budget_steps else ".")]
         if steps < plan.steps:
             lines.append(f"- **Stopped by the budget after {steps} of {plan.steps} steps** (all runs at that step).")
+        lines += [f"- **Left out (failed before training):** {line}" for line in self.left_out]
         if len({r.seed for r in runs}) == 1:
             lines.append("- **One seed:** a difference smaller than the spread another seed shows is no effect "
                          "(`--seeds=2` and another --json_out measure it).")
@@ -403,8 +409,9 @@ class Report:
                  "steps": r.iter_num, "evals": r.evals} for r in self.runs]
         with open(json_out, "w") as f:
             json.dump({"environment": self.env, "config": asdict(self.cfg), "data": self.data_note,
-                       "train_tokens": self.train_tokens, "plan": asdict(self.plan), "seconds": self.seconds(),
-                       "rows": final_rows(self.runs, self.env["peak_flops"]), "runs": runs}, f, indent=1)
+                       "train_tokens": self.train_tokens, "plan": asdict(self.plan), "left_out": self.left_out,
+                       "seconds": self.seconds(), "rows": final_rows(self.runs, self.env["peak_flops"]),
+                       "runs": runs}, f, indent=1)
 
 
 # -----------------------------------------------------------------------------
@@ -425,7 +432,8 @@ def start_runs(report, names, seeds, device, dtype):
     configs = {(name, seed): run_config(VARIANTS[name], seed, cfg, device, dtype) for seed in seeds for name in names}
     first = configs[names[0], seeds[0]]
     if meta["vocab_size"] > first.vocab_size:
-        raise DataError(f"{data_dir}: vocabulary of {meta['vocab_size']} ids, more than the configs' {first.vocab_size}")
+        raise DataError(f"{data_dir}: a vocabulary of {meta['vocab_size']} ids, more than the configs' "
+                        f"{first.vocab_size}")
     # one window order per seed, shared by its variants: the same tokens in the same order
     windows = {seed: TrainWindows(train_tokens, first.block_size, seed, meta["vocab_size"]) for seed in seeds}
     report.runs = [Run(name, c, device, dtype, windows[seed]) for (name, seed), c in configs.items()]
@@ -439,8 +447,16 @@ def run_ablation(report, end, json_out):
     """Probe every run, plan the steps, train them in rounds; the JSON is rewritten at every evaluation."""
     runs, evaluator, budget = report.runs, report.evaluator, 60 * report.cfg.minutes
     print(f"probe: an evaluation, a compiling step and {PROBE_STEPS} timed steps per run", flush=True)
-    for run in runs:
-        probe(run, evaluator)
+    for run in list(runs):
+        try:
+            probe(run, evaluator)
+        except Exception as e:  # one variant that cannot run (compiler, memory) must not cost the others the GPU
+            if run.name == "baseline":  # the reference of every comparison
+                raise
+            traceback.print_exc()
+            report.left_out.append(f"{run.label}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+            runs.remove(run)
+            run.release()
     report.plan = plan = plan_steps(end - MARGIN * budget - time.perf_counter(),
                                     [statistics.median(r.probe_s) for r in runs], [r.eval_s for r in runs],
                                     report.cfg.eval_points, report.cfg.max_steps)

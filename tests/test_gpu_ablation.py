@@ -58,6 +58,24 @@ def test_dry_run_on_cpu_trains_every_variant_on_equal_tokens(tmp_path, sample_pa
     check_report(report, markdown, result.stdout)
 
 
+def test_a_variant_that_cannot_run_is_left_out_and_the_others_train(tmp_path, token_dir, monkeypatch, capsys):
+    real_probe = gpu_ablation.probe
+
+    def probe(run, evaluator):  # as if the modern block's graph did not compile on this machine
+        if run.name == "modern":
+            raise gpu_ablation.DataError("torch.compile cannot build its kernels (a test)")
+        real_probe(run, evaluator)
+    monkeypatch.setattr(gpu_ablation, "probe", probe)
+    out = tmp_path / "ablation.json"
+    gpu_ablation.main(["--dry_run", f"--data_dir={token_dir}", f"--json_out={out}"])
+    report, markdown = json.loads(out.read_text()), out.with_suffix(".md").read_text()
+    assert [r["name"] for r in report["runs"]] == ["baseline", "dispersion", "multipliers"]
+    assert report["left_out"] == ["modern s1: DataError: torch.compile cannot build its kernels (a test)"]
+    assert "Left out (failed before training):** modern s1" in markdown and "NOT FineWeb" not in markdown
+    assert all(r["steps"] == 8 for r in report["runs"])
+    assert "DataError" in capsys.readouterr().err  # the cause, with its traceback
+
+
 def test_plan_from_measured_times():
     plan = gpu_ablation.plan_steps(100, step_s=[0.5, 0.5], eval_s=[2, 3], eval_points=4)
     assert plan.round_s == 1 and plan.eval_round_s == 5
