@@ -74,6 +74,9 @@ def check_arguments(script, args):
     elif script == "condensation.py":
         import condensation
         parse_args(condensation.PictureConfig, args)
+    elif script == "bench/gpu_ablation.py":
+        from bench import gpu_ablation
+        gpu_ablation.check(parse_args(gpu_ablation.AblationConfig, args))  # variants, seeds, budget
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
