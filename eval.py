@@ -8,7 +8,9 @@ HellaSwag (completion style, acc and acc_norm) on the 10,042 validation items.
 
 --model is a run directory, a checkpoint file, a directory written by export.py (or any transformers causal
 LM using the GPT-2 tokenizer), or a Hugging Face name such as gpt2. The HellaSwag file is downloaded once into
---cache_dir unless --hellaswag=PATH is given. Results are printed as a table and, for a checkpoint, appended
+--cache_dir unless --hellaswag=PATH is given; when that download fails, the val rows are computed and
+printed first and the run then ends with one line saying how to score HellaSwag or skip it. --val_windows=N
+caps the val pass at N evenly spaced windows. Results are printed as a table and, for a checkpoint, appended
 to its run's metrics.jsonl as records of type "eval_downstream". See docs/export-eval.md.
 """
 import json
@@ -16,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -24,8 +27,7 @@ from smallgpt.checkpoint import check_which, find_checkpoint, load_checkpoint, m
 from smallgpt.config import parse_args
 from smallgpt.device import autocast, select_device
 from smallgpt.errors import ConfigError, DataError, run_main
-from smallgpt.evaluation import (HELLASWAG_ITEMS, bits_per_byte, hellaswag_file, load_hellaswag, loss_sums, score_hellaswag,
-                        token_bytes)
+from smallgpt.evaluation import HELLASWAG_ITEMS, bits_per_byte, loss_sums, read_hellaswag, score_hellaswag, token_bytes
 from smallgpt.tokens import get_tokenizer, open_split, stack_windows
 
 
@@ -33,7 +35,8 @@ from smallgpt.tokens import get_tokenizer, open_split, stack_windows
 class EvalConfig:
     model: str = "out"  # a run directory, a checkpoint, an export.py directory or a Hugging Face name (gpt2)
     which: str = "best"  # 'best' | 'last': the checkpoint to read from a run directory (falls back to the other)
-    data_dir: str = ""  # prepared tokens (prepare.py): val loss and bits per byte on all its val windows; '' = skip
+    data_dir: str = ""  # prepared tokens (prepare.py): val loss and bits per byte on its val windows; '' = skip
+    val_windows: int = 0  # windows of block_size scored, evenly spaced over the val split; 0 = every window
     hellaswag: str = ""  # a local HellaSwag validation jsonl; '' = the cached copy, downloaded the first time
     hellaswag_items: int = HELLASWAG_ITEMS  # items scored (the first n of the file); 0 = skip HellaSwag
     cache_dir: str = ""  # where the downloaded HellaSwag file is kept; '' = ~/.cache/gpt-eval
@@ -47,8 +50,8 @@ def validate(cfg):
     check_which(cfg.which)
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")
-    if cfg.batch_size < 1 or cfg.hellaswag_items < 0:
-        raise ConfigError("batch_size must be at least 1 and hellaswag_items must not be negative")
+    if cfg.batch_size < 1 or cfg.hellaswag_items < 0 or cfg.val_windows < 0:
+        raise ConfigError("batch_size must be at least 1; hellaswag_items and val_windows must not be negative")
     if not cfg.data_dir and cfg.hellaswag_items == 0:
         raise ConfigError("nothing to evaluate: give a data_dir, or hellaswag_items > 0")
     return cfg
@@ -96,20 +99,29 @@ def load_model(name, which, device):
 # -----------------------------------------------------------------------------
 # Evaluations
 
+def val_batches(n_tokens, T, batch_size, cap=0):
+    """[(window starts, length)] covering every target of a split of n_tokens once: consecutive windows of T
+    tokens, the last one shorter. cap > 0: that many full windows, evenly spaced (the tail left out)."""
+    starts = list(range(0, n_tokens - 1, T))
+    full = [s for s in starts if s + T < n_tokens]
+    capped = 0 < cap < len(starts)
+    if capped:
+        full = [full[i] for i in np.linspace(0, len(full) - 1, min(cap, len(full))).round().astype(int)]
+    batches = [(full[b:b + batch_size], T) for b in range(0, len(full), batch_size)]
+    if len(full) < len(starts) and not capped:  # the tail: fewer than T targets left
+        batches.append(([starts[-1]], n_tokens - 1 - starts[-1]))
+    return batches, len(starts)
+
+
 @torch.no_grad()
-def val_metrics(loaded, data_dir, batch_size, device, ctx):
-    """Loss and bits per byte over every target of the val split: consecutive windows of block_size tokens
-    (the last one shorter), each predicted from the start of its window."""
+def val_metrics(loaded, data_dir, batch_size, device, ctx, cap=0):
+    """Loss and bits per byte over every target of the val split (or cap windows of it): consecutive windows of
+    block_size tokens, each predicted from the start of its window."""
     tokens, meta = open_split(data_dir, "val")
     if meta["vocab_size"] > loaded.vocab_size:
         raise DataError(f"{data_dir} has vocab_size {meta['vocab_size']}, more than the model's {loaded.vocab_size}")
     table = token_bytes(get_tokenizer(), loaded.vocab_size)
-    T = loaded.block_size
-    starts = list(range(0, len(tokens) - 1, T))
-    full = [s for s in starts if s + T < len(tokens)]
-    batches = [(full[b:b + batch_size], T) for b in range(0, len(full), batch_size)]
-    if len(full) < len(starts):  # the tail: fewer than T targets left
-        batches.append(([starts[-1]], len(tokens) - 1 - starts[-1]))
+    batches, n_windows = val_batches(len(tokens), loaded.block_size, batch_size, cap)
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for batch, length in tqdm(batches, desc="val", unit="batch"):
         x, y = (t.to(device) for t in stack_windows(tokens, batch, length, meta["vocab_size"]))
@@ -117,7 +129,8 @@ def val_metrics(loaded, data_dir, batch_size, device, ctx):
             logits = loaded.logits_fn(x)
         sums += loss_sums(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none"), y, table)
     nats, count, byte_nats, n_bytes = sums.tolist()
-    return {"val_loss": nats / count, "val_bpb": bits_per_byte(byte_nats, n_bytes), "val_tokens": int(count)}
+    return {"val_loss": nats / count, "val_bpb": bits_per_byte(byte_nats, n_bytes), "val_tokens": int(count),
+            "val_windows": sum(len(b) for b, _ in batches), "val_windows_total": n_windows}
 
 
 def hellaswag_metrics(loaded, items, batch_size, device, ctx):
@@ -133,7 +146,9 @@ def print_table(name, results):
     rows = []
     if "val" in results:
         r = results["val"]
-        rows += [("val", "loss", r["val_loss"], f"{r['val_tokens']:,} tokens"), ("val", "bpb", r["val_bpb"], "")]
+        part = (f" ({r['val_windows']:,} of {r['val_windows_total']:,} windows)"
+                if r["val_windows"] < r["val_windows_total"] else "")
+        rows += [("val", "loss", r["val_loss"], f"{r['val_tokens']:,} tokens{part}"), ("val", "bpb", r["val_bpb"], "")]
     if "hellaswag" in results:
         r = results["hellaswag"]
         rows += [("hellaswag", "acc", r["hellaswag_acc"], f"{r['hellaswag_items']:,} items"),
@@ -146,30 +161,46 @@ def print_table(name, results):
 def log_results(loaded, results):
     """Append one eval_downstream record per evaluation to the run's metrics.jsonl."""
     path = os.path.join(loaded.run_dir, "metrics.jsonl")
-    with open(path, "a") as f:
-        for task, r in results.items():
-            f.write(json.dumps({"type": "eval_downstream", "iter": loaded.iter_num, "task": task,
-                                "model": loaded.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **r}) + "\n")
+    try:
+        with open(path, "a") as f:
+            for task, r in results.items():
+                f.write(json.dumps({"type": "eval_downstream", "iter": loaded.iter_num, "task": task,
+                                    "model": loaded.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **r}) + "\n")
+    except OSError as e:  # a full disk raises without a file name: name it
+        raise DataError(f"cannot append the results to {path}: {e.strerror}")
     print(f"appended to {path}")
+
+
+def read_hellaswag_or_defer(cfg):
+    """(file, items) of HellaSwag, or (None, the error) when its download failed and there is something else to
+    evaluate first: eval.py then reports what it computed and ends with this error. A file the user passed,
+    missing or damaged, fails now, before the model is loaded."""
+    try:
+        return read_hellaswag(cfg.hellaswag, cfg.cache_dir, cfg.hellaswag_items,
+                              remedy="pass a local copy with --hellaswag=PATH, or --hellaswag_items=0 to skip it"), None
+    except DataError as e:
+        if cfg.hellaswag or not cfg.data_dir:
+            raise
+        return None, DataError(f"HellaSwag was not scored: {e}")
 
 
 def main(argv):
     cfg = validate(parse_args(EvalConfig, argv))
     device = select_device(cfg.device)
     ctx = autocast(device, cfg.dtype)
-    if cfg.hellaswag_items:  # read first: a missing or damaged file fails before the model is loaded
-        hellaswag_path = hellaswag_file(cfg.hellaswag, cfg.cache_dir)
-        items = load_hellaswag(hellaswag_path, cfg.hellaswag_items)
+    hellaswag, not_scored = read_hellaswag_or_defer(cfg) if cfg.hellaswag_items else (None, None)
     loaded = load_model(cfg.model, cfg.which, device)
     results = {}
     if cfg.data_dir:
-        results["val"] = val_metrics(loaded, cfg.data_dir, cfg.batch_size, device, ctx)
-    if cfg.hellaswag_items:
-        results["hellaswag"] = {**hellaswag_metrics(loaded, items, cfg.batch_size, device, ctx),
-                                "hellaswag_file": hellaswag_path}
+        results["val"] = val_metrics(loaded, cfg.data_dir, cfg.batch_size, device, ctx, cfg.val_windows)
+    if hellaswag:
+        path, items = hellaswag
+        results["hellaswag"] = {**hellaswag_metrics(loaded, items, cfg.batch_size, device, ctx), "hellaswag_file": path}
     print_table(loaded.name, results)
     if cfg.log_metrics and loaded.run_dir:
         log_results(loaded, results)
+    if not_scored:  # computed and shown what could be; now what could not
+        raise not_scored
 
 
 if __name__ == "__main__":

@@ -15,10 +15,15 @@ trained, block_size as n_positions. The modern block (RoPE, RMSNorm, SwiGLU) bec
 LlamaForCausalLM, or a Qwen3ForCausalLM with QK-norm. Switches that no stock class has (logit soft-cap, ReLU^2,
 GPT-2 and modern parts mixed) stop with one line naming the switch. With --check (on by default) the directory
 is loaded back with transformers and its logits are compared with the checkpoint's; a mismatch fails.
-Needs `pip install transformers` (train.py does not). See docs/export-eval.md.
+The tokenizer files are made from tiktoken's GPT-2 encoding alone (GPT2_TIKTOKEN_FILE offline), the one file
+training needs. Everything is written into OUT.partial and moved to OUT only after the check passed: a kill or
+a full disk never leaves a half-written export. Needs `pip install transformers` (train.py does not). See
+docs/export-eval.md.
 """
+import contextlib
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -26,8 +31,8 @@ import torch
 
 from smallgpt.checkpoint import check_which, find_checkpoint, load_checkpoint, model_from_checkpoint
 from smallgpt.config import parse_args
-from smallgpt.errors import ConfigError, DataError, run_main
-from smallgpt.tokens import TIKTOKEN_CACHE_NAMES, get_tokenizer
+from smallgpt.errors import ConfigError, DataError, out_of_space, run_main
+from smallgpt.tokens import get_tokenizer
 
 GPT2_VOCAB = 50257  # GPT-2's real tokens; ids above are vocabulary padding and never targets
 EOT = 50256  # <|endoftext|>
@@ -171,33 +176,59 @@ def to_hf(model):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer and checks
+# The tokenizer, from tiktoken's GPT-2 encoding alone (GPT2_TIKTOKEN_FILE, or tiktoken's own copy): the same
+# file training needs, nothing more
 
-def tokenizer_files():
-    """encoder.json and vocab.bpe, the GPT-2 BPE files tiktoken keeps in its cache (it fetches them on first
-    use, so no network is needed here once any script has tokenized)."""
-    get_tokenizer()  # downloads them into the cache if they are not there yet
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
-        tempfile.gettempdir(), "data-gym-cache")  # tiktoken's own search order
-    paths = {name: os.path.join(cache, TIKTOKEN_CACHE_NAMES[name]) for name in ("encoder.json", "vocab.bpe")}
-    for name, path in paths.items():
-        if not os.path.isfile(path):
-            raise DataError(f"GPT-2's {name} is not in tiktoken's cache ({path}): set TIKTOKEN_CACHE_DIR to the "
-                            f"directory tiktoken caches its files in")
-    return paths
+def gpt2_vocab_and_merges(enc):
+    """GPT-2's encoder.json and vocab.bpe, rebuilt from a tiktoken GPT-2 encoding: the vocabulary maps each
+    token's bytes, written in byte-level BPE's printable characters, to its rank; the merge that makes a token
+    is the pair of parts that tiktoken's own algorithm, allowed only the lower ranks, splits it into (the list
+    equals GPT-2's vocab.bpe, tested)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT)}  # public API: rank i is token i
+    chars = bytes_to_unicode()  # byte -> the printable character byte-level BPE stores it as
+    text = lambda token: "".join(chars[b] for b in token)
+    merges = []
+    for token, rank in ranks.items():  # in rank order, the order of vocab.bpe
+        if len(token) > 1:
+            left, right = bpe_split(ranks, token, rank)
+            merges.append(f"{text(left)} {text(right)}")
+    return {**{text(t): r for t, r in ranks.items()}, "<|endoftext|>": EOT}, merges
 
 
-def save_tokenizer(out, block_size):
-    """GPT-2's tokenizer as a GPT2TokenizerFast in out (tokenizer.json, vocab.json, merges.txt...)."""
-    import shutil
+def bpe_split(ranks, token, max_rank):
+    """tiktoken's merge loop on token's bytes with the ranks below max_rank: repeatedly join the adjacent pair
+    whose join has the lowest rank. A token of rank r always ends as exactly two parts, its merge."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, at = max_rank, -1
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1], max_rank)
+            if rank < best:  # the leftmost of equal ranks, as tiktoken
+                best, at = rank, i
+        assert at >= 0, (token, parts)  # a GPT-2 token is always reachable from lower ones
+        parts[at:at + 2] = [parts[at] + parts[at + 1]]
+    return parts
+
+
+def save_tokenizer(out, block_size, enc):
+    """GPT-2's tokenizer in out (tokenizer.json, tokenizer_config.json): transformers' own GPT-2 tokenizer class
+    read from the vocab.json and merges.txt rebuilt from enc, the file names every transformers version reads
+    (so 4.x loads the export too: its tokenizer_class is GPT2Tokenizer)."""
+    import json
     transformers = import_transformers()
-    files = tokenizer_files()
-    with tempfile.TemporaryDirectory() as tmp:  # the file names from_pretrained reads in every transformers version
-        shutil.copyfile(files["encoder.json"], os.path.join(tmp, "vocab.json"))
-        shutil.copyfile(files["vocab.bpe"], os.path.join(tmp, "merges.txt"))
+    vocab, merges = gpt2_vocab_and_merges(enc)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
         tok = transformers.GPT2TokenizerFast.from_pretrained(tmp, model_max_length=block_size)
     tok.save_pretrained(out)
 
+
+# -----------------------------------------------------------------------------
+# Checks
 
 @torch.no_grad()
 def compare_logits(model, out, seqs=3):
@@ -213,41 +244,96 @@ def compare_logits(model, out, seqs=3):
 
 
 def check_out_dir(out):
-    """Refuse to write into a directory holding anything but an earlier export (a run directory's
-    config.json would be overwritten)."""
+    """Refuse to write over anything but an earlier export (a run directory's config.json would be overwritten)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"out {out!r} is a file: choose another --out")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "model.safetensors")):
         raise ConfigError(f"out {out!r} is neither empty nor an earlier export: choose another --out")
 
 
+def new_file_mode():
+    """The mode open() gives a new file under the user's umask (0o644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def staged(out, size):
+    """Write into out.partial and move it to out only when the body (writing, then --check) succeeded, so that a
+    kill or an error never leaves a half-written export under out's name. A killed export's leftovers are removed
+    first; an earlier export at out is replaced at the end. size (bytes, roughly) is for the message on a full
+    disk."""
+    tmp, old = f"{out}.partial", f"{out}.old"
+    for leftover in (tmp, old):  # a killed export's unfinished directory, or the earlier export it was replacing
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):  # safetensors writes its file mode 0600, the others get the umask's mode
+            os.chmod(os.path.join(tmp, name), new_file_mode())
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if out_of_space(e):  # an OSError, or safetensors' own error quoting the OS message
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
+            raise DataError(f"no space left on the device writing the export {out} (model.safetensors and the "
+                            f"tokenizer: about {size / 1e6:,.0f} MB, {free / 1e6:,.0f} MB free); nothing was written "
+                            f"and the partial files are removed") from e
+        raise
+    if os.path.exists(out):  # an earlier export (check_out_dir): moved aside, then deleted
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 # -----------------------------------------------------------------------------
 
-def export(model, out):
-    """Write model (multipliers merged) to out as a transformers directory with the GPT-2 tokenizer."""
+def export(model, out, enc=None):
+    """Write model (multipliers merged) to the directory out as a transformers model with the GPT-2 tokenizer
+    (enc: tiktoken's GPT-2 encoding; None = get_tokenizer())."""
     hf = to_hf(model)
     os.makedirs(out, exist_ok=True)
     hf.save_pretrained(out)  # safetensors; writes the tied tensor once
-    save_tokenizer(out, model.config.block_size)
+    save_tokenizer(out, model.config.block_size, enc or get_tokenizer())
+
+
+def check_export(model, out, path):
+    diff = compare_logits(model, out)
+    if diff > 1e-4:
+        raise DataError(f"the export of {path} does NOT reproduce it: logits differ by {diff:.2e} of their scale "
+                        f"(allowed 1e-4); nothing was written")
+    print(f"check: transformers reproduces the checkpoint's logits (max difference {diff:.1e} of their scale)")
+
+
+def context_note(arch, block_size):
+    """What the exported context length means: GPT-2 has no position embedding past it."""
+    if arch == "gpt2":
+        return (f"n_positions={block_size}, the training context: transformers' generate fails on prompt + new "
+                f"tokens past {block_size}")
+    return (f"max_position_embeddings={block_size}, the training context: longer text runs (RoPE) but was never "
+            f"trained on")
 
 
 def main(argv):
     cfg = parse_args(ExportConfig, argv)
     check_which(cfg.which)
     path = find_checkpoint(cfg.model, cfg.which)
-    out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(path)), "hf")
+    out = os.path.normpath(cfg.out or os.path.join(os.path.dirname(os.path.abspath(path)), "hf"))
     check_out_dir(out)
-    tokenizer_files()  # before writing anything: offline without the BPE files, fail with nothing half-written
+    import_transformers()  # first what no tokenizer can fix: transformers, then the model's architecture
     model = model_from_checkpoint(load_checkpoint(path))
+    arch = hf_architecture(model.config)
     if model.config.vocab_size < GPT2_VOCAB:
         raise DataError(f"{path} has vocab_size {model.config.vocab_size}: the export needs GPT-2's {GPT2_VOCAB} tokens")
+    enc = get_tokenizer()  # GPT2_TIKTOKEN_FILE, or tiktoken's own copy: all the tokenizer files are made from it
     model.merge_multipliers(untie=True).eval()  # HF has no per-token embedding scale: untie to fold it
-    export(model, out)
-    print(f"exported {path} to {out}")
-    if cfg.check:
-        diff = compare_logits(model, out)
-        if diff > 1e-4:
-            raise DataError(f"the export in {out} does NOT reproduce {path}: logits differ by {diff:.2e} of their "
-                            f"scale (allowed 1e-4); do not use it")
-        print(f"check: transformers reproduces the checkpoint's logits (max difference {diff:.1e} of their scale)")
+    size = 4 * sum(p.numel() for p in model.parameters()) + 4_000_000  # float32 weights + ~4 MB of tokenizer
+    with staged(out, size) as tmp:
+        export(model, tmp, enc)
+        if cfg.check:
+            check_export(model, tmp, path)
+    print(f"exported {path} to {out} ({context_note(arch, model.config.block_size)})")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from smallgpt.condensation import condensation_metrics
 from smallgpt.config import load_train_config, model_args
 from smallgpt.device import autocast, peak_flops, select_device, select_dtype, to_device
 from smallgpt.errors import ConfigError, DataError, run_main
-from smallgpt.evaluation import bits_per_byte, hellaswag_file, load_hellaswag, loss_sums, score_hellaswag, token_bytes
+from smallgpt.evaluation import bits_per_byte, loss_sums, read_hellaswag, score_hellaswag, token_bytes
 from smallgpt.metrics import MetricsLog
 from smallgpt.monitor import Clock, Health, compile_failure, count, duration, gpu_report, probe_compiled
 from smallgpt.optim import configure_optimizer
@@ -366,8 +366,8 @@ class Evaluator:
         self.cond_starts = fixed_windows(val_tokens, cfg.condensation_seqs, self.cond_len) if cfg.condensation_seqs else []
         enc = get_tokenizer()  # bits per byte count each target token's bytes; HellaSwag encodes text
         self.token_bytes, self.encode = token_bytes(enc, cfg.vocab_size).to(rt.device), enc.encode_ordinary
-        self.hellaswag = (load_hellaswag(hellaswag_file(cfg.hellaswag_file), cfg.hellaswag_items)
-                          if cfg.hellaswag_interval else None)
+        self.hellaswag = (read_hellaswag(cfg.hellaswag_file, limit=cfg.hellaswag_items, remedy="set hellaswag_file "
+                                         "to a local copy, or hellaswag_interval=0")[1] if cfg.hellaswag_interval else None)
 
     @torch.no_grad()
     def __call__(self, model, raw_model, iter_num):

@@ -5,6 +5,8 @@ run records.
 """
 import functools
 import os
+import pickle
+import re
 import subprocess
 from dataclasses import fields
 
@@ -56,9 +58,15 @@ def find_checkpoint(path, which="best"):
 def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint, or pickled objects we refuse to run
+    except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: never run a pickle we cannot read
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        raise DataError(f"cannot load checkpoint {path}: " + (
+            f"it holds a Python object ({found[1]}) that this code never unpickles (that could run code)" if found
+            else "not a PyTorch checkpoint, or truncated or corrupt"))
+    except Exception as e:  # truncated, empty, not a checkpoint
+        detail = (str(e).splitlines() or [""])[0]
         raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint, or truncated or corrupt "
-                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+                        f"({type(e).__name__}{': ' + detail if detail else ''})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise DataError(f"{path} is not a GPT checkpoint (no 'model' / 'model_args')")
     ckpt["model_args"].setdefault("token_multipliers", False)  # checkpoints older than the key had none

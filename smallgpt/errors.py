@@ -3,6 +3,7 @@ The two kinds of user mistake, and how every script reports them: one line on st
 a traceback. ConfigError: a bad config file or --key=value. DataError: missing or damaged data and checkpoints,
 or a diverged run. Standard library only: prepare.py imports this without paying for torch.
 """
+import errno
 import os
 import sys
 
@@ -31,3 +32,9 @@ def run_main(main):
         sys.exit(1)
     except OSError as e:  # an unwritable out_dir, a full disk, no network: the message names the path or host
         sys.exit(f"{name}: error: {e}")
+
+
+def out_of_space(e):
+    """Whether an exception means a full disk: an OSError with errno ENOSPC, or a library's own error quoting the
+    OS message (safetensors raises SafetensorError '... No space left on device (os error 28)')."""
+    return getattr(e, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(e)

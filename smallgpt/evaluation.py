@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from .errors import DataError
+from .errors import DataError, out_of_space
 
 # -----------------------------------------------------------------------------
 # Bits per byte
@@ -74,9 +74,29 @@ def hellaswag_file(path="", cache_dir="", url=HELLASWAG_URL):
             while chunk := response.read(1 << 20):
                 f.write(chunk)
     except OSError as e:  # URLError and HTTPError are OSErrors too
-        raise DataError(f"cannot download HellaSwag from {url} ({e}): pass a local copy with --hellaswag=PATH")
+        if os.path.exists(part):  # never left to be taken for the data
+            os.remove(part)
+        if out_of_space(e):
+            raise DataError(f"no space left on the device writing {target}")
+        raise DataError(f"cannot download HellaSwag from {url} ({e})")
     os.replace(part, target)
     return target
+
+
+def read_hellaswag(path="", cache_dir="", limit=0, remedy="", url=HELLASWAG_URL):
+    """(file, items) of the HellaSwag file path, or of the cached download when path is ''. A file the user
+    passed is only named when it is missing or damaged (never "delete it"); a failed download or a damaged
+    cached copy also gets `remedy`, the calling script's own options (a local file, skipping HellaSwag)."""
+    if path:
+        return path, load_hellaswag(hellaswag_file(path), limit)
+    try:
+        file = hellaswag_file("", cache_dir, url)
+    except DataError as e:
+        raise DataError(f"{e}: {remedy}") from None
+    try:
+        return file, load_hellaswag(file, limit)
+    except DataError as e:
+        raise DataError(f"{e}; it is the cached download: delete it to download it again, or {remedy}") from None
 
 
 def load_hellaswag(path, limit=0):
@@ -91,23 +111,26 @@ def load_hellaswag(path, limit=0):
                 if line.strip():
                     items.append(_parse_item(line, f"{path} line {n}"))
     except UnicodeDecodeError:
-        raise DataError(f"{path} is not a HellaSwag jsonl (not UTF-8 text): delete it or pass another --hellaswag")
+        raise DataError(f"{path} is not a HellaSwag jsonl (not UTF-8 text)")
     if not items:
         raise DataError(f"{path} holds no HellaSwag items")
     return items
 
 
+LABELS = {0: 0, 1: 1, 2: 2, 3: 3, "0": 0, "1": 1, "2": 2, "3": 3}  # the HF copy stores the label as text
+
+
 def _parse_item(line, where):
     try:
         item = json.loads(line)
-        ctx, endings, label = item["ctx"], item["endings"], int(item["label"])  # the HF copy stores label as text
+        ctx, endings, label = item["ctx"], item["endings"], item["label"]
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{where} is not a HellaSwag item ({type(e).__name__}: {e}): delete the file (it is "
-                        f"downloaded again) or pass another --hellaswag")
+        raise DataError(f"{where} is not a HellaSwag item ({type(e).__name__}: {e})")
+    # an int or its text: never true (== 1 in Python) nor 2.9 (which int() would have made 2)
     if not (isinstance(ctx, str) and isinstance(endings, list) and len(endings) == 4
-            and all(isinstance(e, str) for e in endings) and 0 <= label < 4):
-        raise DataError(f"{where} is not a HellaSwag item (needs ctx, 4 endings and a label 0-3)")
-    return {"ctx": ctx, "endings": endings, "label": label}
+            and all(isinstance(e, str) for e in endings) and type(label) in (int, str) and label in LABELS):
+        raise DataError(f"{where} is not a HellaSwag item (needs ctx, 4 endings and a label 0-3; label is {label!r})")
+    return {"ctx": ctx, "endings": endings, "label": LABELS[label]}
 
 
 # -----------------------------------------------------------------------------

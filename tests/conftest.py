@@ -79,3 +79,16 @@ def randomized_tiny_gpt(wide_mlp=False, **overrides):
             else:
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def run_with_fault(fault, script, *args, env=None, timeout=600):
+    """Run one of the repo's scripts as run_script does, after the Python code `fault` ran in the same process: it
+    patches a library function to inject a fault at an exact moment (a kill, a full disk, no network) into the
+    real script. env: variables set (a value of None removes one) on top of this process's environment."""
+    import os
+    import subprocess
+    code = f"{fault}\nimport runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    environ = {**os.environ, **(env or {})}
+    environ = {k: v for k, v in environ.items() if v is not None}
+    return subprocess.run([sys.executable, "-c", code, str(REPO / script), *map(str, args)], cwd=REPO, env=environ,
+                          capture_output=True, text=True, timeout=timeout)

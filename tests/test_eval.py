@@ -1,20 +1,24 @@
 """evaluation.py and eval.py: bits per byte, HellaSwag scoring against brute force, the download, the entry point."""
+import errno
 import functools
 import http.server
 import json
+import os
 import shutil
 import threading
 
 import pytest
 import torch
 from torch.nn import functional as F
-from conftest import REPO, run_script
+from conftest import REPO, run_script, run_with_fault
 
+import eval as eval_script
 from model import GPT, GPTConfig
+from smallgpt import evaluation
 from smallgpt.errors import DataError
 from smallgpt.tokens import get_tokenizer
-from smallgpt.evaluation import (hellaswag_file, hellaswag_predictions, load_hellaswag, loss_sums, render,
-                        score_hellaswag, score_rendered, token_bytes)
+from smallgpt.evaluation import (hellaswag_file, hellaswag_predictions, load_hellaswag, loss_sums, read_hellaswag, render,
+                                 score_hellaswag, score_rendered, token_bytes)
 
 FIXTURE = REPO / "tests" / "fixtures" / "hellaswag_tiny.jsonl"  # hand-written items in HellaSwag's format
 FAST = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
@@ -151,7 +155,7 @@ class CountingHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_download_once_into_the_cache(tmp_path):
+def test_download_once_into_the_cache(tmp_path, monkeypatch):
     served = tmp_path / "served"
     served.mkdir()
     shutil.copyfile(FIXTURE, served / "hellaswag_val.jsonl")
@@ -164,9 +168,14 @@ def test_download_once_into_the_cache(tmp_path):
         assert open(path).read() == FIXTURE.read_text() and CountingHandler.requests == 1
         assert hellaswag_file("", str(cache), f"{base}/hellaswag_val.jsonl") == path and CountingHandler.requests == 1
         assert len(load_hellaswag(path)) == 6
-        with pytest.raises(DataError, match="cannot download HellaSwag from .*404.*--hellaswag=PATH"):
-            hellaswag_file("", str(tmp_path / "cache2"), f"{base}/missing.jsonl")
+        with pytest.raises(DataError, match="cannot download HellaSwag from .*404.*: pass --it=PATH$"):
+            read_hellaswag("", str(tmp_path / "cache2"), remedy="pass --it=PATH", url=f"{base}/missing.jsonl")
         assert not list((tmp_path / "cache2").iterdir())  # no partial file left to be taken for the data
+        def full_disk(path, *args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(evaluation, "open", full_disk, raising=False)  # the module's open: the download's file
+        with pytest.raises(DataError, match=r"no space left on the device writing .*cache3/hellaswag_val.jsonl"):
+            hellaswag_file("", str(tmp_path / "cache3"), f"{base}/hellaswag_val.jsonl")
     finally:
         server.shutdown()
 
@@ -174,14 +183,30 @@ def test_download_once_into_the_cache(tmp_path):
 @pytest.mark.parametrize("content,message", [
     ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1}\n{"ctx": "a", "endings"\n', "line 2 is not a HellaSwag item"),
     ('{"ctx": "a", "endings": ["b", "c"], "label": 1}\n', "line 1 is not a HellaSwag item"),
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 2.9}\n', "line 1 is not a HellaSwag item .*label is 2.9"),
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": true}\n', "line 1 is not a HellaSwag item .*label is True"),
+    ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": "4"}\n', "line 1 is not a HellaSwag item"),
     ('<html>rate limited</html>\n', "line 1 is not a HellaSwag item"),
     ("", "holds no HellaSwag items"),
 ])
 def test_damaged_hellaswag_file_is_one_error(tmp_path, content, message):
     bad = tmp_path / "hellaswag_val.jsonl"
     bad.write_text(content)
-    with pytest.raises(DataError, match=message):
-        load_hellaswag(str(bad))
+    with pytest.raises(DataError, match=message) as e:
+        read_hellaswag(str(bad), remedy="REMEDY")
+    assert "delete" not in str(e.value) and "REMEDY" not in str(e.value)  # the user's own file: only named
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    bad.rename(cache / "hellaswag_val.jsonl")  # the same file as the cached download: deleting it is the fix
+    with pytest.raises(DataError, match=f"{message}.*cached download: delete it to download it again, or REMEDY"):
+        read_hellaswag("", str(cache), remedy="REMEDY")
+
+
+def test_labels_are_integers_0_to_3_or_their_text(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"ctx": "a", "endings": ["b", "c", "d", "e"], "label": label}) + "\n"
+                            for label in (0, 3, "1", "2")))
+    assert [it["label"] for it in load_hellaswag(str(good))] == [0, 3, 1, 2]
 
 
 # --- eval.py through its entry point
@@ -266,6 +291,68 @@ def test_eval_user_mistakes_are_one_line(tmp_path):
                    "nothing to evaluate")
     one_line_error(run_script("eval.py", f"--model={tmp_path / 'no-run'}", f"--hellaswag={FIXTURE}", check=False),
                    "no-run: no such path")
+    bad.write_text('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 2.9}\n')  # int() would have made it 2
+    result = run_script("eval.py", f"--model={tmp_path}", f"--hellaswag={bad}", check=False)
+    one_line_error(result, "line 1 is not a HellaSwag item")
+    assert "delete" not in result.stderr  # the user's file: never "delete the file (it is downloaded again)"
+    (tmp_path / "best.pt").write_bytes(os.urandom(5000))  # random bytes: never advise unpickling them
+    result = run_script("eval.py", f"--model={tmp_path}", f"--hellaswag={FIXTURE}", check=False)
+    one_line_error(result, "best.pt: not a PyTorch checkpoint, or truncated or corrupt")
+    assert "weights_only" not in result.stderr
+
+
+NO_NETWORK = """
+import urllib.error, urllib.request
+def offline(*args, **kwargs):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+urllib.request.urlopen = offline
+"""
+
+
+@pytest.mark.slow
+def test_eval_offline_computes_the_val_loss_then_reports_hellaswag(tiny_run, short_val_dir, tmp_path):
+    """The first documented command on a machine without network: the val table (here capped at 5 windows by
+    --val_windows) and its metrics record come first, then one line on what was not scored and how to fix it."""
+    result = run_with_fault(NO_NETWORK, "eval.py", f"--model={tiny_run}", f"--data_dir={short_val_dir}",
+                            f"--cache_dir={tmp_path}", "--val_windows=5", "--device=cpu")
+    last = result.stderr.splitlines()[-1]  # after the val pass's progress bar
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith("eval.py: error: HellaSwag was not scored: cannot download HellaSwag from")
+    assert "--hellaswag=PATH" in last and "--hellaswag_items=0" in last
+    assert "| val       | loss     |" in result.stdout and "(5 of " in result.stdout
+    val = [json.loads(line) for line in open(tiny_run / "metrics.jsonl")][-1]
+    assert val["type"] == "eval_downstream" and val["task"] == "val"
+    assert val["val_tokens"] == 5 * 32 and val["val_windows"] == 5 and val["val_windows_total"] == 250  # 7,999 / 32
+
+
+def test_val_windows_cover_every_target_once_or_an_even_sample():
+    batches, total = eval_script.val_batches(100, 32, 2)
+    assert total == 4 and batches == [([0, 32], 32), ([64], 32), ([96], 3)]  # targets 1..99, each once
+    batches, total = eval_script.val_batches(1000, 32, 4, cap=3)
+    starts = [s for b, _ in batches for s in b]
+    assert total == 32 and starts == [0, 480, 960] and all(n == 32 for _, n in batches)  # evenly spaced, full
+    assert eval_script.val_batches(100, 32, 2, cap=10) == eval_script.val_batches(100, 32, 2)  # a cap above: all
+
+
+def test_a_corrupt_checkpoint_never_advises_running_its_pickle(tmp_path):
+    import argparse
+    from smallgpt.checkpoint import load_checkpoint
+    (tmp_path / "random.pt").write_bytes(os.urandom(5000))
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "objects.pt")
+    with pytest.raises(DataError, match="random.pt: not a PyTorch checkpoint, or truncated or corrupt$"):
+        load_checkpoint(tmp_path / "random.pt")
+    with pytest.raises(DataError, match=r"objects.pt: it holds a Python object \(argparse.Namespace\)") as e:
+        load_checkpoint(tmp_path / "objects.pt")
+    assert "weights_only" not in str(e.value)
+
+
+def test_a_full_disk_appending_the_results_names_the_file(tmp_path, monkeypatch):
+    def full_disk(path, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(eval_script, "open", full_disk, raising=False)
+    loaded = eval_script.Loaded(None, 16, 50304, "run", run_dir=str(tmp_path))
+    with pytest.raises(DataError, match=f"cannot append the results to {tmp_path}/metrics.jsonl: No space left"):
+        eval_script.log_results(loaded, {"val": {"val_loss": 1.0}})
 
 
 def test_train_evaluator_is_the_mean_over_its_windows(enc, token_dir):
