@@ -74,7 +74,7 @@ def resolve_inputs(specs, cache_dir=None, stream=False):
             found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)
                            and (not os.path.isdir(spec) or any(p.endswith(s) for s in KINDS)))
             if not found:
-                raise DataError(f"no {', '.join(KINDS)} files match {pattern}")
+                raise DataError(f"no files match {pattern} (prepare.py reads {', '.join(KINDS)})")
             inputs += [local_input(p, argument) for p in found]
         elif os.path.isfile(spec):
             inputs.append(local_input(spec, argument))
