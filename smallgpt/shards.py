@@ -11,6 +11,7 @@ Format 2, a directory that grows (docs/data.md has an example):
 Format 1, prepare.py before shards: train.bin, val.bin and meta.json, read as one shard per split.
 """
 import bisect
+import glob
 import json
 import os
 
@@ -45,8 +46,19 @@ def read_meta(data_dir):
         meta = _read_json(os.path.join(data_dir, "meta.json"), SINGLE_FILE_VERSION)
         meta["files"] = {split: [(f"{split}.bin", meta["splits"][split]["tokens"])] for split in SPLITS}
     else:
-        raise DataError(f"no token data in {data_dir!r} (no manifest.json or meta.json): run data/fineweb/prepare.py first")
+        raise DataError(f"no token data in {str(data_dir)!r} (no manifest.json or meta.json): "
+                        + prepared_elsewhere(os.path.dirname(os.path.abspath(data_dir))))
     return meta
+
+
+def prepared_elsewhere(root):
+    """The advice for a data_dir without data: the prepared directories near it (its siblings and their children,
+    e.g. data/sample beside data/fineweb), else how to make one."""
+    found = sorted({os.path.relpath(os.path.dirname(p)) for name in (MANIFEST, "meta.json")
+                    for p in glob.glob(os.path.join(root, "*", name)) + glob.glob(os.path.join(root, "*", "*", name))})
+    if found:
+        return f"prepared data is in {', '.join(found)}: pass --data_dir=..."
+    return "run data/fineweb/prepare.py first"
 
 
 def _read_json(path, version):

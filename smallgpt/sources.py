@@ -101,6 +101,8 @@ def hf_filesystem():
     global _hf_fs
     if _hf_fs is None:
         from huggingface_hub import HfFileSystem  # slow import, only when needed
+        from huggingface_hub.utils import logging
+        logging.set_verbosity_error()  # its "Retrying in 1s [Retry 1/5]" lines would bury the one line that matters
         _hf_fs = HfFileSystem()
     return _hf_fs
 
@@ -117,7 +119,8 @@ def hf_inputs(spec, argument):
         raise DataError(f"{spec}: no such file on the Hugging Face hub ({path})") from None
     except Exception as e:  # the hub's errors come in many classes (HTTP, connection, validation)
         raise DataError(f"cannot reach {spec} on the Hugging Face hub ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0]}); offline, pass a local copy of the file") from None
+                        f"{(str(e).splitlines() or [''])[0]}); offline, pass a local .parquet/.jsonl/.txt file "
+                        f"instead (docs/data.md)") from None
     if not paths:
         raise DataError(f"no files on the Hugging Face hub match {spec}")
     return [Input(f"hf://{p}" if full else f"hf:{p[len(HF_REPO) + 1:]}", kind_of(p), p, info["size"],

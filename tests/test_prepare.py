@@ -558,6 +558,18 @@ def test_hf_inputs_through_hf_filesystem(sample_parquet, tmp_path, fake_hub):
 
 
 @pytest.mark.slow
+def test_hub_unreachable_is_one_line(tmp_path):
+    """Offline with the default input: one line that names the way out, no retry chatter, nothing created."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_TELEMETRY": "1"}  # nothing listens there
+    r = subprocess.run([sys.executable, str(PREPARE), f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("prepare.py: error: cannot reach hf:sample/10BT/000_00000.parquet on the Hugging Face hub")
+    assert "offline, pass a local .parquet/.jsonl/.txt file instead (docs/data.md)" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_tokenizer_from_a_local_file(sample_parquet, tmp_path, monkeypatch):
     """Offline set-up: GPT2_TIKTOKEN_FILE names a copy of gpt2.tiktoken. With an empty tiktoken cache and no
     network, prepare.py writes the same tokens as with tiktoken's own GPT-2 encoding; without the variable, the

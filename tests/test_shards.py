@@ -81,6 +81,20 @@ def test_odd_byte_length_entry_points(tmp_path, token_dir):
     assert line.startswith(f"eval.py: error: {data / 'val_000000.bin'} has an odd number of bytes"), evaluated.stderr
 
 
+def test_missing_data_dir_names_the_prepared_ones(tmp_path, monkeypatch):
+    """train.py config/train_tiny.py with data prepared elsewhere: the error lists the prepared directories."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"^no token data in 'data/fineweb' \(no manifest.json or meta.json\): run "
+                                        r"data/fineweb/prepare.py first$"):
+        read_meta("data/fineweb")
+    src = write_parquet(tmp_path / "s.parquet", ["one document", "and another"])
+    assert run_main(src, "--out_dir=data/sample", "--num_proc=1") is None
+    assert run_main(src, "--out_dir=data/more/mine", "--num_proc=1") is None
+    with pytest.raises(DataError, match=r"^no token data in 'data/fineweb' \(no manifest.json or meta.json\): prepared "
+                                        r"data is in data/more/mine, data/sample: pass --data_dir=...$"):
+        read_meta("data/fineweb")
+
+
 # -----------------------------------------------------------------------------
 # adding data
 
