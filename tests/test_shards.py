@@ -125,6 +125,24 @@ def test_adding_data_equals_preparing_it_together(tmp_path):
         assert all(torch.equal(p, q) for p, q in zip(windows[0].batch(first, 8), windows[1].batch(first, 8)))
 
 
+def test_val_population_rows_are_numbered_across_its_files(tmp_path):
+    """A folder as the first argument: its files' rows are numbered in order, so its split equals that of one file
+    holding all of them (with several batches in flight across the files' boundary)."""
+    docs = [f"document {i} " * (1 + i % 11) for i in range(3000)]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_parquet(folder / "a.parquet", docs[:1400])
+    write_parquet(folder / "b.parquet", docs[1400:])
+    one = write_parquet(tmp_path / "one.parquet", docs)
+    for i, flags in enumerate((["--val_fraction=0.05"], ["--val_docs=120", "--seed=2"])):
+        outs = [tmp_path / f"from_folder{i}", tmp_path / f"from_one{i}"]
+        for src, out in zip((folder, one), outs):
+            assert run_main(src, f"--out_dir={out}", "--num_proc=2", "--shard_tokens=5000", *flags) is None
+        for split in ("train", "val"):
+            assert stream_bytes(outs[0], split) == stream_bytes(outs[1], split), (flags, split)
+        assert read_meta(outs[0])["split"]["population_inputs"] == 2 and read_meta(outs[0])["splits"]["val"]["documents"] > 50
+
+
 def test_rerun_skips_what_is_done_and_refuses_another_split(tmp_path, capsys):
     a = write_parquet(tmp_path / "a.parquet", [f"doc {i}" for i in range(300)])
     out = tmp_path / "out"

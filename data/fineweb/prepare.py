@@ -200,11 +200,18 @@ def document_batches(manifest, inputs, opts):
     split, by_source = manifest["split"], {inp.source: inp for inp in inputs}
     val_rows = (val_rows_for_count(split["val_docs"], split["population_rows"], split["seed"])
                 if split["val_docs"] is not None else None)
+    ends = {}  # input -> its number of rows, once read to the end (the writer learns it later: batches are in flight)
     for index, entry in enumerate(manifest["inputs"]):
+        if entry["complete"]:
+            ends[index] = entry["rows"]
         if entry["complete"] or entry["source"] not in by_source:
             continue
-        # rows before this input in the population: the inputs before it are complete (they are read in order)
-        offset = sum(e["rows"] for e in manifest["inputs"][:index])
+        # the population's rows are numbered across its inputs in order: the inputs before this one must be read
+        unfinished = [e["source"] for i, e in enumerate(manifest["inputs"][:index]) if i not in ends]
+        if index < split["population_inputs"] and unfinished:
+            raise DataError(f"{unfinished[0]} is not finished, and the val rows of {entry['source']} are numbered "
+                            f"after all of its rows: name both inputs, in that order, to continue")
+        offset = sum(ends.get(i, 0) for i in range(index))
         options, row = entry["options"], entry["rows"]
         for row, text, scores in read_batches(by_source[entry["source"]], options["text_column"], options["txt_document"],
                                               options["min_language_score"] is not None, start_row=entry["rows"]):
@@ -221,6 +228,7 @@ def document_batches(manifest, inputs, opts):
                                              "below_language_score": row + np.flatnonzero(low)})
             yield text.filter(pa.array(keep)).to_pylist(), info
             row += len(text)
+        ends[index] = row
         yield [], dict(input=index, end=True, rows=np.empty(0, np.int64), end_row=row)
 
 
