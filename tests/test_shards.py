@@ -179,6 +179,13 @@ def test_a_cap_stops_and_a_later_run_continues(tmp_path):
 # -----------------------------------------------------------------------------
 # kills
 
+def listed_shards(out_dir):
+    try:
+        return len(json.loads((out_dir / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError):  # not there yet (it is replaced atomically, never seen half-written)
+        return 0
+
+
 def check_listed_shards_are_whole(out_dir):
     """The manifest lists only complete shards: each one exists with exactly its token count."""
     if not (out_dir / "manifest.json").exists():
@@ -194,18 +201,27 @@ def test_sigkill_at_random_moments_then_rerun_is_byte_identical(sample_parquet, 
     assert run_main(*args, f"--out_dir={tmp_path / 'whole'}") is None
     whole = {name: (tmp_path / "whole" / name).read_bytes() for name in out_files(tmp_path / "whole")}
     assert len(whole) > 10  # several shards of each split
-    out, rng, progress = tmp_path / "killed", random.Random(5), []
+    out, rng, progress = tmp_path / "killed", random.Random(5), [0]
     for kill in range(6):
         proc = subprocess.Popen([sys.executable, str(PREPARE), *args, f"--out_dir={out}"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(0.2, 3.0))  # imports take ~1 s: some kills land before any shard, most after
-        os.killpg(proc.pid, signal.SIGKILL)  # the main process and its workers
+        if kill % 3 == 0:  # during start-up, registration or the first batches
+            time.sleep(rng.uniform(0.05, 1.5))
+        else:  # soon after a shard more than the last kill left: mid-shard, mid-rename or mid-manifest
+            deadline = time.time() + 120
+            while listed_shards(out) <= progress[-1] and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.4))
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the main process and its workers
+        except ProcessLookupError:  # it had finished
+            pass
         proc.wait()
         check_listed_shards_are_whole(out)
-        progress.append(len(json.loads((out / "manifest.json").read_text())["shards"]) if (out / "manifest.json").exists() else 0)
+        progress.append(listed_shards(out))
     assert run_main(*args, f"--out_dir={out}") is None
     assert {name: (out / name).read_bytes() for name in out_files(out)} == whole  # no stray file, same bytes
-    assert max(progress) > 0, progress  # some kills came after complete shards
+    assert progress[-1] > progress[1], progress  # the kills came at different points of the run
 
 
 # -----------------------------------------------------------------------------
