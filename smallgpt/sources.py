@@ -41,7 +41,7 @@ class Input:
     kind: str  # 'parquet' | 'jsonl' | 'txt'
     location: str  # where it is read: a local path, a URL (read with range requests) or an HfFileSystem path
     bytes: int
-    version: str  # local: modification time (ns); remote: ETag or content hash. Another value: the file changed
+    version: str  # local: modification time (ns); hub: content hash; URL: '' (its size only). Changed: another file
     argument: int  # which command-line argument named it
 
 
@@ -66,9 +66,9 @@ def resolve_inputs(specs, cache_dir=None, stream=False):
             kind = kind_of(spec.split("?")[0])
             if stream and kind == "parquet":
                 remote = RemoteFile(spec)
-                inputs.append(Input(spec, kind, remote.url, remote.size, remote.etag, argument))
-            else:
-                inputs.append(local_input(download_url(spec, cache_dir), argument, source=spec))
+                inputs.append(Input(spec, kind, remote.url, remote.size, "", argument))
+            else:  # a URL is known by its size only: read in place or from the cache, it is the same input
+                inputs.append(local_input(download_url(spec, cache_dir), argument, source=spec, version=""))
         elif os.path.isdir(spec) or glob.has_magic(spec):
             pattern = os.path.join(spec, "**", "*") if os.path.isdir(spec) else spec
             found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)
@@ -83,7 +83,7 @@ def resolve_inputs(specs, cache_dir=None, stream=False):
     return inputs
 
 
-def local_input(path, argument, source=None):
+def local_input(path, argument, source=None, version=None):
     kind = kind_of(path)
     try:
         with open(path, "rb"):  # readable? (a permission problem shows here, before any work)
@@ -91,7 +91,8 @@ def local_input(path, argument, source=None):
     except OSError as e:
         raise DataError(f"{path}: {e.strerror}") from None
     stat = os.stat(path)
-    return Input(source or os.path.abspath(path), kind, path, stat.st_size, str(stat.st_mtime_ns), argument)
+    return Input(source or os.path.abspath(path), kind, path, stat.st_size,
+                 str(stat.st_mtime_ns) if version is None else version, argument)
 
 
 _hf_fs = None
@@ -166,7 +167,6 @@ class RemoteFile(io.RawIOBase):
             with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60) as r:
                 self.url, self.size = r.geturl(), int(r.headers.get("Content-Length") or -1)
                 ranges = r.headers.get("Accept-Ranges", "")
-                self.etag = r.headers.get("ETag") or r.headers.get("Last-Modified") or ""
         except OSError as e:
             raise DataError(f"cannot open {url}: {e}") from None
         if self.size < 0 or ranges != "bytes":
