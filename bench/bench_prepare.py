@@ -110,27 +110,28 @@ def measure(cmd):
     return dict(out=out, wall=wall, rss=usage.ru_maxrss / 1024, pss=peak_pss[0] / 1024, cpu=cpu, other=other)
 
 
-def measure_quiet(cmd, args):
-    """measure(cmd) when the machine is quiet; a run disturbed by other processes (mean use above
-    --max_other CPUs) is retried, up to --tries times; the least disturbed run is kept."""
+def measure_quiet(make_cmd, args):
+    """measure(make_cmd()) when the machine is quiet; a run disturbed by other processes (mean use above
+    --max_other CPUs) is retried, up to --tries times, each with a new command (prepare.py into a new directory:
+    into the same one, it would find its input done); the least disturbed run is kept."""
     runs = []
     for _ in range(args.tries):
         wait_for_quiet(args.max_other / 2, args.quiet_timeout)
-        runs.append(measure(cmd))
+        runs.append(measure(make_cmd()))
         if runs[-1]["other"] <= args.max_other:
             break
     return min(runs, key=lambda r: r["other"])
 
 
 def run_baseline(parquet, tmp, args):
-    r = measure_quiet([sys.executable, "-c", BASELINE, parquet, os.path.join(tmp, "baseline.bin")], args)
+    r = measure_quiet(lambda: [sys.executable, "-c", BASELINE, parquet, os.path.join(tmp, "baseline.bin")], args)
     loop = json.loads(r["out"])
     return dict(r, tokens=loop["tokens"], loop_tok_s=loop["tokens"] / loop["seconds"])
 
 
 def run_prepare(parquet, tmp, num_proc, args, script=PREPARE):
-    out_dir = tempfile.mkdtemp(dir=tmp)  # a new directory each time: nothing to skip
-    r = measure_quiet([sys.executable, script, parquet, f"--out_dir={out_dir}", f"--num_proc={num_proc}"], args)
+    r = measure_quiet(lambda: [sys.executable, script, parquet, f"--out_dir={tempfile.mkdtemp(dir=tmp)}",
+                               f"--num_proc={num_proc}"], args)
     m = re.search(r"([\d,]+) tokens in ([\d.]+) s", r["out"])  # prepare.py's summary line
     tokens = int(m.group(1).replace(",", ""))
     return dict(r, tokens=tokens, loop_tok_s=tokens / float(m.group(2)))

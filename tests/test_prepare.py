@@ -102,7 +102,7 @@ def test_entry_point_round_trip(sample_parquet, tmp_path):
     assert decode_split(out, "train") == train
     assert decode_split(out, "val") == val
     meta = read_meta(out)
-    assert meta["dtype"] == "uint16" and meta["tokenizer"] == "gpt2"
+    assert meta["dtype"] == "uint16" and meta["tokenizer"]["name"] == "gpt2"
     assert meta["vocab_size"] == 50257 and meta["eot_token"] == EOT
     for split, docs in (("train", train), ("val", val)):
         s = meta["splits"][split]
@@ -598,7 +598,7 @@ def test_tokenizer_from_a_local_file(sample_parquet, tmp_path, monkeypatch):
                               capture_output=True, text=True, env={**offline, **env}, timeout=120)
     r = prepare_offline("local", GPT2_TIKTOKEN_FILE=str(SHARED_DATA / "gpt2.tiktoken"))
     assert r.returncode == 0, r.stderr
-    for name in ("train.bin", "val.bin"):
+    for name in ("train_000000.bin", "val_000000.bin"):
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     assert not any((tmp_path / "empty_cache").glob("*"))  # tiktoken's cache was not used
     r = prepare_offline("x")
