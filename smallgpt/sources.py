@@ -219,8 +219,9 @@ def open_parquet(inp, text_column, need_score):
     """The parquet file, its footer read and checked, so that bad input fails before any work."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    try:
-        pf = pq.ParquetFile(open_binary(inp))
+    local = not inp.source.startswith("hf:") and not inp.location.startswith(("http://", "https://"))
+    try:  # a local path, not a Python file object: pyarrow then reads natively, without the GIL (~10% faster)
+        pf = pq.ParquetFile(inp.location if local else open_binary(inp))
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{inp.source}: not a readable parquet file ({e})") from None
     names = pf.schema_arrow.names
