@@ -161,6 +161,17 @@ def test_a_data_dir_is_described_by_its_sources(tmp_path):
     assert "NOT FineWeb" not in note
 
 
+def test_a_directory_of_shards_is_described_and_recognised(tmp_path):
+    from test_prepare import run_main, write_parquet
+    parquet = write_parquet(tmp_path / "english-sample.parquet", [f"document {i}" for i in range(gpu_ablation.SAMPLE_VAL_DOCS + 50)])
+    out = tmp_path / "prepared"
+    assert run_main(parquet, f"--out_dir={out}", f"--val_docs={gpu_ablation.SAMPLE_VAL_DOCS}", "--num_proc=1") is None
+    assert gpu_ablation.prepared_from(str(out), str(parquet))
+    assert not gpu_ablation.prepared_from(str(out), str(tmp_path / "other.parquet"))
+    _, note = gpu_ablation.find_data(gpu_ablation.AblationConfig(data_dir=str(out), sample=str(parquet)))
+    assert "(sources: english-sample.parquet)" in note
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_no_gpu_is_a_config_error_unless_dry_run():
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
