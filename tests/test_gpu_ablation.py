@@ -53,7 +53,7 @@ def check_report(report, markdown, stdout):
 def test_dry_run_on_cpu_trains_every_variant_on_equal_tokens(tmp_path, sample_parquet):
     result, report, markdown = run_dry(tmp_path, sample_parquet)
     assert report["environment"]["device"] == "cpu" and report["environment"]["dry_run"]
-    assert (tmp_path / "sample" / "meta.json").is_file()  # the fallback, prepared on the fly
+    assert (tmp_path / "sample" / "manifest.json").is_file()  # the fallback, prepared on the fly
     assert "NOT FineWeb" in markdown and "Dry run" in markdown and "capped at 8" in markdown
     check_report(report, markdown, result.stdout)
 
