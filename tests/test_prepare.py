@@ -280,8 +280,11 @@ def test_interrupted_run_keeps_complete_shards(tmp_path, monkeypatch):
 def test_ctrl_c_entry_point(sample_parquet, tmp_path):
     """A real Ctrl-C (SIGINT to the process group) while tokenizing: exit 130, workers gone, no files left."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(PREPARE), str(sample_parquet), f"--out_dir={out}", "--num_proc=2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    copy = shutil.copyfile(sample_parquet, tmp_path / "copy.parquet")  # a second input: the run lasts long enough that
+    # the signal lands mid-run even when this (busy) test process is scheduled late
+    proc = subprocess.Popen([sys.executable, str(PREPARE), str(sample_parquet), str(copy), f"--out_dir={out}",
+                             "--num_proc=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.time() + 60
     while not any(name.startswith(".train") for name in out_files(out)):  # tokenizing has begun
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
