@@ -108,7 +108,7 @@ def test_entry_point_round_trip(sample_parquet, tmp_path):
         s = meta["splits"][split]
         assert s["documents"] == len(docs)
         assert s["bytes"] == sum(len(d.encode()) for d in docs)
-        assert s["tokens"] == os.path.getsize(out / f"{split}.bin") // 2
+        assert s["tokens"] == os.path.getsize(out / f"{split}_000000.bin") // 2
     [source] = meta["inputs"]
     assert (source["source"], source["size"], source["rows"]) == (str(sample_parquet), os.path.getsize(sample_parquet), 3000)
     assert meta["skipped"] == {"null_or_empty": 0, "below_language_score": 0}
