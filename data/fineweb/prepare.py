@@ -313,6 +313,8 @@ def encode_in_order(batches, pool, depth):
 # a resumed run cuts its shards where an uninterrupted one does.
 
 class ShardWriter:
+    """The run's open shards (one temporary file per split) and the manifest they join when complete."""
+
     def __init__(self, out_dir, manifest, opts):
         self.out_dir, self.manifest, self.opts = out_dir, manifest, opts
         self.files, self.open = {}, {s: dict(documents=0, tokens=0, bytes=0, parts={}) for s in SPLITS}
