@@ -282,16 +282,18 @@ def test_ctrl_c_entry_point(sample_parquet, tmp_path):
     out = tmp_path / "out"
     copy = shutil.copyfile(sample_parquet, tmp_path / "copy.parquet")  # a second input: the run lasts long enough that
     # the signal lands mid-run even when this (busy) test process is scheduled late
+    # SIGINT as in a terminal: a test run started in the background by a shell (`pytest &`) ignores SIGINT, and
+    # its children would inherit that
     proc = subprocess.Popen([sys.executable, str(PREPARE), str(sample_parquet), str(copy), f"--out_dir={out}",
                              "--num_proc=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not any(name.startswith(".train") for name in out_files(out)):  # tokenizing has begun
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "prepare.py: interrupted; the complete shards are kept: run the same command again to continue"
     assert out_files(out) == []  # no shard was complete (100M tokens each): nothing is kept, not even the directory
 
