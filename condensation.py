@@ -17,7 +17,8 @@ from smallgpt.checkpoint import check_which, find_checkpoint, load_checkpoint, m
 from smallgpt.config import parse_args
 from smallgpt.device import autocast, select_device, select_dtype
 from smallgpt.errors import ConfigError, DataError, run_main
-from smallgpt.tokens import fixed_windows, open_split, stack_windows
+from smallgpt.shards import open_split
+from smallgpt.tokens import fixed_windows, stack_windows
 from smallgpt.condensation import BINS, kendall, layer_statistics, spearman
 
 @dataclass

@@ -28,7 +28,8 @@ from smallgpt.config import parse_args
 from smallgpt.device import autocast, select_device
 from smallgpt.errors import ConfigError, DataError, run_main
 from smallgpt.evaluation import HELLASWAG_ITEMS, bits_per_byte, loss_sums, read_hellaswag, score_hellaswag, token_bytes
-from smallgpt.tokens import get_tokenizer, open_split, stack_windows
+from smallgpt.shards import open_split
+from smallgpt.tokens import get_tokenizer, stack_windows
 
 
 @dataclass

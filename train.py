@@ -36,7 +36,8 @@ from smallgpt.evaluation import bits_per_byte, loss_sums, read_hellaswag, score_
 from smallgpt.metrics import MetricsLog
 from smallgpt.monitor import Clock, Health, compile_failure, count, duration, gpu_report, probe_compiled
 from smallgpt.optim import configure_optimizer
-from smallgpt.tokens import TrainWindows, fixed_windows, get_tokenizer, open_split, stack_windows
+from smallgpt.shards import open_split
+from smallgpt.tokens import TrainWindows, fixed_windows, get_tokenizer, stack_windows
 
 # -----------------------------------------------------------------------------
 # Learning-rate schedule

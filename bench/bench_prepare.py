@@ -12,6 +12,7 @@ each run waits for a quiet machine and is retried if other processes took more t
   python -m bench.bench_prepare                       # 1x and 10x of ../shared/data/english-sample.parquet
                                                 # (waits for quiet moments on a shared machine)
   python -m bench.bench_prepare --repeat=5 --scale=10 --parquet=path/to/shard.parquet
+  python -m bench.bench_prepare --other=../main/data/fineweb/prepare.py   # also another version, interleaved
 """
 import argparse
 import json
@@ -109,27 +110,28 @@ def measure(cmd):
     return dict(out=out, wall=wall, rss=usage.ru_maxrss / 1024, pss=peak_pss[0] / 1024, cpu=cpu, other=other)
 
 
-def measure_quiet(cmd, args):
-    """measure(cmd) when the machine is quiet; a run disturbed by other processes (mean use above
-    --max_other CPUs) is retried, up to --tries times; the least disturbed run is kept."""
+def measure_quiet(make_cmd, args):
+    """measure(make_cmd()) when the machine is quiet; a run disturbed by other processes (mean use above
+    --max_other CPUs) is retried, up to --tries times, each with a new command (prepare.py into a new directory:
+    into the same one, it would find its input done); the least disturbed run is kept."""
     runs = []
     for _ in range(args.tries):
         wait_for_quiet(args.max_other / 2, args.quiet_timeout)
-        runs.append(measure(cmd))
+        runs.append(measure(make_cmd()))
         if runs[-1]["other"] <= args.max_other:
             break
     return min(runs, key=lambda r: r["other"])
 
 
 def run_baseline(parquet, tmp, args):
-    r = measure_quiet([sys.executable, "-c", BASELINE, parquet, os.path.join(tmp, "baseline.bin")], args)
+    r = measure_quiet(lambda: [sys.executable, "-c", BASELINE, parquet, os.path.join(tmp, "baseline.bin")], args)
     loop = json.loads(r["out"])
     return dict(r, tokens=loop["tokens"], loop_tok_s=loop["tokens"] / loop["seconds"])
 
 
-def run_prepare(parquet, tmp, num_proc, args):
-    out_dir = os.path.join(tmp, f"prepare{num_proc}")
-    r = measure_quiet([sys.executable, PREPARE, parquet, f"--out_dir={out_dir}", f"--num_proc={num_proc}"], args)
+def run_prepare(parquet, tmp, num_proc, args, script=PREPARE):
+    r = measure_quiet(lambda: [sys.executable, script, parquet, f"--out_dir={tempfile.mkdtemp(dir=tmp)}",
+                               f"--num_proc={num_proc}"], args)
     m = re.search(r"([\d,]+) tokens in ([\d.]+) s", r["out"])  # prepare.py's summary line
     tokens = int(m.group(1).replace(",", ""))
     return dict(r, tokens=tokens, loop_tok_s=tokens / float(m.group(2)))
@@ -167,6 +169,7 @@ def main():
     p.add_argument("--max_other", type=float, default=0.2, help="retry a run if other processes used more CPUs")
     p.add_argument("--tries", type=int, default=5, help="attempts per run at a quiet measurement")
     p.add_argument("--quiet_timeout", type=float, default=600, help="seconds to wait for a quiet machine, per attempt")
+    p.add_argument("--other", default=None, help="another prepare.py (e.g. an older checkout's), run interleaved too")
     args = p.parse_args()
     seed_tiktoken_cache(SHARED_DATA)
     print(f"machine: {len(os.sched_getaffinity(0))} CPUs, {os.uname().machine}, python {sys.version.split()[0]}")
@@ -176,11 +179,13 @@ def main():
         inputs = [("1x", args.parquet, args.repeat),
                   (f"{args.scale}x", make_scaled(args.parquet, args.scale, os.path.join(tmp, "big.parquet")), 1)]
         for label, parquet, repeat in inputs:
-            runs = {"baseline (1 process)": [], "prepare --num_proc=1": [], f"prepare --num_proc={args.num_proc}": []}
-            for _ in range(repeat):  # interleaved, so that drift in machine speed hits all three alike
+            programs = [("prepare", PREPARE)] + ([("other", args.other)] if args.other else [])
+            runs = {"baseline (1 process)": []}
+            for _ in range(repeat):  # interleaved, so that drift in machine speed hits all programs alike
                 runs["baseline (1 process)"].append(run_baseline(parquet, tmp, args))
-                runs["prepare --num_proc=1"].append(run_prepare(parquet, tmp, 1, args))
-                runs[f"prepare --num_proc={args.num_proc}"].append(run_prepare(parquet, tmp, args.num_proc, args))
+                for name, script in programs:
+                    for n in (1, args.num_proc):
+                        runs.setdefault(f"{name} --num_proc={n}", []).append(run_prepare(parquet, tmp, n, args, script))
             med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "out"} for name, rs in runs.items()}
             base = med["baseline (1 process)"]
             for name, m in med.items():

@@ -52,7 +52,8 @@ from smallgpt.device import peak_flops, select_device, select_dtype, to_device
 from smallgpt.errors import ConfigError, DataError, run_main
 from smallgpt.monitor import compile_failure, probe_compiled
 from smallgpt.optim import configure_optimizer
-from smallgpt.tokens import TrainWindows, open_split, read_meta, seed_tiktoken_cache
+from smallgpt.shards import open_split, read_meta
+from smallgpt.tokens import TrainWindows, seed_tiktoken_cache
 from train import Evaluator, Runtime, get_lr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +76,7 @@ DRY_RUN_KEYS = dict(batch_size=2, accum=2, eval_iters=2, max_steps=8)
 
 @dataclass
 class AblationConfig:
-    data_dir: str = ""  # a prepared FineWeb directory (train.bin, val.bin, meta.json); '' = the shared English sample
+    data_dir: str = ""  # a prepared FineWeb directory (of data/fineweb/prepare.py); '' = the shared English sample
     sample: str = "../shared/data/english-sample.parquet"  # the fallback's parquet (not FineWeb), prepared on the fly
     sample_dir: str = "data/english-sample"  # where the fallback's token files go (prepared once, then reused)
     variants: str = ",".join(VARIANTS)  # comma-separated, from: baseline (needed), dispersion, multipliers, modern
@@ -122,8 +123,8 @@ def find_data(cfg):
         seed_tiktoken_cache(shared)  # offline machines: GPT-2's BPE files beside the sample, as the tests use them
     if cfg.data_dir:
         meta = read_meta(cfg.data_dir)  # a missing or foreign directory fails here, in one line
-        sources = ", ".join(os.path.basename(s["path"]) for s in meta.get("sources", [])[:3])
-        more = len(meta.get("sources", [])) - 3
+        names = input_names(meta)
+        sources, more = ", ".join(names[:3]), len(names) - 3
         return cfg.data_dir, (f"token files in `{cfg.data_dir}` from prepare.py (sources: {sources}"
                               f"{f' and {more} more' if more > 0 else ''})")
     if not os.path.isfile(cfg.sample):
@@ -140,14 +141,22 @@ def find_data(cfg):
     return cfg.sample_dir, note
 
 
+def input_names(meta):
+    """The file names a data directory was prepared from: its manifest's inputs (or an older meta.json's sources)."""
+    return [os.path.basename(s.get("source") or s.get("path")) for s in meta.get("inputs") or meta.get("sources", [])]
+
+
 def prepared_from(data_dir, parquet):
     """Whether data_dir holds complete token files of this parquet with the fallback's split."""
     try:
         meta = read_meta(data_dir)
     except DataError:
         return False
-    return (meta["options"].get("val_docs") == SAMPLE_VAL_DOCS and meta["options"].get("max_docs") is None
-            and [os.path.basename(s["path"]) for s in meta["sources"]] == [os.path.basename(parquet)])
+    if "inputs" in meta:  # a directory of shards: its split rule, every input read to the end
+        split_ok = meta["split"]["val_docs"] == SAMPLE_VAL_DOCS and all(e["complete"] for e in meta["inputs"])
+    else:  # the single-file format of an older prepare.py, still read
+        split_ok = meta["options"].get("val_docs") == SAMPLE_VAL_DOCS and meta["options"].get("max_docs") is None
+    return split_ok and input_names(meta) == [os.path.basename(parquet)]
 
 
 # -----------------------------------------------------------------------------

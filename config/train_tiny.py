@@ -1,7 +1,9 @@
 # A tiny GPT that trains on a laptop CPU in a minute or two: the CPU quick start and the tests use it.
 # Cost: ~0.4 s per step on 2 CPU cores, ~1.5 minutes in all; measured on 5,000 documents of the English sample:
 # val loss 10.56 at step 0, 5.23 at 50, 4.59 at 200.
-# Data: python data/fineweb/prepare.py <file.parquet> --out_dir=data/sample, then --data_dir=data/sample (README).
+# Data: where the README's quick start prepares it (python data/fineweb/prepare.py --max_docs=5000 --val_docs=200
+# --out_dir=data/sample).
+data_dir = "data/sample"
 out_dir = "out/tiny"
 n_layer = 4
 n_head = 4

@@ -8,22 +8,19 @@ they are run as code (exec), so run only config files you trust:
 Files are applied in order, then --key=value overrides. An unknown key or a value of the wrong type stops
 the run at start-up with one line naming the key. `python train.py --help` lists every key.
 """
-import ast
-import difflib
-import inspect
 import math
-import re
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 from model import GPTConfig
 from .errors import ConfigError
+from .flags import describe, parse_args  # noqa: F401 (the one flag dialect, used by every script)
 
 
 @dataclass
 class TrainConfig(GPTConfig):
     # --- input / output
     out_dir: str = "out"  # checkpoints (last.pt, best.pt), metrics.jsonl and config.json go here
-    data_dir: str = "data/fineweb"  # train.bin / val.bin / meta.json written by data/fineweb/prepare.py
+    data_dir: str = "data/fineweb"  # token data written by data/fineweb/prepare.py (manifest.json and its shards)
     dataset: str = ""  # nanoGPT compatibility: when set, data_dir becomes data/<dataset>
     init_from: str = "scratch"  # 'scratch' | 'resume' (from out_dir/last.pt) | a checkpoint path | 'gpt2'...'gpt2-xl'
     # --- evaluation, logging, checkpoints
@@ -96,76 +93,6 @@ FRACTIONS = {"dropout": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "m
              "muon_momentum_start": (0.0, 1.0)}  # each in [low, high)
 
 
-def _convert(key, value, kind, from_cli):
-    """value (a Python value from a config file, or a string from the command line) as type kind."""
-    if from_cli and kind is not str:
-        text = value
-        if kind is bool and text.lower() in ("true", "false"):
-            return text.lower() == "true"
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise ConfigError(f"{key} expects {kind.__name__}, got {text!r}")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if type(value) is not kind:
-        raise ConfigError(f"{key} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def _set(values, known, key, value, where, from_cli=False):
-    if key not in known:
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown key {key!r} in {where}{hint}")
-    values[key] = _convert(key, value, known[key], from_cli)
-
-
-def read_config_file(path):
-    """The assignments of a Python config file, as a dict (imports and helper functions are ignored)."""
-    try:
-        with open(path) as f:
-            source = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}")
-    except UnicodeDecodeError:
-        raise ConfigError(f"cannot read config file {path}: not UTF-8 text")
-    namespace = {}
-    try:
-        exec(compile(source, path, "exec"), namespace)
-    except Exception as e:  # a user's file: report, don't crash
-        raise ConfigError(f"{path} failed to run: {type(e).__name__}: {e}")
-    except SystemExit as e:  # sys.exit() in a config file would end the run silently, maybe with status 0
-        raise ConfigError(f"{path} called sys.exit({e.code!r}) while being read")
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and not inspect.ismodule(v) and not callable(v)}
-
-
-def parse_args(cls, argv):
-    """Build a cls (a dataclass) from argv: config file paths, then --key=value overrides (--key alone = True)."""
-    known = {f.name: f.type for f in fields(cls)}
-    values = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(describe(cls))
-            raise SystemExit(0)
-        if not arg.startswith("--"):
-            for key, value in read_config_file(arg).items():
-                _set(values, known, key, value, arg)
-        else:
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                if known.get(key) is not bool:
-                    raise ConfigError(f"--{key} needs a value: --{key}=...")
-                value = "True"
-            _set(values, known, key, value, "the command line", from_cli=True)
-    try:
-        config = cls(**values)
-    except ValueError as e:  # checks in __post_init__
-        raise ConfigError(str(e))
-    return config
-
-
 def validate(config):
     """Checks of TrainConfig values beyond their types."""
     for key, allowed in CHOICES.items():
@@ -200,20 +127,6 @@ def validate(config):
 
 def load_train_config(argv):
     return validate(parse_args(TrainConfig, argv))
-
-
-def describe(cls):
-    """Every key with its default and the comment written beside it in the source."""
-    comments = {}
-    for klass in reversed(cls.__mro__):
-        if klass is object:
-            continue
-        for line in inspect.getsource(klass).splitlines():
-            m = re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line)
-            if m:
-                comments[m.group(1)] = m.group(2)
-    rows = [f"  {f'--{f.name}={f.default!r}':<40}  {comments.get(f.name, '')}" for f in fields(cls) if f.default is not MISSING]
-    return "keys (set in a config file or as --key=value):\n" + "\n".join(rows)
 
 
 def model_args(config):

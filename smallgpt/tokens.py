@@ -1,65 +1,14 @@
 """
-Tokens: the GPT-2 tokenizer, the token files that data/fineweb/prepare.py writes (train.bin / val.bin /
-meta.json), and the windows train.py, condensation.py and the benchmarks cut from them: training windows
-visited without replacement, and fixed, evenly spaced validation windows.
+Tokens: the GPT-2 tokenizer, and the windows train.py, condensation.py and the benchmarks cut from a split's
+token stream (shards.py reads the directory): training windows visited without replacement, and fixed, evenly
+spaced validation windows.
 numpy only at import: prepare.py uses this module and must not pay ~1.5 s and ~220 MB for importing torch.
 """
-import json
 import os
 
 import numpy as np
 
 from .errors import DataError
-
-# -----------------------------------------------------------------------------
-# Token files: a directory with train.bin, val.bin (raw little-endian uint16 tokens, documents
-# separated by the EOT token) and meta.json describing them. Bumping FORMAT_VERSION makes old
-# directories fail loudly instead of being misread.
-
-TOKEN_DTYPE = np.dtype("<u2")  # GPT-2's 50,257 ids fit in uint16
-FORMAT_NAME = "gpt-tokens"
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-
-
-def read_meta(data_dir):
-    """Read and check data_dir/meta.json; raise DataError with a clear message if unusable."""
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise DataError(f"no token data in {data_dir!r} (missing meta.json): run data/fineweb/prepare.py first")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path} is unreadable ({e}): re-run prepare.py")
-    if not isinstance(meta, dict):
-        raise DataError(f"{path} is not a prepare.py meta.json: re-run prepare.py")
-    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path}: expected format {FORMAT_NAME!r} version {FORMAT_VERSION}, "
-                        f"found {meta.get('format')!r} version {meta.get('version')!r}; re-run prepare.py")
-    try:  # the fields the training scripts read
-        meta["vocab_size"]
-        for split in SPLITS:
-            meta["splits"][split]["tokens"], meta["splits"][split]["bytes"]
-    except (KeyError, TypeError) as e:
-        raise DataError(f"{path} lacks the field {e}: re-run prepare.py")
-    return meta
-
-
-def open_split(data_dir, split):
-    """Memory-map one split's tokens (read-only, nothing loaded into RAM). Returns (tokens, meta)."""
-    meta = read_meta(data_dir)
-    path = os.path.join(data_dir, f"{split}.bin")
-    if not os.path.isfile(path):
-        raise DataError(f"missing {path}")
-    expected = meta["splits"][split]["tokens"]
-    if expected == 0:
-        raise DataError(f"the {split} split in {data_dir} is empty: re-run prepare.py with more documents or --val_docs")
-    actual = os.path.getsize(path) // TOKEN_DTYPE.itemsize
-    if actual != expected:
-        raise DataError(f"{path} holds {actual} tokens but meta.json says {expected}: re-run prepare.py")
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r"), meta
-
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -169,9 +118,11 @@ def check_token_ids(rows, tokens, starts, vocab_size):
         return
     bad = np.argwhere(rows >= vocab_size)  # (window, offset) pairs
     position = int((np.asarray(starts)[bad[:, 0]] + bad[:, 1]).min())  # the first bad token of the batch in the file
-    raise DataError(f"{getattr(tokens, 'filename', 'token data')}: token id {int(tokens[position])} at position "
-                    f"{position:,} is outside the vocabulary (vocab_size {vocab_size} in meta.json): the file is "
-                    f"corrupt or was made with another tokenizer; re-run prepare.py")
+    # the file holding the token and the token's place in it (a TokenStream of shards knows; a plain array is itself)
+    name, offset = tokens.where(position) if hasattr(tokens, "where") else (getattr(tokens, "filename", "token data"), position)
+    raise DataError(f"{name}: token id {int(tokens[position])} at position {offset:,} is outside the vocabulary "
+                    f"(the data's vocab_size is {vocab_size}): the file is corrupt or was made with another tokenizer; "
+                    f"re-run prepare.py")
 
 
 def fixed_windows(tokens, count, length):

@@ -244,12 +244,14 @@ def short_val_dir(tmp_path_factory, token_dir, enc):
     width on 2 CPU cores)."""
     import numpy as np
     out = tmp_path_factory.mktemp("short_val")
-    val = np.fromfile(token_dir / "val.bin", dtype=np.uint16)[:8000]
-    val.tofile(out / "val.bin")
-    (out / "train.bin").symlink_to(token_dir / "train.bin")
-    meta = json.load(open(token_dir / "meta.json"))
+    val = np.fromfile(token_dir / "val_000000.bin", dtype=np.uint16)[:8000]
+    val.tofile(out / "val_000000.bin")
+    (out / "train_000000.bin").symlink_to(token_dir / "train_000000.bin")
+    meta = json.load(open(token_dir / "manifest.json"))
+    [val_shard] = [s for s in meta["shards"] if s["split"] == "val"]
+    val_shard["tokens"] = 8000
     meta["splits"]["val"].update(tokens=8000, bytes=int(token_bytes(enc, 50257)[val.astype(np.int64)].sum()))
-    json.dump(meta, open(out / "meta.json", "w"))
+    json.dump(meta, open(out / "manifest.json", "w"))
     return out
 
 
@@ -359,7 +361,8 @@ def test_train_evaluator_is_the_mean_over_its_windows(enc, token_dir):
     """train.py's evaluation (one chunked forward per batch) against a brute force over the same fixed windows:
     the mean CE of all targets from full logits, and bits per byte over the byte-carrying targets."""
     import math
-    from smallgpt.tokens import fixed_windows, open_split, stack_windows
+    from smallgpt.shards import open_split
+    from smallgpt.tokens import fixed_windows, stack_windows
     from train import Evaluator, Runtime
     from smallgpt import config
     cfg = config.TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=3, eval_iters=2,

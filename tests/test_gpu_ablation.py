@@ -53,7 +53,7 @@ def check_report(report, markdown, stdout):
 def test_dry_run_on_cpu_trains_every_variant_on_equal_tokens(tmp_path, sample_parquet):
     result, report, markdown = run_dry(tmp_path, sample_parquet)
     assert report["environment"]["device"] == "cpu" and report["environment"]["dry_run"]
-    assert (tmp_path / "sample" / "meta.json").is_file()  # the fallback, prepared on the fly
+    assert (tmp_path / "sample" / "manifest.json").is_file()  # the fallback, prepared on the fly
     assert "NOT FineWeb" in markdown and "Dry run" in markdown and "capped at 8" in markdown
     check_report(report, markdown, result.stdout)
 
@@ -159,6 +159,17 @@ def test_a_data_dir_is_described_by_its_sources(tmp_path):
     data_dir, note = gpu_ablation.find_data(cfg)
     assert data_dir == str(tmp_path) and "000_00000.parquet, 001_00000.parquet, 002_00000.parquet and 2 more" in note
     assert "NOT FineWeb" not in note
+
+
+def test_a_directory_of_shards_is_described_and_recognised(tmp_path):
+    from test_prepare import run_main, write_parquet
+    parquet = write_parquet(tmp_path / "english-sample.parquet", [f"document {i}" for i in range(gpu_ablation.SAMPLE_VAL_DOCS + 50)])
+    out = tmp_path / "prepared"
+    assert run_main(parquet, f"--out_dir={out}", f"--val_docs={gpu_ablation.SAMPLE_VAL_DOCS}", "--num_proc=1") is None
+    assert gpu_ablation.prepared_from(str(out), str(parquet))
+    assert not gpu_ablation.prepared_from(str(out), str(tmp_path / "other.parquet"))
+    _, note = gpu_ablation.find_data(gpu_ablation.AblationConfig(data_dir=str(out), sample=str(parquet)))
+    assert "(sources: english-sample.parquet)" in note
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

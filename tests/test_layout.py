@@ -17,7 +17,8 @@ SCRIPTS = {"train", "sample", "serve", "eval", "export", "plot", "ablate", "cond
 # model.py, at the root, counts as layer 1: it imports torch only
 LAYERS = [
     {"errors"},  # one-line user errors: standard library only
-    {"tokens", "metrics", "monitor", "condensation", "evaluation", "device"},  # token files / metrics.jsonl /
+    {"flags", "shards", "sources", "tokens", "metrics", "monitor", "condensation", "evaluation", "device"},  # the flag
+    # dialect / the token data directory / prepare.py's inputs / the tokenizer and windows / metrics.jsonl /
     # watching a run / the condensation statistics / bits per byte and HellaSwag / device and precision
     {"config", "optim", "checkpoint"},  # the training keys / the optimizer / checkpoint files (all read model.py)
     {"generation"},  # what sample.py and serve.py share

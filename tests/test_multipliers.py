@@ -14,7 +14,8 @@ import torch
 
 from model import GPT, MULTIPLIER_SUFFIX, GPTConfig, _RowColumnScaled
 from smallgpt.checkpoint import load_checkpoint
-from smallgpt.tokens import open_split, stack_windows
+from smallgpt.shards import open_split
+from smallgpt.tokens import stack_windows
 from smallgpt.config import ConfigError, TrainConfig, load_train_config
 from conftest import run_script
 import train

@@ -24,7 +24,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from smallgpt.tokens import get_tokenizer, open_split, read_meta  # noqa: E402
+from smallgpt.errors import run_main as run_script_main  # noqa: E402
+from smallgpt.shards import open_split, read_meta  # noqa: E402
+from smallgpt.tokens import get_tokenizer  # noqa: E402
 
 PREPARE = REPO / "data" / "fineweb" / "prepare.py"
 _spec = importlib.util.spec_from_file_location("prepare", PREPARE)
@@ -35,11 +37,16 @@ EOT = 50256
 
 
 def run_main(*args):
-    """prepare.main in this process; returns the SystemExit code (None on success)."""
+    """prepare.py's entry point in this process; returns the SystemExit code (None on success): a user mistake is
+    its one line."""
+    argv = sys.argv
+    sys.argv = ["prepare.py", *map(str, args)]
     try:
-        prepare.main([str(a) for a in args])
+        run_script_main(prepare.main)
     except SystemExit as e:
         return e.code
+    finally:
+        sys.argv = argv
     return None
 
 
@@ -57,9 +64,10 @@ def write_parquet(path, texts, **columns):
 def decode_split(out_dir, split):
     """The documents of one split, decoded; checks that each is preceded by EOT."""
     if read_meta(out_dir)["splits"][split]["tokens"] == 0:
-        assert os.path.getsize(os.path.join(out_dir, f"{split}.bin")) == 0
-        return []  # (np.memmap, hence open_split, cannot map an empty file)
-    tokens = np.asarray(open_split(out_dir, split)[0])
+        assert not [name for name in out_files(out_dir) if name.startswith(split)]
+        return []
+    stream = open_split(out_dir, split)[0]
+    tokens = stream[0:len(stream)]
     assert tokens[0] == EOT
     starts = np.flatnonzero(tokens == EOT)
     enc = get_tokenizer()
@@ -69,7 +77,8 @@ def decode_split(out_dir, split):
 def expected_split(texts, args):
     """The reference: non-empty texts in order, routed by the split function of their row number."""
     rows = np.array([i for i, t in enumerate(texts) if t])
-    is_val = prepare.in_val(rows, prepare.parse_args(args), None)
+    opts = prepare.parse_args(args)
+    is_val = prepare.in_val(rows, dict(seed=opts.seed, val_docs=None, val_fraction=opts.val_fraction), None)
     return [texts[r] for r, v in zip(rows, is_val) if not v], [texts[r] for r, v in zip(rows, is_val) if v]
 
 
@@ -93,24 +102,25 @@ def test_entry_point_round_trip(sample_parquet, tmp_path):
     assert decode_split(out, "train") == train
     assert decode_split(out, "val") == val
     meta = read_meta(out)
-    assert meta["dtype"] == "uint16" and meta["tokenizer"] == "gpt2"
+    assert meta["dtype"] == "uint16" and meta["tokenizer"]["name"] == "gpt2"
     assert meta["vocab_size"] == 50257 and meta["eot_token"] == EOT
     for split, docs in (("train", train), ("val", val)):
         s = meta["splits"][split]
         assert s["documents"] == len(docs)
         assert s["bytes"] == sum(len(d.encode()) for d in docs)
-        assert s["tokens"] == os.path.getsize(out / f"{split}.bin") // 2
-    assert meta["sources"] == [{"path": str(sample_parquet), "bytes": os.path.getsize(sample_parquet), "rows": 21256}]
+        assert s["tokens"] == os.path.getsize(out / f"{split}_000000.bin") // 2
+    [source] = meta["inputs"]
+    assert (source["source"], source["size"], source["rows"]) == (str(sample_parquet), os.path.getsize(sample_parquet), 3000)
     assert meta["skipped"] == {"null_or_empty": 0, "below_language_score": 0}
-    assert meta["options"]["max_docs"] == 3000 and meta["options"]["seed"] == 3
-    assert out_files(out) == ["meta.json", "train.bin", "val.bin"]
+    assert meta["split"]["seed"] == 3 and meta["split"]["val_fraction"] == 0.02
+    assert out_files(out) == ["manifest.json", "train_000000.bin", "val_000000.bin"]
 
 
 def test_identical_across_runs_and_num_proc(sample_parquet, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
     for out, n in zip(outs, (2, 2, 1)):
         assert run_main(sample_parquet, f"--out_dir={out}", f"--num_proc={n}", "--max_docs=2500") is None
-    for name in ("train.bin", "val.bin", "meta.json"):
+    for name in ("train_000000.bin", "val_000000.bin", "manifest.json"):
         data = [(o / name).read_bytes() for o in outs]
         assert data[0] == data[1] == data[2], name
     assert read_meta(outs[0])["splits"]["val"]["documents"] > 0
@@ -140,12 +150,12 @@ def test_val_docs_exact_disjoint_and_seeded(tmp_path):
 
 
 def test_split_function_is_per_row():
-    args = prepare.parse_args(["--val_fraction=0.1", "--seed=5"])
+    split = dict(val_fraction=0.1, seed=5, val_docs=None)
     rows = np.arange(100_000)
-    whole = prepare.in_val(rows, args, None)
-    assert np.array_equal(whole, np.concatenate([prepare.in_val(c, args, None) for c in np.array_split(rows, 37)]))
+    whole = prepare.in_val(rows, split, None)
+    assert np.array_equal(whole, np.concatenate([prepare.in_val(c, split, None) for c in np.array_split(rows, 37)]))
     assert 0.095 < whole.mean() < 0.105
-    other = prepare.in_val(rows, prepare.parse_args(["--val_fraction=0.1", "--seed=6"]), None)
+    other = prepare.in_val(rows, {**split, "seed": 6}, None)
     assert 0.15 < (whole != other).mean() < 0.21  # independent draws: ~2 * 0.1 * 0.9 disagree
 
 
@@ -173,9 +183,9 @@ def test_null_empty_and_language_score_skipped(tmp_path, capsys):
     assert read_meta(out)["skipped"] == {"null_or_empty": 3, "below_language_score": 2}
     assert "skipped 3 null/empty rows, 2 below language score" in capsys.readouterr().out
     # without the filter only null/empty rows go, and --max_docs stops after the 2nd kept document
-    assert run_main(src, f"--out_dir={out}", "--val_fraction=0", "--max_docs=2") is None
-    assert decode_split(out, "train") == ["first", "second"]
-    assert read_meta(out)["skipped"] == {"null_or_empty": 2, "below_language_score": 0}
+    assert run_main(src, f"--out_dir={tmp_path / 'capped'}", "--val_fraction=0", "--max_docs=2") is None
+    assert decode_split(tmp_path / "capped", "train") == ["first", "second"]
+    assert read_meta(tmp_path / "capped")["skipped"] == {"null_or_empty": 2, "below_language_score": 0}
 
 
 def test_directory_and_glob_inputs(tmp_path):
@@ -185,7 +195,8 @@ def test_directory_and_glob_inputs(tmp_path):
         out = tmp_path / "out"
         assert run_main(spec, f"--out_dir={out}", "--val_fraction=0") is None
         assert decode_split(out, "train") == ["a1", "b1", "b2"]  # files in sorted order
-        assert [Path(s["path"]).name for s in read_meta(out)["sources"]] == ["a.parquet", "b.parquet"]
+        assert [Path(s["source"]).name for s in read_meta(out)["inputs"]] == ["a.parquet", "b.parquet"]
+        shutil.rmtree(out)
 
 
 # -----------------------------------------------------------------------------
@@ -198,13 +209,15 @@ def _bad_inputs(tmp_path):
     middle = bytearray(data)  # damage the data pages but keep the footer
     middle[len(data) // 3: len(data) // 3 + 64] = bytes(64)
     (tmp_path / "damaged.parquet").write_bytes(bytes(middle))
-    (tmp_path / "notes.txt").write_text("not parquet")
+    (tmp_path / "notes.parquet").write_text("not parquet")
+    (tmp_path / "notes.csv").write_text("a,b")
     (tmp_path / "empty_dir").mkdir()
     write_parquet(tmp_path / "all_empty.parquet", [None, "", None])
     pq.write_table(pa.table({"text": pa.array([b"bytes, not text"], pa.binary())}), tmp_path / "binary.parquet")
     return {
         "missing": ([tmp_path / "nope.parquet"], "no such file"),
-        "not_parquet": ([tmp_path / "notes.txt"], "not a readable parquet file"),
+        "not_parquet": ([tmp_path / "notes.parquet"], "not a readable parquet file"),
+        "unknown_kind": ([tmp_path / "notes.csv"], "not an input prepare.py reads (.parquet, .jsonl, .jsonl.gz or .txt)"),
         "truncated": ([tmp_path / "truncated.parquet"], "not a readable parquet file"),
         "damaged": ([tmp_path / "damaged.parquet"], "cannot read"),
         "no_column": ([good, "--text_column=content"], "no column 'content'"),
@@ -225,7 +238,8 @@ def test_bad_input_in_process(tmp_path):
         assert isinstance(code, str) and code.startswith("prepare.py: error: ") and "\n" not in code, (name, code)
         assert message in code, (name, code)
         assert out_files(out) == [], name  # nothing left behind, not even temp files
-    assert run_main("--max_docs=0") == 2 and run_main("--val_fraction=1") == 2  # bad flags: argparse's exit status
+    assert run_main("--max_docs=0") == "prepare.py: config error: max_docs must be at least 1, not 0"
+    assert run_main("--val_fraction=1") == "prepare.py: config error: val_fraction must be in [0, 1), not 1.0"
 
 
 def test_bad_input_entry_point(tmp_path):
@@ -238,44 +252,56 @@ def test_bad_input_entry_point(tmp_path):
     assert out_files(tmp_path / "out") == []
 
 
-def test_interrupted_run_keeps_previous_output(tmp_path, monkeypatch):
-    src = write_parquet(tmp_path / "s.parquet", [f"doc {i}" for i in range(100)])
-    out = tmp_path / "out"
-    assert run_main(src, f"--out_dir={out}", "--val_fraction=0.1") is None
-    before = {name: (out / name).read_bytes() for name in out_files(out)}
+def test_interrupted_run_keeps_complete_shards(tmp_path, monkeypatch):
+    """Ctrl-C mid-run: exit 130, the complete shards stay listed, nothing half-written is left; the same command
+    continues and ends with the files of an uninterrupted run."""
+    src = write_parquet(tmp_path / "s.parquet", [f"doc {i} " * (i % 7 + 1) for i in range(3000)])
+    flags = ["--val_fraction=0.1", "--num_proc=1", "--shard_tokens=2000"]
+    assert run_main(src, f"--out_dir={tmp_path / 'whole'}", *flags) is None
     real = prepare.encode_in_order
 
-    def interrupted(*args):  # Ctrl-C after the first batch has been written
+    def interrupted(*args):  # Ctrl-C after the 60th batch (of 7 rows: write_parquet's row groups)
         it = real(*args)
-        yield next(it)
+        for _ in range(60):
+            yield next(it)
         raise KeyboardInterrupt
     monkeypatch.setattr(prepare, "encode_in_order", interrupted)
-    for target in (out, tmp_path / "fresh"):
-        assert run_main(src, f"--out_dir={target}", "--val_fraction=0.5", "--num_proc=1") == 130
-    assert {name: (out / name).read_bytes() for name in out_files(out)} == before
-    assert out_files(tmp_path / "fresh") == []
-    open_split(out, "train")
+    out = tmp_path / "out"
+    assert run_main(src, f"--out_dir={out}", *flags) == 130
+    meta = read_meta(out)
+    assert 0 < len(meta["shards"]) and not any(name.startswith(".") for name in out_files(out))
+    assert sorted(out_files(out)) == sorted(["manifest.json"] + [s["file"] for s in meta["shards"]])
+    monkeypatch.setattr(prepare, "encode_in_order", real)
+    assert run_main(src, f"--out_dir={out}", *flags) is None
+    assert {n: (out / n).read_bytes() for n in out_files(out)} == \
+        {n: (tmp_path / "whole" / n).read_bytes() for n in out_files(tmp_path / "whole")}
 
 
 def test_ctrl_c_entry_point(sample_parquet, tmp_path):
     """A real Ctrl-C (SIGINT to the process group) while tokenizing: exit 130, workers gone, no files left."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(PREPARE), str(sample_parquet), f"--out_dir={out}", "--num_proc=2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    copy = shutil.copyfile(sample_parquet, tmp_path / "copy.parquet")  # a second input: the run lasts long enough that
+    # the signal lands mid-run even when this (busy) test process is scheduled late
+    # SIGINT as in a terminal: a test run started in the background by a shell (`pytest &`) ignores SIGINT, and
+    # its children would inherit that
+    proc = subprocess.Popen([sys.executable, str(PREPARE), str(sample_parquet), str(copy), f"--out_dir={out}",
+                             "--num_proc=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not any(name.startswith(".train") for name in out_files(out)):  # tokenizing has begun
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "prepare.py: interrupted; partial output removed"
-    assert out_files(out) == []
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "prepare.py: interrupted; the complete shards are kept: run the same command again to continue"
+    assert out_files(out) == []  # no shard was complete (100M tokens each): nothing is kept, not even the directory
 
 
 @pytest.mark.slow
-def test_sigkill_temporaries_removed_by_next_run(sample_parquet, tmp_path):
-    """kill -9 of the main process while tokenizing: the workers exit without a traceback, and the next run
-    removes the dead run's temp files (not those of a live process) and leaves only its own output."""
+def test_sigkill_while_tokenizing(sample_parquet, tmp_path):
+    """kill -9 of the main process while tokenizing: the workers exit without a traceback, and the next run removes
+    the dead run's temporary files, continues, and leaves only its output."""
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(PREPARE), str(sample_parquet), f"--out_dir={out}", "--num_proc=2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -283,7 +309,7 @@ def test_sigkill_temporaries_removed_by_next_run(sample_parquet, tmp_path):
     reader = threading.Thread(target=lambda: err.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")))
     reader.start()
     deadline = time.time() + 120
-    while not re.search(rb" [1-9][\d.]*k?/", b"".join(err)):  # the progress bar counts documents: workers are busy
+    while not re.search(rb" [1-9][\d.]*k?doc", b"".join(err)):  # the progress bar counts documents: workers are busy
         assert proc.poll() is None and time.time() < deadline, b"".join(err)
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -291,20 +317,25 @@ def test_sigkill_temporaries_removed_by_next_run(sample_parquet, tmp_path):
     assert proc.wait(timeout=10) == -signal.SIGKILL and not reader.is_alive()
     err = b"".join(err).decode()
     assert "Traceback" not in err and "Error" not in err, err
-    stale = [name for name in out_files(out) if ".tmp" in name]
-    assert stale == [f".{name}.tmp{proc.pid}" for name in ("train", "val")]
-    live = out / f".train.tmp{os.getppid()}"  # a run still writing here: left alone
-    live.write_bytes(b"")
-    src = write_parquet(tmp_path / "s.parquet", [f"doc {i}" for i in range(50)])
-    assert run_main(src, f"--out_dir={out}", "--num_proc=1") is None
-    assert out_files(out) == [live.name, "meta.json", "train.bin", "val.bin"]
+    left = out_files(out)
+    assert "manifest.json" in left and f".train_000000.bin.tmp{proc.pid}" in left
+    assert set(left) <= {"manifest.json", f".train_000000.bin.tmp{proc.pid}", f".val_000000.bin.tmp{proc.pid}"}
+    assert run_main(sample_parquet, f"--out_dir={out}", "--num_proc=1") is None
+    assert out_files(out) == ["manifest.json", "train_000000.bin", "val_000000.bin"]
 
 
 def test_abbreviated_flag_refused(tmp_path):
+    """One flag dialect with the other scripts: --key=value, a typo named with a suggestion."""
     r = run_cli("--max_doc=5", f"--out_dir={tmp_path}")
-    assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip() == "prepare.py: error: unrecognized arguments: --max_doc=5 (see --help)"
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == "prepare.py: config error: unknown key 'max_doc' in the command line (did you mean 'max_docs'?)"
+    r = run_cli("--out_dir", str(tmp_path))
+    assert r.returncode == 1 and r.stderr.strip() == "prepare.py: config error: --out_dir needs a value: --out_dir=..."
+    assert run_cli("--max_docs=five").stderr.strip() == "prepare.py: config error: max_docs expects int, got 'five'"
     assert out_files(tmp_path) == []
+    r = run_cli("--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: python data/fineweb/prepare.py [INPUT ...]")
+    assert "--max_docs=None" in r.stdout and "stop when the directory holds this many documents" in r.stdout
 
 
 @pytest.mark.slow
@@ -397,11 +428,11 @@ def test_remote_url_downloaded_whole(tmp_path, http_server):
     r = run_cli(f"{base}/shard.parquet", f"--out_dir={tmp_path / 'remote'}", f"--cache_dir={cache}")
     assert r.returncode == 0, r.stderr
     assert run_main(src, f"--out_dir={tmp_path / 'local'}") is None
-    for name in ("train.bin", "val.bin"):
+    for name in ("train_000000.bin", "val_000000.bin"):
         assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     cached = list(cache.iterdir())
     assert len(cached) == 1 and cached[0].read_bytes() == src.read_bytes()
-    assert read_meta(tmp_path / "remote")["sources"][0]["origin"] == f"{base}/shard.parquet"
+    assert read_meta(tmp_path / "remote")["inputs"][0]["source"] == f"{base}/shard.parquet"
     code = run_main(f"{base}/missing.parquet", f"--out_dir={tmp_path / 'x'}", f"--cache_dir={cache}")
     assert "cannot download" in code and "404" in code
 
@@ -416,12 +447,12 @@ def test_remote_url_with_max_docs_reads_only_what_it_needs(sample_parquet, tmp_p
                 "--max_docs=1500", "--val_docs=50")
     assert r.returncode == 0, r.stderr
     assert run_main(sample_parquet, f"--out_dir={tmp_path / 'local'}", "--max_docs=1500", "--val_docs=50") is None
-    for name in ("train.bin", "val.bin"):
+    for name in ("train_000000.bin", "val_000000.bin"):
         assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     assert 0 < handler.sent < sample_parquet.stat().st_size / 3  # the sample has 11 row groups; 1 is needed
     assert not cache.exists()
-    source = read_meta(tmp_path / "remote")["sources"][0]
-    assert source["bytes"] == sample_parquet.stat().st_size and source["path"] == f"{base}/shard.parquet"
+    source = read_meta(tmp_path / "remote")["inputs"][0]
+    assert source["size"] == sample_parquet.stat().st_size and source["source"] == f"{base}/shard.parquet"
     code = run_main(f"{base}/missing.parquet", f"--out_dir={tmp_path / 'x'}", "--max_docs=5")
     assert code.startswith("prepare.py: error: cannot open") and "404" in code
 
@@ -454,35 +485,93 @@ def test_encode_batch_equals_encode_ordinary(sample_parquet):
     assert len(prepare.encode_batch([])[0]) == 0
 
 
-def test_hf_default_input(tmp_path, monkeypatch, http_server):
-    """No input: the first file of sample/10BT. Without a cap it is fetched with huggingface_hub (faked: no hub
-    access here); with --max_docs it is read in place from its hub URL (here: a local server)."""
-    import huggingface_hub
-    small = write_parquet(tmp_path / "small.parquet", [f"doc {i} " * 9 for i in range(60)])
-    calls = []
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """What huggingface_hub's HfFileSystem asks of the hub (seen with huggingface_hub 2.4): the repository's info,
+    a folder's listing, and byte ranges of a file; files come from a local folder. Counts the file bytes it sends."""
+    root, sent = None, 0
 
-    def fake_download(**kwargs):
-        calls.append(kwargs)
-        if kwargs["filename"] != "sample/10BT/000_00000.parquet":
-            raise huggingface_hub.errors.EntryNotFoundError("404 Client Error: Entry Not Found")
-        return str(small)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    assert run_main(f"--out_dir={tmp_path / 'a'}", "--num_proc=1") is None
-    assert calls == [dict(repo_id="HuggingFaceFW/fineweb", repo_type="dataset",
-                          filename="sample/10BT/000_00000.parquet", cache_dir=None)]
-    assert read_meta(tmp_path / "a")["sources"][0]["origin"] == "hf:sample/10BT/000_00000.parquet"
-    code = run_main("hf:sample/10BT/999_00000.parquet", f"--out_dir={tmp_path / 'x'}")
-    assert code.startswith("prepare.py: error: cannot download sample/10BT/999_00000.parquet from HuggingFaceFW/fineweb")
+    def log_message(self, *args):
+        pass
 
-    base, root, _ = http_server
-    assert prepare.hf_url("sample/10BT/000_00000.parquet") == \
-        "https://huggingface.co/datasets/HuggingFaceFW/fineweb/resolve/main/sample/10BT/000_00000.parquet"
+    def reply(self, status, body=b"", headers=()):
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        import json
+        import urllib.parse
+        path = urllib.parse.unquote(self.path.split("?")[0])
+        if m := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/revision/[^/]+)?", path):
+            return self.reply(200, json.dumps({"id": m.group(1), "sha": "0" * 40}).encode())
+        if m := re.fullmatch(r"/api/datasets/[^/]+/[^/]+/tree/[^/]+/?(.*)", path):
+            folder = self.root / m.group(1)
+            if not folder.is_dir():
+                return self.reply(404, b'{"error": "not found"}', [("X-Error-Code", "EntryNotFound")])
+            return self.reply(200, json.dumps([{"type": "file" if p.is_file() else "directory", "size": p.stat().st_size,
+                                                "path": str(p.relative_to(self.root)), "oid": "1" * 40}
+                                               for p in sorted(folder.iterdir())]).encode())
+        if m := re.fullmatch(r"/datasets/[^/]+/[^/]+/resolve/[^/]+/(.*)", path):
+            data = (self.root / m.group(1)).read_bytes()
+            start, end = map(int, self.headers["Range"].removeprefix("bytes=").split("-"))
+            type(self).sent += len(data[start:end + 1])
+            return self.reply(206, data[start:end + 1], [("Content-Range", f"bytes {start}-{min(end, len(data) - 1)}/{len(data)}")])
+        self.reply(404)
+
+
+@pytest.fixture
+def fake_hub(tmp_path):
+    """A stand-in for huggingface.co on 127.0.0.1 serving tmp_path/hub as the dataset HuggingFaceFW/fineweb; yields
+    (the environment that points HF_ENDPOINT at it, its root folder, its handler class)."""
+    root = tmp_path / "hub"
     (root / "sample" / "10BT").mkdir(parents=True)
-    shutil.copyfile(small, root / "sample" / "10BT" / "000_00000.parquet")
-    monkeypatch.setattr(prepare, "hf_url", lambda path: f"{base}/{path}")
-    assert run_main(f"--out_dir={tmp_path / 'b'}", "--max_docs=50", "--num_proc=1") is None
-    assert len(calls) == 2  # no download this time
-    assert read_meta(tmp_path / "b")["splits"]["train"]["documents"] + read_meta(tmp_path / "b")["splits"]["val"]["documents"] == 50
+    handler = type("Hub", (FakeHub,), {"root": root, "sent": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = dict(HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_OFFLINE="0")
+    yield env, root, handler
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow
+def test_hf_inputs_through_hf_filesystem(sample_parquet, tmp_path, fake_hub):
+    """hf: inputs (the default one too) are read through huggingface_hub's file system, which honours HF_ENDPOINT:
+    with --max_docs only the footer and the first row groups are fetched; the tokens equal a local run's."""
+    env, root, handler = fake_hub
+    shutil.copyfile(sample_parquet, root / "sample" / "10BT" / "000_00000.parquet")
+
+    def prepare_from_hub(*args):
+        return subprocess.run([sys.executable, str(PREPARE), *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, **env}, cwd=REPO, timeout=300)
+    r = prepare_from_hub(f"--out_dir={tmp_path / 'hub_out'}", "--max_docs=1500", "--val_docs=50", "--num_proc=1")
+    assert r.returncode == 0, r.stderr
+    assert 0 < handler.sent < sample_parquet.stat().st_size / 3  # 11 row groups of 2,000 rows; 1 is needed
+    assert run_main(sample_parquet, f"--out_dir={tmp_path / 'local'}", "--max_docs=1500", "--val_docs=50") is None
+    for name in ("train_000000.bin", "val_000000.bin"):
+        assert (tmp_path / "hub_out" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    [entry] = read_meta(tmp_path / "hub_out")["inputs"]
+    assert entry["source"] == "hf:sample/10BT/000_00000.parquet" and entry["size"] == sample_parquet.stat().st_size
+    r = prepare_from_hub("hf:sample/10BT/999_00000.parquet", f"--out_dir={tmp_path / 'x'}")
+    assert r.returncode == 1 and r.stderr.strip() == ("prepare.py: error: hf:sample/10BT/999_00000.parquet: no such file on "
+                                                     "the Hugging Face hub (datasets/HuggingFaceFW/fineweb/sample/10BT/999_00000.parquet)")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_hub_unreachable_is_one_line(tmp_path):
+    """Offline with the default input: one line that names the way out, no retry chatter, nothing created."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_TELEMETRY": "1"}  # nothing listens there
+    r = subprocess.run([sys.executable, str(PREPARE), f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("prepare.py: error: cannot reach hf:sample/10BT/000_00000.parquet on the Hugging Face hub")
+    assert "offline, pass a local .parquet/.jsonl/.txt file instead (docs/data.md)" in r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -514,7 +603,7 @@ def test_tokenizer_from_a_local_file(sample_parquet, tmp_path, monkeypatch):
                               capture_output=True, text=True, env={**offline, **env}, timeout=120)
     r = prepare_offline("local", GPT2_TIKTOKEN_FILE=str(SHARED_DATA / "gpt2.tiktoken"))
     assert r.returncode == 0, r.stderr
-    for name in ("train.bin", "val.bin"):
+    for name in ("train_000000.bin", "val_000000.bin"):
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     assert not any((tmp_path / "empty_cache").glob("*"))  # tiktoken's cache was not used
     r = prepare_offline("x")
@@ -523,10 +612,12 @@ def test_tokenizer_from_a_local_file(sample_parquet, tmp_path, monkeypatch):
     assert "set GPT2_TIKTOKEN_FILE to a copy of gpt2.tiktoken" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_prepare_does_not_import_torch():
-    """prepare.py shares common.py with the training scripts but must not pay for torch's import (~1.5 s)."""
-    r = subprocess.run([sys.executable, "-X", "importtime", str(PREPARE), "--help"], capture_output=True, text=True)
+def test_prepare_does_not_import_torch(tmp_path):
+    """prepare.py shares the package with the training scripts but must not pay for torch's import (~1.5 s)."""
+    src = write_parquet(tmp_path / "s.parquet", ["one document", "another one"])
+    r = subprocess.run([sys.executable, "-X", "importtime", str(PREPARE), str(src), f"--out_dir={tmp_path / 'out'}",
+                        "--num_proc=1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     imported = {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
-    assert "numpy" in imported and "pyarrow" in imported  # the listing works
+    assert "numpy" in imported and "pyarrow" in imported and "tiktoken" in imported  # the listing works
     assert "torch" not in imported

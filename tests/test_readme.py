@@ -109,7 +109,9 @@ def test_readme_cpu_quick_start_runs(tmp_path):
         args = [re.sub(r"=(data/sample|out/tiny)$", lambda m: "=" + paths[m.group(1)], a) for a in args]
         if script == "data/fineweb/prepare.py":
             args = [str(SAMPLE_PARQUET), *args]
-        elif script == "train.py":
-            args += [f"--out_dir={paths['out/tiny']}", "--max_iters=20", "--eval_interval=10"]
+        elif script == "train.py":  # the config reads the data where the quick start's prepare.py wrote it
+            assert load_train_config([str(REPO / a) for a in args]).data_dir == "data/sample"
+            args += [f"--data_dir={paths['data/sample']}", f"--out_dir={paths['out/tiny']}", "--max_iters=20",
+                     "--eval_interval=10"]
         result = run_script(script, *args)
     assert len(result.stdout.strip()) > 20 and "Traceback" not in result.stderr

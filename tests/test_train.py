@@ -305,13 +305,13 @@ def test_init_from_a_checkpoint_takes_its_architecture(tmp_path, token_dir):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{not json", "is unreadable"), ("[]", "is not a prepare.py meta.json"),
+    ("{not json", "is unreadable"), ("[]", "is not written by prepare.py"),
     ('{"format": "gpt-tokens", "version": 1, "vocab_size": 50257, "splits": {"train": {"tokens": 5, "bytes": 9}}}',
      "lacks the field 'val'"),
 ])
 def test_damaged_meta_json_is_one_clear_error(tmp_path, content, message):
     from smallgpt.errors import DataError
-    from smallgpt.tokens import read_meta
+    from smallgpt.shards import read_meta
     (tmp_path / "meta.json").write_text(content)
     with pytest.raises(DataError, match=message):
         read_meta(tmp_path)
@@ -319,23 +319,23 @@ def test_damaged_meta_json_is_one_clear_error(tmp_path, content, message):
 
 @pytest.mark.slow
 def test_token_ids_outside_the_vocabulary_are_one_clear_error(tmp_path, token_dir):
-    """A corrupt train.bin or val.bin (ids >= vocab_size): train.py names the file and the first bad position of
+    """A corrupt train or val shard (ids >= vocab_size): train.py names the file and the first bad position of
     the batch that holds it, before any model sees it (val at the first evaluation, train at the first step)."""
     import shutil
     for split, positions in (("val", [5, 9]), ("train", range(1000, 1_400_000, 31))):  # hits every train window
         data = tmp_path / split
         shutil.copytree(token_dir, data)
-        tokens = np.memmap(data / f"{split}.bin", dtype=np.uint16, mode="r+")
+        tokens = np.memmap(data / f"{split}_000000.bin", dtype=np.uint16, mode="r+")
         tokens[list(positions)] = 60000
         tokens.flush()
         result = run_script("train.py", "config/train_tiny.py", *FAST, f"--data_dir={data}",
                             f"--out_dir={tmp_path / ('out_' + split)}", "--max_iters=2", check=False)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         line = result.stderr.strip()
-        assert "\n" not in line and line.startswith(f"train.py: error: {data / split}.bin: token id 60000 at position ")
+        assert "\n" not in line and line.startswith(f"train.py: error: {data / split}_000000.bin: token id 60000 at position ")
         position = int(line.split(" at position ")[1].split()[0].replace(",", ""))
         assert position in positions and (split == "train" or position == 5)
-        assert "outside the vocabulary (vocab_size 50257 in meta.json)" in line
+        assert "outside the vocabulary (the data's vocab_size is 50257)" in line
         assert ("eval 0: val loss" in result.stdout) == (split == "train")  # val was clean: evaluated first
 
 

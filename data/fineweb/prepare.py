@@ -1,41 +1,29 @@
 """
-Tokenize FineWeb (or any parquet file with a text column) into the token files train.py reads.
+Tokenize text into the token shards train.py reads: FineWeb (or any parquet file with a text column), .jsonl /
+.jsonl.gz, .txt files and folders of them. A data directory grows: run prepare.py on it again with new inputs
+and only those are tokenized and appended; a run stopped at any moment (Ctrl-C, kill -9, a crash) continues
+from the end of its last complete shard when the same command runs again, with the same result as an
+uninterrupted run.
 
-Source: the Hugging Face dataset HuggingFaceFW/fineweb, parquet shards of ~2.15 GB (~1M documents,
-~0.7B GPT-2 tokens) under data/CC-MAIN-YYYY-WW/ and sample/10BT/ (000_00000 .. 014_00000.parquet).
-One record (the columns besides `text` are ignored, except language_score with --min_language_score):
+Source: the Hugging Face dataset HuggingFaceFW/fineweb, parquet files of ~2.15 GB (~1M documents, ~0.7B GPT-2
+tokens) under data/CC-MAIN-YYYY-WW/ and sample/10BT/ (000_00000 .. 014_00000.parquet). One record (the columns
+besides `text` are ignored, except language_score with --min_language_score):
   {"text": "Surprise your boss.  Get to work on time.", "id": "<urn:uuid:4c1c...>",
    "dump": "CC-MAIN-2013-20", "url": "http://...", "date": "2013-05-01T00:00:00Z",
    "file_path": "s3://commoncrawl/...", "language": "en", "language_score": 0.6853, "token_count": 12}
 
 Commands:
-  python data/fineweb/prepare.py                              # downloads sample/10BT/000_00000.parquet
-  python data/fineweb/prepare.py hf:sample/10BT/001_00000.parquet shards/ 'more/*.parquet'
-  python data/fineweb/prepare.py https://host/x.parquet --out_dir=data/web --max_docs=10000
-  python data/fineweb/prepare.py --max_docs=5000 --val_docs=200 --out_dir=data/sample   # reads ~first row groups
-With --max_docs or --max_tokens, a remote file (hf: or http(s)) is not downloaded: its footer and then only the
-row groups needed are read with HTTP range requests (nothing cached). Without them it is downloaded once.
-  python data/fineweb/prepare.py ../shared/data/english-sample.parquet --val_fraction=0.01
-
-Output (in --out_dir, default: this script's directory; format defined in common.py):
-  train.bin, val.bin  raw little-endian uint16 GPT-2 token ids. Every document, in input order, is
-                      preceded by the EOT token 50256: [EOT, doc0..., EOT, doc1..., ...]
-  meta.json           {"format": "gpt-tokens", "version": 1, "dtype": "uint16", "tokenizer": "gpt2",
-                       "vocab_size": 50257, "eot_token": 50256,
-                       "splits": {"train": {"documents", "tokens" (EOTs included), "bytes" (UTF-8 of
-                       the texts, for bits per byte)}, "val": {...}}, "sources": [{"path", "bytes"}],
-                       "skipped": {"null_or_empty", "below_language_score"}, "options": {...}}
-The three files appear only when the run completes (written under temporary names .train.tmp<PID> ..., then
-renamed); the temporary files of a run killed with kill -9 are removed by the next run into the same --out_dir.
-A document's split depends only on --seed and its row number in the input: the same input and flags
-give byte-identical files, whatever --num_proc.
+  python data/fineweb/prepare.py                              # hf:sample/10BT/000_00000.parquet into data/fineweb
+  python data/fineweb/prepare.py hf:sample/10BT/001_00000.parquet   # later: adds a second file to data/fineweb
+  python data/fineweb/prepare.py --max_docs=5000 --val_docs=200 --out_dir=data/sample   # reads the first row groups
+  python data/fineweb/prepare.py my_texts/ --txt_document=line --out_dir=data/mine      # .txt/.jsonl/.parquet files
+hf: files are read in place through huggingface_hub's HfFileSystem: the footer, then only the row groups needed.
+Inputs and how each is read: smallgpt/sources.py. The output format (manifest.json and the shards):
+smallgpt/shards.py and docs/data.md. The train/val rule: val documents come only from the inputs of the first
+argument of the run that created the directory, so adding data never changes the val split.
 """
-import argparse
 import collections
-import glob
-import hashlib
-import io
-import json
+import fcntl
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -44,246 +32,211 @@ import signal
 import sys
 import threading
 import time
-import urllib.request
+from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 # run as a file (python data/fineweb/prepare.py, as the docs say): the repository root holds the package
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-from smallgpt.errors import DataError  # noqa: E402
-from smallgpt.tokens import FORMAT_NAME, FORMAT_VERSION, SPLITS, TOKEN_DTYPE, get_tokenizer  # noqa: E402
+from smallgpt.errors import ConfigError, DataError, run_main  # noqa: E402
+from smallgpt.flags import parse_args as parse_flags  # noqa: E402
+from smallgpt.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SPLITS, TOKEN_DTYPE, read_meta,  # noqa: E402
+                             shard_name, sync_directory, write_json_atomically)
+from smallgpt.sources import check_input, count_rows, read_batches, resolve_inputs  # noqa: E402
+from smallgpt.tokens import GPT2_TIKTOKEN_SHA256, get_tokenizer  # noqa: E402
 
-HF_REPO = "HuggingFaceFW/fineweb"
 DEFAULT_INPUT = "hf:sample/10BT/000_00000.parquet"
-BATCH_ROWS = 1024  # documents per task: ~3 MB of FineWeb text, ~0.2 s of tokenizing on one core
 NUM_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-OPTIONS = ("inputs", "text_column", "val_fraction", "val_docs", "seed", "max_docs", "max_tokens",
-           "min_language_score")  # the flags that change the output; recorded in meta.json
+SPLIT_KEYS = ("seed", "val_docs", "val_fraction")  # fixed when the directory is created
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list = field(default_factory=lambda: [DEFAULT_INPUT])  # the plain arguments: files, folders, globs, URLs
+    out_dir: str = os.path.dirname(os.path.abspath(__file__))  # the data directory: created, or grown if it exists
+    text_column: str = "text"  # the parquet column / .jsonl field that holds the document text
+    txt_document: str = "file"  # .txt inputs: 'file' = one document per file | 'line' = one per line (empty lines skipped)
+    val_fraction: float = 0.001  # share of the first argument's documents held out for val, in [0, 1)
+    val_docs: int | None = None  # number of val documents, drawn from the first argument's rows (replaces val_fraction)
+    seed: int = 0  # seed of the train/val split
+    max_docs: int | None = None  # stop when the directory holds this many documents (a later run can raise it)
+    max_tokens: int | None = None  # stop before the directory holds more tokens than this (whole documents, EOTs counted)
+    min_language_score: float | None = None  # skip rows whose language_score is lower (FineWeb has that column)
+    shard_tokens: int = 100_000_000  # a shard is complete at this many train tokens (200 MB); a killed run resumes there
+    num_proc: int = NUM_CPUS  # tokenizer processes; 1 = tokenize in this process
+    cache_dir: str = ""  # download cache of http(s) inputs; '' = ~/.cache/gpt-prepare
+
+
+USAGE = """usage: python data/fineweb/prepare.py [INPUT ...] [--key=value ...]
+INPUT: .parquet, .jsonl, .jsonl.gz or .txt files, folders and globs of them, http(s) URLs,
+hf:<path in HuggingFaceFW/fineweb> or hf://datasets/<owner>/<name>/<path> (default: hf:sample/10BT/000_00000.parquet)"""
 
 
 def parse_args(argv=None):
-    # no abbreviations: --max_doc=5 must not be taken for --max_docs=5 and replace a good dataset
-    p = argparse.ArgumentParser(prog="prepare.py", description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
-    p.error = lambda message: p.exit(2, f"prepare.py: error: {message} (see --help)\n")  # one line, no usage block
-    p.add_argument("inputs", nargs="*", default=[DEFAULT_INPUT],
-                   help="parquet files, directories, globs, http(s) URLs or hf:<path in HuggingFaceFW/fineweb>"
-                        f" (default: {DEFAULT_INPUT})")
-    p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)), help="output directory")
-    p.add_argument("--text_column", default="text", help="column holding the document text")
-    p.add_argument("--val_fraction", type=float, default=0.001, help="fraction of documents for val, 0..1")
-    p.add_argument("--val_docs", type=int, default=None, help="number of val documents: rows drawn by --seed, fewer if some get skipped (overrides --val_fraction)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    p.add_argument("--max_docs", type=int, default=None, help="stop after this many documents")
-    p.add_argument("--max_tokens", type=int, default=None, help="stop before exceeding this many tokens (whole documents)")
-    p.add_argument("--min_language_score", type=float, default=None, help="skip rows whose language_score is lower")
-    p.add_argument("--num_proc", type=int, default=NUM_CPUS, help="tokenizer processes")
-    p.add_argument("--cache_dir", default=None, help="download cache (default: ~/.cache/gpt-prepare, HF's own cache for hf:)")
-    args = p.parse_args(argv)
-    if not 0 <= args.val_fraction < 1:
-        p.error("--val_fraction must be in [0, 1)")
-    for name, low in (("val_docs", 0), ("max_docs", 1), ("max_tokens", 1), ("num_proc", 1)):
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            p.error(f"--{name} must be at least {low}")
-    return args
+    """The flags, checked (one dialect with every script: --key=value, 'did you mean' for a typo)."""
+    opts = parse_flags(PrepareConfig, sys.argv[1:] if argv is None else argv, positional="inputs", usage=USAGE)
+    if not 0 <= opts.val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), not {opts.val_fraction}")
+    for name, low in (("val_docs", 0), ("max_docs", 1), ("max_tokens", 1), ("num_proc", 1), ("shard_tokens", 1)):
+        if getattr(opts, name) is not None and getattr(opts, name) < low:
+            raise ConfigError(f"{name} must be at least {low}, not {getattr(opts, name)}")
+    if opts.txt_document not in ("file", "line"):
+        raise ConfigError(f"txt_document must be 'file' or 'line', not {opts.txt_document!r}")
+    return opts
 
 
 # -----------------------------------------------------------------------------
-# Inputs: turn each argument into local parquet files, downloading remote ones into a cache.
+# The manifest: created with the split rule, then every input registered before any of it is read
 
-def download_url(url, cache_dir):
-    """Fetch url into cache_dir once (a .part file renamed when complete, so a broken download is never reused)."""
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gpt-prepare")
-    os.makedirs(cache_dir, exist_ok=True)
-    name = hashlib.sha1(url.encode()).hexdigest()[:12] + "-" + os.path.basename(url.split("?")[0])
-    path = os.path.join(cache_dir, name)
-    if os.path.exists(path):
-        return path
-    part = f"{path}.part{os.getpid()}"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-            size = int(r.headers.get("Content-Length") or 0)
-            with tqdm(total=size or None, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(name)}") as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        if size and os.path.getsize(part) != size:
-            raise DataError(f"download of {url} stopped after {os.path.getsize(part)} of {size} bytes")
-        os.replace(part, path)
-    except OSError as e:  # urllib's URLError/HTTPError are OSErrors
-        raise DataError(f"cannot download {url}: {e}") from None
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
-    return path
+def new_manifest(opts, enc):
+    return dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype="uint16",
+                tokenizer=dict(name="gpt2", sha256=GPT2_TIKTOKEN_SHA256), vocab_size=enc.n_vocab, eot_token=enc.eot_token,
+                split=dict(seed=opts.seed, val_docs=opts.val_docs, val_fraction=0.0 if opts.val_docs is not None
+                           else opts.val_fraction, population_inputs=0, population_rows=None),
+                splits={s: dict(documents=0, tokens=0, bytes=0) for s in SPLITS},
+                skipped=dict(null_or_empty=0, below_language_score=0), inputs=[], shards=[])
 
 
-class RemoteFile(io.RawIOBase):
-    """A remote file read through HTTP range requests, seekable: pyarrow reads a parquet file's footer and then
-    only the row groups it needs, so a capped run (--max_docs) fetches a small part of a 2 GB shard."""
-
-    def __init__(self, url):
-        super().__init__()
-        try:  # a HEAD request: the size, whether ranges work, and the final address after redirects
-            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60) as r:
-                self.url, self.size = r.geturl(), int(r.headers.get("Content-Length") or -1)
-                ranges = r.headers.get("Accept-Ranges", "")
-        except OSError as e:
-            raise DataError(f"cannot open {url}: {e}") from None
-        if self.size < 0 or ranges != "bytes":
-            raise DataError(f"{url}: the server does not serve byte ranges; drop --max_docs/--max_tokens to download it whole")
-        self.pos, self.fetched = 0, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self.pos
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
-        return self.pos
-
-    def readinto(self, buffer):
-        n = min(len(buffer), self.size - self.pos)
-        if n <= 0:
-            return 0
-        request = urllib.request.Request(self.url, headers={"Range": f"bytes={self.pos}-{self.pos + n - 1}"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as r:
-                data = r.read()
-        except OSError as e:
-            raise DataError(f"reading {self.url}: {e}") from None
-        if len(data) != n:
-            raise DataError(f"{self.url}: asked for {n} bytes at {self.pos}, got {len(data)}")
-        buffer[:n] = data
-        self.pos, self.fetched = self.pos + n, self.fetched + n
-        return n
+def open_manifest(opts, given):
+    """The directory's manifest (None for a new directory), checked against this run's flags."""
+    if not os.path.exists(os.path.join(opts.out_dir, MANIFEST)):
+        if os.path.exists(os.path.join(opts.out_dir, "meta.json")):
+            raise DataError(f"{opts.out_dir} holds the single-file output of an older prepare.py (train.bin, val.bin, "
+                            f"meta.json; train.py still reads it): prepare into another --out_dir")
+        return None
+    manifest = read_meta(opts.out_dir)
+    manifest.pop("files")  # derived by read_meta, not stored
+    if manifest["tokenizer"] != dict(name="gpt2", sha256=GPT2_TIKTOKEN_SHA256):
+        raise DataError(f"{opts.out_dir} was made with the tokenizer {manifest['tokenizer']}, not GPT-2's")
+    split = manifest["split"]
+    wanted = dict(seed=opts.seed, val_docs=opts.val_docs, val_fraction=opts.val_fraction)
+    for key in SPLIT_KEYS:
+        if key in given and wanted[key] != split[key]:
+            raise DataError(f"{opts.out_dir} was made with --{key}={split[key]}: the train/val split is fixed when a "
+                            f"directory is created (drop --{key}, or prepare into another --out_dir)")
+    return manifest
 
 
-def hf_url(path):
-    return f"https://huggingface.co/datasets/{HF_REPO}/resolve/main/{path}"
-
-
-def resolve_inputs(specs, cache_dir, stream=False):
-    """Expand the input arguments into a list of (local path or streamed URL, origin) in a fixed (sorted) order.
-    stream: remote files are read in place with range requests instead of downloaded."""
-    files = []
-    for spec in specs:
-        if stream and spec.startswith(("hf:", "http://", "https://")):
-            files.append((hf_url(spec[3:]) if spec.startswith("hf:") else spec, spec))
-        elif spec.startswith("hf:"):
-            from huggingface_hub import hf_hub_download  # slow import, only when needed
-            try:
-                files.append((hf_hub_download(repo_id=HF_REPO, repo_type="dataset", filename=spec[3:],
-                                              cache_dir=cache_dir), spec))
-            except Exception as e:  # hub errors come in many classes; all mean "could not fetch"
-                raise DataError(f"cannot download {spec[3:]} from {HF_REPO}: {e}") from None
-        elif spec.startswith(("http://", "https://")):
-            files.append((download_url(spec, cache_dir), spec))
-        elif os.path.isdir(spec) or glob.has_magic(spec):
-            pattern = os.path.join(spec, "**", "*.parquet") if os.path.isdir(spec) else spec
-            found = sorted(glob.glob(pattern, recursive=True))
-            if not found:
-                raise DataError(f"no files match {pattern}")
-            files += [(f, f) for f in found]
-        elif os.path.isfile(spec):
-            files.append((spec, spec))
+def register_inputs(manifest, inputs, opts, enc):
+    """Match the inputs against the manifest: known ones are skipped (complete) or continued (a stopped run);
+    new ones are appended, in order. Creates the manifest (and fixes the val rows) for a new directory."""
+    creating = manifest is None
+    manifest = manifest or new_manifest(opts, enc)
+    known = {entry["source"]: entry for entry in manifest["inputs"]}
+    need_score = opts.min_language_score is not None
+    for inp in inputs:
+        entry = known.get(inp.source)
+        if entry is None:
+            check_input(inp, opts.text_column, need_score)
+            entry = known[inp.source] = dict(source=inp.source, kind=inp.kind, size=inp.bytes, version=inp.version,
+                                             options=input_options(inp, opts), rows=0, complete=False, shards=[],
+                                             splits={s: dict(documents=0, tokens=0, bytes=0) for s in SPLITS},
+                                             skipped=dict(null_or_empty=0, below_language_score=0))
+            manifest["inputs"].append(entry)
         else:
-            raise DataError(f"no such file or directory: {spec}")
-    return files
+            check_known_input(entry, inp, opts)
+    if creating:  # the val population: the inputs of the first argument
+        population = [inp for inp in inputs if inp.argument == inputs[0].argument]
+        manifest["split"]["population_inputs"] = len(population)
+        if opts.val_docs is not None:
+            rows = sum(count_rows(inp, opts.text_column, opts.txt_document) for inp in population)
+            manifest["split"]["population_rows"] = min(rows, opts.max_docs or rows)
+    return manifest
 
 
-def open_sources(files, text_column, need_score):
-    """Open every parquet file up front (reads only the footers) so bad input fails before any work."""
-    sources = []
-    for path, origin in files:
-        streamed = path.startswith(("http://", "https://"))
-        try:
-            handle = io.BufferedReader(RemoteFile(path), buffer_size=1 << 20) if streamed else path
-            pf = pq.ParquetFile(handle)
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable parquet file ({e})") from None
-        names = pf.schema_arrow.names
-        if text_column not in names:
-            raise DataError(f"{path}: no column {text_column!r} (columns: {', '.join(names)}); see --text_column")
-        kind = pf.schema_arrow.field(text_column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise DataError(f"{path}: column {text_column!r} holds {kind}, not text; see --text_column")
-        if need_score and "language_score" not in names:
-            raise DataError(f"{path}: no column 'language_score', needed by --min_language_score")
-        sources.append((pf, path, origin, handle.raw.size if streamed else os.path.getsize(path)))
-    return sources
+def input_options(inp, opts):
+    """The flags that decide what an input's rows become; a continued input must be read with the same."""
+    return dict(text_column=opts.text_column if inp.kind != "txt" else None, min_language_score=opts.min_language_score,
+                txt_document=opts.txt_document if inp.kind == "txt" else None)
+
+
+def check_known_input(entry, inp, opts):
+    changed = (entry["size"], entry["version"]) != (inp.bytes, inp.version)
+    if entry["complete"]:
+        print(f"skipping {inp.source}: already in the manifest ({entry['rows']:,} rows)"
+              + ("; it has changed since, and its new content is not added" if changed else ""))
+        return
+    if entry["rows"] == 0:  # registered by a run that stopped before reading it: nothing depends on it yet
+        check_input(inp, opts.text_column, opts.min_language_score is not None)
+        entry.update(size=inp.bytes, version=inp.version, options=input_options(inp, opts))
+        return
+    if changed:
+        raise DataError(f"{inp.source} changed after its first {entry['rows']:,} rows were prepared; restore it, or "
+                        f"prepare into another --out_dir")
+    if entry["options"] != input_options(inp, opts):
+        raise DataError(f"{inp.source} was begun with {entry['options']}: continue it with the same flags")
+    print(f"continuing {inp.source} from row {entry['rows']:,}")
 
 
 # -----------------------------------------------------------------------------
-# The train/val split is a function of (seed, global row number) only, so it does not depend on
-# --num_proc, batch sizes or filters, and the same input and seed always give the same split.
+# The train/val split: val rows come from the first argument's inputs only (the population), numbered across
+# them, and depend only on the seed and that row number: adding data, --num_proc, batch sizes and resumes do
+# not change them.
 
-def val_rows_for_count(n_val, total_rows, seed):
-    """--val_docs: exactly n_val row numbers drawn without replacement (fewer if some of them get skipped)."""
-    return np.sort(np.random.default_rng(seed).choice(total_rows, size=min(n_val, total_rows), replace=False))
+def val_rows_for_count(n_val, population_rows, seed):
+    """--val_docs: n_val row numbers drawn without replacement (fewer if some of them are skipped)."""
+    return np.sort(np.random.default_rng(seed).choice(population_rows, size=min(n_val, population_rows), replace=False))
 
 
-def in_val(rows, args, val_rows):
-    """Boolean mask: which of these global row numbers belong to val."""
-    if val_rows is not None:
+def in_val(rows, split, val_rows):
+    """Boolean mask: which of these population row numbers belong to val."""
+    if split["val_docs"] is not None:
         return np.isin(rows, val_rows)
     # --val_fraction: splitmix64 hash of (seed, row) as a uniform number in [0, 1)
-    z = rows.astype(np.uint64) + np.uint64(args.seed * 0x9E3779B97F4A7C15 % 2**64)  # arrays wrap mod 2**64
+    z = rows.astype(np.uint64) + np.uint64(split["seed"] * 0x9E3779B97F4A7C15 % 2**64)  # arrays wrap mod 2**64
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < args.val_fraction
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < split["val_fraction"]
 
 
-def iter_record_batches(pf, columns):
-    """A file's record batches, one row group at a time: one iter_batches over a whole file holds on to memory
-    as it goes (pyarrow 26: peak RSS 150 MB on the sample, 430 MB on 30 copies of it); this stays flat."""
-    for row_group in range(pf.num_row_groups):
-        yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, row_groups=[row_group])
-
-
-def read_batches(sources, args, val_rows):
-    """Stream the text column, BATCH_ROWS rows at a time (never a whole file in memory). Yields (texts, info):
-    the kept texts as a list of str, and what the main process needs about them (global row numbers,
-    UTF-8 sizes, val flags, and the row numbers of the skipped rows, by reason)."""
-    row0, docs = 0, 0  # global row number of the batch's first row, documents yielded so far
-    columns = [args.text_column] + (["language_score"] if args.min_language_score is not None else [])
-    for pf, path, _, _ in sources:
-        try:
-            for batch in iter_record_batches(pf, columns):
-                text = batch.column(0)
-                nbytes = pc.fill_null(pc.binary_length(text), 0).to_numpy()  # UTF-8 bytes, 0 for null and ""
-                empty, low = nbytes == 0, np.zeros(len(text), bool)
-                if args.min_language_score is not None:
-                    low = (pc.fill_null(batch.column(1), -1.0).to_numpy() < args.min_language_score) & ~empty
-                keep = ~(empty | low)
-                if args.max_docs is not None and docs + keep.sum() >= args.max_docs:
-                    n = np.flatnonzero(keep)[args.max_docs - docs - 1] + 1  # cut after the last wanted document
-                    text, nbytes, empty, low, keep = text[:n], nbytes[:n], empty[:n], low[:n], keep[:n]
-                rows = row0 + np.flatnonzero(keep)
-                info = dict(rows=rows, bytes=nbytes[keep].astype(np.int64), val=in_val(rows, args, val_rows),
-                            skipped={"null_or_empty": row0 + np.flatnonzero(empty),
-                                     "below_language_score": row0 + np.flatnonzero(low)})
-                yield text.filter(pa.array(keep)).to_pylist(), info
-                row0, docs = row0 + len(text), docs + len(rows)
-                if args.max_docs is not None and docs >= args.max_docs:
-                    return
-        except (pa.ArrowException, OSError) as e:  # a corrupt page shows up only when it is read
-            raise DataError(f"{path}: cannot read ({e})") from None
+def document_batches(manifest, inputs, opts):
+    """Every row still to read, input after input in manifest order, in batches: yields (texts, info), the kept
+    texts and what the writer needs about them (input, row numbers, UTF-8 sizes, val flags, skipped rows). After
+    an input's last batch comes an empty one with info["end"]: the input is complete."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    split, by_source = manifest["split"], {inp.source: inp for inp in inputs}
+    val_rows = (val_rows_for_count(split["val_docs"], split["population_rows"], split["seed"])
+                if split["val_docs"] is not None else None)
+    ends = {}  # input -> its number of rows, once read to the end (the writer learns it later: batches are in flight)
+    for index, entry in enumerate(manifest["inputs"]):
+        if entry["complete"]:
+            ends[index] = entry["rows"]
+        if entry["complete"] or entry["source"] not in by_source:
+            continue
+        # the population's rows are numbered across its inputs in order: the inputs before this one must be read
+        unfinished = [e["source"] for i, e in enumerate(manifest["inputs"][:index]) if i not in ends]
+        if index < split["population_inputs"] and unfinished:
+            raise DataError(f"{unfinished[0]} is not finished, and the val rows of {entry['source']} are numbered "
+                            f"after all of its rows: name both inputs, in that order, to continue")
+        offset = sum(ends.get(i, 0) for i in range(index))
+        options, row = entry["options"], entry["rows"]
+        for row, text, scores in read_batches(by_source[entry["source"]], options["text_column"], options["txt_document"],
+                                              options["min_language_score"] is not None, start_row=entry["rows"]):
+            nbytes = pc.fill_null(pc.binary_length(text), 0).to_numpy()  # UTF-8 bytes, 0 for null and ""
+            empty, low = nbytes == 0, np.zeros(len(text), bool)
+            if options["min_language_score"] is not None:  # a missing score (NaN) counts as low
+                low = ~(scores >= options["min_language_score"]) & ~empty
+            keep = ~(empty | low)
+            rows = row + np.flatnonzero(keep)
+            is_val = (in_val(offset + rows, split, val_rows) if index < split["population_inputs"]
+                      else np.zeros(len(rows), bool))
+            info = dict(input=index, rows=rows, end_row=row + len(text), bytes=nbytes[keep].astype(np.int64),
+                        val=is_val, skipped={"null_or_empty": row + np.flatnonzero(empty),
+                                             "below_language_score": row + np.flatnonzero(low)})
+            yield text.filter(pa.array(keep)).to_pylist(), info
+            row += len(text)
+        ends[index] = row
+        yield [], dict(input=index, end=True, rows=np.empty(0, np.int64), end_row=row)
 
 
 # -----------------------------------------------------------------------------
-# Tokenizing: worker processes encode batches; the main process reads parquet and writes tokens.
+# Tokenizing: worker processes encode batches; the main process reads the inputs and writes the shards.
 
 _enc = None  # the tokenizer, one per process
+_lock_fd = None  # the out_dir lock, closed in the workers so that only the main process holds it
 
 
 def load_tokenizer():
@@ -307,6 +260,8 @@ def _init_worker():
     # if the main process dies (kill -9), a worker's next result goes into a pipe nobody reads: die quietly there,
     # like a Unix tool in a pipeline, instead of printing a BrokenPipeError traceback (Python ignores SIGPIPE)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if _lock_fd is not None:
+        os.close(_lock_fd)  # the lock stays the main process's: it ends with it, whatever the workers do
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked by start_pool
     load_tokenizer()
@@ -327,7 +282,7 @@ def encode_batch(texts):
     eot = np.array([_enc.eot_token], np.uint32)
     lens, parts = np.empty(len(texts), np.int64), [np.empty(0, np.uint32)]  # (a batch can be all skipped rows)
     for i, text in enumerate(texts):
-        # = encode_ordinary (no special tokens: a literal "<|endoftext|>" in a page stays text), but into a
+        # = encode_ordinary (no special tokens: a literal "<|endoftext|>" in a web page stays text), but into a
         # numpy buffer rather than a list of Python ints: ~15% faster (tiktoken >= 0.8)
         ids = _enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
         parts += (eot, ids)
@@ -351,75 +306,160 @@ def encode_in_order(batches, pool, depth):
         yield info, result.get()
 
 
-def tokenize(sources, args, out):
-    """Write all documents to the open files out["train"], out["val"]; returns the stats for meta.json."""
-    total_rows = sum(pf.metadata.num_rows for pf, _, _, _ in sources)
-    val_rows = None
-    if args.val_docs is not None:
-        val_rows = val_rows_for_count(args.val_docs, min(total_rows, args.max_docs or total_rows), args.seed)
-    stats = {s: dict(documents=0, tokens=0, bytes=0) for s in SPLITS}
-    skipped = dict(null_or_empty=0, below_language_score=0)
-    load_tokenizer()  # before the fork, so workers start ready
-    pool = start_pool(args.num_proc) if args.num_proc > 1 else None  # 1: tokenize in this process
-    t0, n_tokens = time.time(), 0
-    bar = tqdm(total=min(total_rows, args.max_docs or total_rows), unit="doc", unit_scale=True, desc="tokenizing")
-    try:
-        for info, (tokens, lens) in encode_in_order(read_batches(sources, args, val_rows), pool, 2 * args.num_proc):
-            cut = len(lens)  # documents of this batch to keep
-            if args.max_tokens is not None:  # whole documents only, in order
-                cut = int(np.searchsorted(np.cumsum(lens), args.max_tokens - n_tokens, side="right"))
-                tokens, lens = tokens[:lens[:cut].sum()], lens[:cut]
-            is_val = info["val"][:cut]
-            val_token = np.repeat(is_val, lens)
-            for split, docs, part in (("train", ~is_val, tokens[~val_token]), ("val", is_val, tokens[val_token])):
-                out[split].write(part)
-                stats[split]["documents"] += int(docs.sum())
-                stats[split]["tokens"] += len(part)
-                stats[split]["bytes"] += int(info["bytes"][:cut][docs].sum())
-            full = cut == len(info["val"])
-            last_row = np.inf if full else info["rows"][cut]  # rows from here on were not used
-            for reason, rows in info["skipped"].items():
-                skipped[reason] += int((rows < last_row).sum())
-            n_tokens += len(tokens)
-            bar.update(cut)
-            bar.set_postfix_str(f"{n_tokens / (time.time() - t0) / 1e6:.2f}M tok/s", refresh=False)
-            if not full:
-                break
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()  # also stops workers still busy with batches past a --max_tokens cut
-    return stats, skipped, time.time() - t0
+# -----------------------------------------------------------------------------
+# Writing: documents go into the open shards (temporary files); a shard is complete when its train tokens reach
+# --shard_tokens, at a cap, and at the end of the run. Completing renames the files into place and then rewrites
+# the manifest, which therefore only ever lists whole shards; every position in it is a document boundary, so
+# a resumed run cuts its shards where an uninterrupted one does.
 
+class ShardWriter:
+    """The run's open shards (one temporary file per split) and the manifest they join when complete."""
 
-def write_outputs(args, sources, tmp):
-    """Tokenize into the temp files tmp[...], then rename them into place. meta.json is removed first and
-    renamed last: a run stopped at any point leaves either the old complete output or no meta.json at all
-    (which read_meta refuses), never a mix."""
-    with open(tmp["train"], "wb", buffering=1 << 24) as ftrain, open(tmp["val"], "wb", buffering=1 << 24) as fval:
-        stats, skipped, seconds = tokenize(sources, args, {"train": ftrain, "val": fval})
-        for f in (ftrain, fval):  # on disk before the renames make it visible
+    def __init__(self, out_dir, manifest, opts):
+        self.out_dir, self.manifest, self.opts = out_dir, manifest, opts
+        self.files, self.open = {}, {s: dict(documents=0, tokens=0, bytes=0, parts={}) for s in SPLITS}
+        self.added = {s: dict(documents=0, tokens=0) for s in SPLITS}  # by this run, for the summary
+
+    def temp_path(self, split):
+        return os.path.join(self.out_dir, f".{self.next_name(split)}.tmp{os.getpid()}")
+
+    def next_name(self, split):
+        return shard_name(split, sum(s["split"] == split for s in self.manifest["shards"]))
+
+    def room(self, info, lens):
+        """How many of the batch's documents to write now, and why not more: None (all of them), 'full' (the train
+        shard is complete after the n-th) or 'cap' (--max_docs / --max_tokens is reached)."""
+        held = {key: sum(s[key] for s in self.manifest["splits"].values()) for key in ("documents", "tokens")}
+        n_cap = len(lens)
+        if self.opts.max_docs is not None:
+            n_cap = min(n_cap, self.opts.max_docs - held["documents"])
+        if self.opts.max_tokens is not None:  # whole documents only, in order
+            n_cap = min(n_cap, int(np.searchsorted(np.cumsum(lens), self.opts.max_tokens - held["tokens"], side="right")))
+        train_tokens = np.cumsum(np.where(info["val"], 0, lens)) + self.open["train"]["tokens"]
+        full = np.flatnonzero(train_tokens >= self.opts.shard_tokens)
+        if len(full) and full[0] < n_cap:
+            return int(full[0]) + 1, "full"
+        capped = n_cap < len(lens) or (self.opts.max_docs is not None and held["documents"] + n_cap >= self.opts.max_docs)
+        return n_cap, "cap" if capped else None
+
+    def take(self, info, tokens, lens):
+        """Write the batch's documents, completing shards as they fill. False once a cap stops the run."""
+        entry = self.manifest["inputs"][info["input"]]
+        if info.get("end"):
+            entry.update(rows=info["end_row"], complete=True)
+            return True
+        while True:
+            n, stop = self.room(info, lens)
+            cut = int(lens[:n].sum())
+            # the input's position afterwards: past the batch, or (cut short) just past the last document written
+            end_row = info["end_row"] if stop is None else int(info["rows"][n - 1]) + 1 if n else entry["rows"]
+            self.write(entry, info, tokens[:cut], lens[:n], end_row)
+            if stop != "full":
+                return stop is None
+            self.complete()
+            info = {**info, "rows": info["rows"][n:], "bytes": info["bytes"][n:], "val": info["val"][n:]}
+            tokens, lens = tokens[cut:], lens[n:]
+
+    def write(self, entry, info, tokens, lens, end_row):
+        """Append documents to the open shards and count them (in memory: the manifest on disk changes only when
+        a shard is complete)."""
+        is_val = info["val"][:len(lens)]
+        val_token = np.repeat(is_val, lens)
+        for split, docs, part in (("train", ~is_val, tokens[~val_token]), ("val", is_val, tokens[val_token])):
+            if len(part) == 0:
+                continue
+            if split not in self.files:
+                self.files[split] = open(self.temp_path(split), "wb", buffering=1 << 24)
+            self.files[split].write(part)
+            counts = dict(documents=int(docs.sum()), tokens=len(part), bytes=int(info["bytes"][:len(lens)][docs].sum()))
+            for total in (self.open[split], entry["splits"][split], self.manifest["splits"][split]):
+                for key, value in counts.items():
+                    total[key] += value
+            self.added[split]["documents"] += counts["documents"]
+            self.added[split]["tokens"] += counts["tokens"]
+            self.open[split]["parts"].setdefault(info["input"], [int(info["rows"][:len(lens)][docs][0]), 0])[1] = \
+                int(info["rows"][:len(lens)][docs][-1]) + 1
+        for reason, rows in info["skipped"].items():  # rows skipped between the last position and the new one
+            n = int(((rows >= entry["rows"]) & (rows < end_row)).sum())
+            entry["skipped"][reason] += n
+            self.manifest["skipped"][reason] += n
+        entry["rows"] = end_row
+
+    def complete(self):
+        """Make the open shards part of the directory: on disk, renamed into place, then listed in the manifest."""
+        for split, f in list(self.files.items()):
             f.flush()
             os.fsync(f.fileno())
-    if sum(s["documents"] for s in stats.values()) == 0:
-        raise DataError(f"no documents in the input ({skipped['null_or_empty']} null/empty rows, "
-                        f"{skipped['below_language_score']} below --min_language_score"
-                        + (f"; or the first document alone exceeds --max_tokens={args.max_tokens}" if args.max_tokens else "") + ")")
-    meta = dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype="uint16", tokenizer="gpt2",
-                vocab_size=_enc.n_vocab, eot_token=_enc.eot_token, splits=stats,
-                sources=[dict(path=path if path.startswith(("http://", "https://")) else os.path.abspath(path),
-                              bytes=nbytes, rows=pf.metadata.num_rows, **({"origin": origin} if origin != path else {}))
-                         for pf, path, origin, nbytes in sources],
-                skipped=skipped, options={k: getattr(args, k) for k in OPTIONS})
-    with open(tmp["meta"], "w") as f:
-        json.dump(meta, f, indent=2)
-    meta_path = os.path.join(args.out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    for split in SPLITS:
-        os.replace(tmp[split], os.path.join(args.out_dir, f"{split}.bin"))
-    os.replace(tmp["meta"], meta_path)
-    return stats, skipped, seconds
+            f.close()
+            name, shard = self.next_name(split), self.open[split]
+            os.replace(self.temp_path(split), os.path.join(self.out_dir, name))
+            self.manifest["shards"].append(dict(file=name, split=split, documents=shard["documents"], tokens=shard["tokens"],
+                                                bytes=shard["bytes"], parts=[dict(input=i, rows=rows) for i, rows
+                                                                             in shard["parts"].items()]))
+            for i in shard["parts"]:
+                self.manifest["inputs"][i]["shards"].append(name)
+        self.files, self.open = {}, {s: dict(documents=0, tokens=0, bytes=0, parts={}) for s in SPLITS}
+        sync_directory(self.out_dir)
+        write_json_atomically(os.path.join(self.out_dir, MANIFEST), self.manifest)
+
+    def close(self):
+        """On any exit: the open shards' temporary files go (the manifest does not list them)."""
+        for split, f in self.files.items():
+            f.close()
+            os.remove(self.temp_path(split))
+        self.files = {}
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+def lock_directory(out_dir):
+    """One prepare.py at a time per directory: an exclusive flock on the directory itself, which ends with this
+    process however it ends (kill -9 too), so no lock file is ever left behind."""
+    global _lock_fd
+    _lock_fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(_lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"another prepare.py is writing to {out_dir}: waiting for it to finish", file=sys.stderr)
+        fcntl.flock(_lock_fd, fcntl.LOCK_EX)
+
+
+def remove_strays(out_dir, manifest):
+    """What a killed run leaves: temporary files, and shards renamed into place that the manifest does not list
+    yet. Safe to remove: this process holds the directory's lock, so no other run is writing them."""
+    listed = {s["file"] for s in manifest["shards"]} if manifest else set()
+    for name in os.listdir(out_dir):
+        temporary = re.fullmatch(r"\.(?:(?:train|val)_\d{6}\.bin|manifest\.json)\.tmp\d+", name)
+        if temporary or (re.fullmatch(r"(?:train|val)_\d{6}\.bin", name) and name not in listed):
+            os.remove(os.path.join(out_dir, name))
+
+
+def prepare(opts, given):
+    """Register the inputs, then tokenize what is still to do. Returns (manifest, what this run added, seconds)."""
+    manifest = open_manifest(opts, given)
+    remove_strays(opts.out_dir, manifest)
+    enc = load_tokenizer()
+    capped = opts.max_docs is not None or opts.max_tokens is not None  # remote parquet: read only what is needed
+    inputs = resolve_inputs(opts.inputs, opts.cache_dir or None, stream=capped)
+    manifest = register_inputs(manifest, inputs, opts, enc)
+    write_json_atomically(os.path.join(opts.out_dir, MANIFEST), manifest)  # the inputs, before any of them is read
+    writer, t0 = ShardWriter(opts.out_dir, manifest, opts), time.time()
+    pool = start_pool(opts.num_proc) if opts.num_proc > 1 else None  # 1: tokenize in this process
+    bar = tqdm(unit="doc", unit_scale=True, desc="tokenizing")
+    try:
+        for info, (tokens, lens) in encode_in_order(document_batches(manifest, inputs, opts), pool, 2 * opts.num_proc):
+            bar.update(len(lens))
+            bar.set_postfix_str(f"{writer.added['train']['tokens'] / (time.time() - t0) / 1e6:.2f}M tok/s", refresh=False)
+            if not writer.take(info, tokens, lens):
+                break
+        writer.complete()
+    finally:
+        bar.close()
+        writer.close()
+        if pool is not None:
+            pool.terminate()  # also stops workers still busy with batches past a cap
+    return manifest, writer.added, time.time() - t0
 
 
 def make_out_dir(out_dir):
@@ -438,69 +478,64 @@ def make_out_dir(out_dir):
     return created
 
 
-def remove_stale_temporaries(out_dir):
-    """kill -9 gives no chance to clean up: remove the temp files (.train.tmp<PID> ...) of runs whose process
-    is gone. Those of a live process (maybe a run writing here now) are left alone."""
-    for name in os.listdir(out_dir):
-        m = re.fullmatch(r"\.(?:train|val|meta)\.tmp(\d+)", name)
-        if m and not process_alive(int(m.group(1))):
-            os.remove(os.path.join(out_dir, name))
-
-
-def process_alive(pid):
+def remove_if_empty(out_dir, created):
+    """A run that ends with no document in the directory (a failure, an empty input) leaves nothing behind: not
+    its manifest, not the directories it created."""
+    path = os.path.join(out_dir, MANIFEST)
     try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
+        if os.path.exists(path) and not read_meta(out_dir)["shards"]:
+            os.remove(path)
+    except DataError:  # not ours to judge: leave it
+        return
+    for directory in created:
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty (something else wrote there): keep it and its parents
+            break
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    tmp = {name: os.path.join(args.out_dir, f".{name}.tmp{os.getpid()}") for name in (*SPLITS, "meta")}
-    created, finished = [], False
+def main(argv):
+    opts = parse_args(argv)
+    given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
+    created = make_out_dir(opts.out_dir)
     try:
-        created = make_out_dir(args.out_dir)
-        remove_stale_temporaries(args.out_dir)
-        load_tokenizer()
-        stream = args.max_docs is not None or args.max_tokens is not None  # read only what is needed
-        sources = open_sources(resolve_inputs(args.inputs, args.cache_dir, stream), args.text_column,
-                               args.min_language_score is not None)
-        stats, skipped, seconds = write_outputs(args, sources, tmp)
-        finished = True
-    except DataError as e:
-        sys.exit(f"prepare.py: error: {' '.join(str(e).split())}")  # exit status 1, one line on stderr
-    except OSError as e:  # an unwritable out_dir, a full disk: the message names the file
-        sys.exit(f"prepare.py: error: {e.strerror}: {e.filename}" if e.filename else f"prepare.py: error: {e}")
+        lock_directory(opts.out_dir)
+        manifest, added, seconds = prepare(opts, given)
+        if not manifest["shards"]:
+            raise DataError(f"no documents in the input ({manifest['skipped']['null_or_empty']} null/empty rows, "
+                            f"{manifest['skipped']['below_language_score']} below --min_language_score"
+                            + (f"; or the first document alone exceeds --max_tokens={opts.max_tokens}" if opts.max_tokens else "") + ")")
     except KeyboardInterrupt:
-        print("prepare.py: interrupted; partial output removed", file=sys.stderr)
+        print("prepare.py: interrupted; the complete shards are kept: run the same command again to continue",
+              file=sys.stderr)
         sys.exit(130)
     finally:
-        for path in tmp.values():
-            if os.path.exists(path):
-                os.remove(path)
-        for path in created if not finished else []:  # a failed run leaves no empty directory behind
-            try:
-                os.rmdir(path)
-            except OSError:  # not empty (something else wrote there): keep it and its parents
-                break
-    report(args, stats, skipped, seconds)
+        remove_if_empty(opts.out_dir, created)
+        if _lock_fd is not None:
+            os.close(_lock_fd)
+    report(opts, manifest, added, seconds)
 
 
-def report(args, stats, skipped, seconds):
-    docs, tokens = (sum(s[k] for s in stats.values()) for k in ("documents", "tokens"))
-    print(f"wrote {args.out_dir}: " + " | ".join(
-        f"{split} {s['documents']:,} docs {s['tokens']:,} tokens {s['bytes']:,} bytes" for split, s in stats.items()))
+def report(opts, manifest, added, seconds):
+    line = " | ".join(f"{split} {s['documents']:,} docs {s['tokens']:,} tokens" for split, s in added.items())
+    print(f"added to {opts.out_dir}: {line}")
+    print(f"{opts.out_dir} holds " + " | ".join(
+        f"{split} {s['documents']:,} docs {s['tokens']:,} tokens {s['bytes']:,} bytes" for split, s in manifest["splits"].items())
+        + f" in {len(manifest['shards'])} shard(s) from {len(manifest['inputs'])} input(s)")
+    skipped = manifest["skipped"]
     print(f"skipped {skipped['null_or_empty']:,} null/empty rows, {skipped['below_language_score']:,} below language score")
+    docs, tokens = (sum(s[k] for s in added.values()) for k in ("documents", "tokens"))
     print(f"{docs:,} docs, {tokens:,} tokens in {seconds:.1f} s: {docs / seconds:,.0f} docs/s, "
-          f"{tokens / seconds / 1e6:.2f}M tokens/s with {args.num_proc} process(es)")
+          f"{tokens / seconds / 1e6:.2f}M tokens/s with {opts.num_proc} process(es)")
+    pending = [e["source"] for e in manifest["inputs"] if not e["complete"]]
+    if pending:
+        print(f"not finished: {', '.join(pending[:3])}{' ...' if len(pending) > 3 else ''} (a cap stopped the run; "
+              f"a run with a higher or no --max_docs/--max_tokens continues)")
     for split, advice in (("val", "raise --val_fraction or --val_docs"), ("train", "lower --val_docs or --val_fraction")):
-        if stats[split]["documents"] == 0:
+        if manifest["splits"][split]["documents"] == 0:
             print(f"warning: the {split} split is empty; {advice}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill cleans up the temp files, like Ctrl-C
-    main()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill cleans up the temporary files, like Ctrl-C
+    run_main(main)
