@@ -36,6 +36,7 @@ from smallgpt.evaluation import bits_per_byte, loss_sums, read_hellaswag, score_
 from smallgpt.metrics import MetricsLog
 from smallgpt.monitor import Clock, Health, compile_failure, count, duration, gpu_report, probe_compiled
 from smallgpt.optim import configure_optimizer
+from smallgpt.plan import plan_report, plan_summary
 from smallgpt.tokens import TrainWindows, fixed_windows, get_tokenizer, open_split, stack_windows
 
 # -----------------------------------------------------------------------------
@@ -458,9 +459,12 @@ class StopRequest:
 
 def main(argv):
     cfg = load_train_config(argv)
+    if cfg.plan:  # memory and time from the config alone: no data opened, nothing allocated
+        print(plan_report(cfg))
+        return
     rt = setup_runtime(cfg)
     if rt.master and rt.device_type == "cuda":  # before we allocate: does another process hold part of the card?
-        print("\n".join(gpu_report(rt.device)))
+        print("\n".join(gpu_report(rt.device) + [plan_summary(cfg)]))
     train_tokens, meta = open_split(cfg.data_dir, "train")  # opened first: a wrong data_dir fails before any model
     val_tokens, _ = open_split(cfg.data_dir, "val")
 

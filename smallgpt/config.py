@@ -42,7 +42,7 @@ class TrainConfig(GPTConfig):
     wandb_project: str = "gpt"  # wandb project name
     wandb_run_name: str = "run"  # wandb run name
     # --- batch
-    batch_size: int = 12  # micro-batch, in sequences of block_size tokens
+    batch_size: int = 12  # micro-batch in sequences of block_size tokens, or 'auto': the largest that fits (docs/training.md)
     gradient_accumulation_steps: int = 40  # micro-batches per optimizer step, over all GPUs together
     seed: int = 1337  # seeds the weights, the data order and every random draw
     # --- optimizer (AdamW)
@@ -79,6 +79,9 @@ class TrainConfig(GPTConfig):
     backend: str = "auto"  # DDP backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up the GPU's dense bf16 peak
     deterministic: bool = False  # CPU only: one thread, deterministic kernels: repeat runs bit-identical under any load
+    # --- the planner (smallgpt/plan.py)
+    plan: bool = False  # print the memory and time plan of this config and exit: no data, no GPU memory used
+    gpu_memory_gb: float = 0.0  # the memory budget of --plan and batch_size='auto', GiB; 0 = the detected GPU's, else 12
 
 
 CHOICES = {
@@ -91,13 +94,17 @@ POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_
             "learning_rate", "adam_eps", "multiplier_lr_scale", "muon_lr", "adam_embed_lr", "adam_head_lr")
 NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "hellaswag_interval", "seed",
                 "min_lr", "weight_decay", "multiplier_weight_decay", "grad_clip", "peak_flops", "loss_spike_factor",
-                "grad_spike_factor", "muon_weight_decay", "muon_momentum_warmup")
+                "grad_spike_factor", "muon_weight_decay", "muon_momentum_warmup", "gpu_memory_gb")
+AUTO_KEYS = ("batch_size",)  # int keys that also take the string 'auto' (resolved at start by smallgpt/plan.py)
 FRACTIONS = {"dropout": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "muon_momentum": (0.0, 1.0),
              "muon_momentum_start": (0.0, 1.0)}  # each in [low, high)
 
 
 def _convert(key, value, kind, from_cli):
     """value (a Python value from a config file, or a string from the command line) as type kind."""
+    if key in AUTO_KEYS and value == "auto":
+        return value
+    expected = kind.__name__ + (" or 'auto'" if key in AUTO_KEYS else "")
     if from_cli and kind is not str:
         text = value
         if kind is bool and text.lower() in ("true", "false"):
@@ -105,11 +112,11 @@ def _convert(key, value, kind, from_cli):
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            raise ConfigError(f"{key} expects {kind.__name__}, got {text!r}")
+            raise ConfigError(f"{key} expects {expected}, got {text!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not kind:
-        raise ConfigError(f"{key} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key} expects {expected}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -145,20 +152,28 @@ def parse_args(cls, argv):
     """Build a cls (a dataclass) from argv: config file paths, then --key=value overrides (--key alone = True)."""
     known = {f.name: f.type for f in fields(cls)}
     values = {}
+    replaced_batch = getattr(cls, "batch_size", None)  # the micro-batch that batch_size='auto' replaced
     for arg in argv:
         if arg in ("-h", "--help"):
             print(describe(cls))
             raise SystemExit(0)
         if not arg.startswith("--"):
-            for key, value in read_config_file(arg).items():
-                _set(values, known, key, value, arg)
+            assignments = [(key, value, arg, False) for key, value in read_config_file(arg).items()]
         else:
             key, eq, value = arg[2:].partition("=")
             if not eq:
                 if known.get(key) is not bool:
                     raise ConfigError(f"--{key} needs a value: --{key}=...")
                 value = "True"
-            _set(values, known, key, value, "the command line", from_cli=True)
+            assignments = [(key, value, "the command line", True)]
+        for key, value, where, from_cli in assignments:
+            if key == "batch_size" and values.get(key) != "auto":
+                replaced_batch = values.get(key, replaced_batch)
+            _set(values, known, key, value, where, from_cli)
+    if values.get("batch_size") == "auto":  # 'auto' keeps the tokens per step of the micro-batch it replaced: until
+        # train.py resolves it, each sequence counts as one micro-batch of the accumulation
+        values["gradient_accumulation_steps"] = replaced_batch * values.get("gradient_accumulation_steps",
+                                                                            cls.gradient_accumulation_steps)
     try:
         config = cls(**values)
     except ValueError as e:  # checks in __post_init__
@@ -175,7 +190,7 @@ def validate(config):
         if f.type is float and not math.isfinite(getattr(config, f.name)):
             raise ConfigError(f"{f.name} must be a finite number, not {getattr(config, f.name)}")
     for key in POSITIVE:
-        if getattr(config, key) <= 0:
+        if getattr(config, key) != "auto" and getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive, not {getattr(config, key)}")
     for key in NON_NEGATIVE:
         if getattr(config, key) < 0:
