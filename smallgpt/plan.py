@@ -115,9 +115,8 @@ class Dims:
 
 
 def norm_saved(D, N):
-    """A residual norm's saved set, float32 in both dtypes. LayerNorm: x, mean, rstd. RMSNorm on a CPU
-    (decomposed: no fused kernel): x, x * rstd and rstd."""
-    return 4 * N * D.C + 8 * N if D.layernorm else 8 * N * D.C + 4 * N
+    """A residual norm's saved set, float32 in both dtypes: x and rstd (LayerNorm: and the mean)."""
+    return 4 * N * D.C + (8 * N if D.layernorm else 4 * N)
 
 
 def block_saved(D, N):
@@ -127,8 +126,8 @@ def block_saved(D, N):
     t["attn.input"] = a * N * C  # the normed input in the compute dtype, saved by the QKV matmul
     t["attn.qkv_weight"] = a * 3 * C * C  # torch.cat of c_q, c_k, c_v (or its bf16 cast): not a leaf, not cached
     t["attn.qkv"] = a * 3 * N * C  # q, k and v are views of one (N, 3C) product
-    if D.qk_norm:  # decomposed RMSNorm over head_dim: x * rstd and rstd, and in bf16 a float32 copy of q and k
-        t["attn.qk_norm"] = 2 * ((8 if bf16 else 4) * N * C + 4 * D.h * N) + (4 * D.d if bf16 else 0)
+    if D.qk_norm:  # RMSNorm over head_dim of q and k: a float32 rstd per head and token (x is the product's view)
+        t["attn.qk_norm"] = 2 * 4 * D.h * N
     if D.rope or D.qk_norm:  # the q and k that SDPA gets are new tensors, not views of the product
         t["attn.q_k"] = a * 2 * N * C
     if D.rope and bf16:  # cos and sin cast to bf16 in each of the two apply_rope calls
@@ -156,24 +155,14 @@ def block_backward_transient(D, N):
 
 def loss_forward_transient(D, N):
     """The chunked cross-entropy's most at once in forward, over h and the trunk's saved tensors: grad_h and
-    grad_w (4NC + 4VC) plus one chunk's buffers, the previous chunk's while the next starts, or at the end the
-    divided copies of both gradients."""
-    V, C, c = D.V, D.C, D.chunk
-    K = math.ceil(N / c)  # chunks
-    n1, n_last = min(c, N), N - (K - 1) * c
-    n2 = (c if K > 2 else N - c) if K >= 2 else 0  # the second chunk's rows
-    if D.a == 2:  # float32 logits + bf16 gradient; the weight gradient's bf16 product and its float32 copy
-        one = 6 * n1 * V + 6 * V * C
-        # chunk 2's matmul while chunk 1's buffers live: its bf16 logits, a fresh bf16 cast of weight.t() (a view:
-        # never cached) and of h_c; or chunk 1's bf16 gradient next to chunk 2's logits being made float32
-        two = max(6 * n1 * V + 2 * n2 * V + 2 * V * C + 2 * n2 * C, 2 * n1 * V + 6 * n2 * V) if K >= 2 else 0
-        end = 8 * N * C + 8 * V * C + 6 * n_last * V
-    else:
-        one = 4 * n1 * V + 4 * V * C
-        two = 4 * (n1 + n2) * V if K >= 2 else 0  # the previous chunk's buffer lives until `grad` is rebound
-        end = 8 * N * C + 8 * V * C + 4 * n_last * V
-    grads = 4 * N * C + 4 * V * C
-    return max(grads + one, grads + two, end)
+    grad_w (4NC + 4VC), and one chunk of n rows at a time (the largest is the first)."""
+    V, C, n = D.V, D.C, min(D.chunk, N)
+    if D.a == 2:  # the bf16 logits and their float32 copy, or later that copy and the bf16 gradient made of it;
+        # then the bf16 gradient, h_c's bf16 cast and the bf16 weight-gradient product
+        chunk = max(6 * n * V, 2 * n * V + 2 * n * C + 2 * V * C)
+    else:  # the float32 logits, which become the gradient, and its product with h_c (V, C) or with the weight
+        chunk = 4 * n * V + max(4 * V * C, 4 * n * C)
+    return 4 * N * C + 4 * V * C + chunk
 
 
 def micro_batch(D, N, block_params, all_params, grads_exist):
@@ -194,8 +183,11 @@ def micro_batch(D, N, block_params, all_params, grads_exist):
     T_blk, head, residual = block_backward_transient(D, N), 4 * D.V * D.C, 4 * N * D.C
     done_blocks = 0 if grads_exist else (D.L - 1) * 4 * block_params  # gradients made before block 0's backward
     kept = 4 * N * D.C if D.checkpointing else S_blk  # per block, while the blocks above run backward
-    recomputed = S_blk if D.checkpointing else 0
+    recomputed = S_blk - 4 * N * D.C if D.checkpointing else 0  # its input is the kept one (ln_1 saves it)
     backward = {"loss backward": saved + 4 * N * D.C + 4 * D.V * D.C,  # grad_h, grad_w scaled
+                # RMSNorm's backward (model._RMSNorm): x_hat, its gradient and one product, float32, while the loss
+                # gradients take the place of the saved ones (LayerNorm's fused kernel holds less than the loss)
+                "final norm backward": saved + (0 if D.layernorm else 12 * N * D.C),
                 "top block backward": embedding + D.L * kept + recomputed + head + residual + T_blk,
                 "bottom block backward": embedding + kept + recomputed + head + residual + done_blocks + T_blk,
                 # tied: a dense (V, C) embedding gradient, added out of place to the head's: three at once

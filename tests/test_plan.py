@@ -16,7 +16,7 @@ import torch
 
 from bench.bench_plan import LiveTensors, Trainer, compare, storage_bytes
 from conftest import REPO, run_script
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, cross_entropy
 from smallgpt import plan
 from smallgpt.config import TrainConfig, load_train_config, model_args
 
@@ -91,6 +91,22 @@ def test_live_tensors_counts_a_known_case():
         del y
         assert live.live == 4_000_000
     assert live.peak == 8_000_008  # y, x.grad and the two scalars
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_loss_holds_one_chunk_at_a_time(dtype):
+    """The chunked cross-entropy's forward peak is the planner's: its two gradients plus one chunk's buffers (the
+    loop used to keep the previous chunk's, a fresh bf16 copy of the head for every chunk, and float32 copies of
+    both gradients at the end)."""
+    N, C, V, chunk = 2500, 64, 1000, 1024  # three chunks, the last one short
+    cfg = train_config(n_embd=C, n_head=1, vocab_size=V, loss_chunk_size=chunk, dtype=dtype)
+    h, weight = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
+    targets = torch.randint(V, (N,))
+    with LiveTensors() as live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        cross_entropy(h, weight, targets, chunk)
+    cached_head = 2 * V * C if dtype == "bfloat16" else 0  # autocast's bf16 copy of the head, made in the loss
+    assert live.peak == pytest.approx(plan.loss_forward_transient(plan.Dims.of(cfg, dtype), N) + cached_head,
+                                      rel=0.01)
 
 
 @pytest.mark.parametrize("block, checkpointing", [("gpt2", False), ("modern", True)])
