@@ -377,3 +377,66 @@ def plan_summary(cfg):
             f"{mem.peak / GIB:.1f}, eager; + {mem.allowance / GIB:.1f} assumed for the CUDA context and allocator): "
             f"{'fits' if mem.needed <= budget * GIB else 'does NOT fit'}; largest micro-batch "
             f"{largest_micro_batch(cfg, budget * GIB, cfg.activation_checkpointing)}; details: --plan")
+
+
+# -----------------------------------------------------------------------------
+# batch_size='auto': the largest micro-batch the plan fits, confirmed on the device
+
+def choose_batch_size(cfg, model, rt, resumed=None, trial=None):
+    """cfg with batch_size='auto' resolved (any other cfg as it is). Resuming (resumed: the checkpoint's config)
+    keeps the checkpoint's numbers. Otherwise: the largest micro-batch that the plan fits in the budget and that
+    divides this rank's sequences per step, confirmed on a GPU by trial(b) (fits_on_device: a real forward and
+    backward), stepping down when it runs out of memory; the accumulation follows, so the tokens per step stay
+    the config's. rt: train.py's Runtime (device, dtype, world, ddp, log)."""
+    if cfg.batch_size != "auto":
+        return cfg
+    if resumed is not None:
+        rt.log(f"batch_size='auto': the resumed run's micro-batch {resumed['batch_size']} x "
+               f"{resumed['gradient_accumulation_steps']} accumulation")
+        return replace(cfg, batch_size=resumed["batch_size"],
+                       gradient_accumulation_steps=resumed["gradient_accumulation_steps"])
+    budget, source = budget_gib(cfg)
+    planned = largest_micro_batch(cfg, budget * GIB, cfg.activation_checkpointing)
+    per_rank = cfg.gradient_accumulation_steps // rt.world  # sequences per step on this rank ('auto' counted 1)
+    if trial is None:  # a CPU has no out-of-memory to catch: the plan decides there
+        reserve = sum(optimizer_state(meta_model(cfg), cfg).values())
+        trial = (lambda b: fits_on_device(model, cfg, b, rt.device, rt.dtype, reserve)) \
+            if rt.device.startswith("cuda") else (lambda b: True)
+    # the plan's allowance is an assumption: when it says nothing fits, a micro-batch of 1 is still tried
+    batch = next((b for b in range(min(max(planned, 1), per_rank), 0, -1) if per_rank % b == 0 and trial(b)), 0)
+    if rt.ddp:  # every rank takes the same micro-batch: the smallest that fits everywhere
+        agreed = torch.tensor([batch], device=rt.device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+        batch = int(agreed)
+    if batch == 0:
+        raise ConfigError(f"batch_size='auto': not even a micro-batch of 1 fits in {budget:.1f} GiB ({source}): "
+                          f"try activation_checkpointing=True or a smaller model")
+    accum = cfg.gradient_accumulation_steps // batch
+    rt.log(f"batch_size='auto': micro-batch {batch} x {accum} accumulation = "
+           f"{batch * accum * cfg.block_size:,} tokens per step (the plan fits up to {planned} in {budget:.1f} GiB, "
+           f"{source}{'; confirmed by a forward and backward' if rt.device.startswith('cuda') else ''})")
+    return replace(cfg, batch_size=batch, gradient_accumulation_steps=accum)
+
+
+def fits_on_device(model, cfg, batch_size, device, dtype, reserve):
+    """Whether two micro-batches' forward and backward run on the device at this size with `reserve` bytes held
+    aside (the optimizer state the first step will create). Leaves no gradients and no random draws behind."""
+    try:
+        with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+            _forward_backward(model, cfg, batch_size, device, dtype, reserve)
+        fits = True
+    except torch.OutOfMemoryError:
+        fits = False
+    model.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the trial's blocks back to the card: the run starts from a clean allocator
+    return fits
+
+
+def _forward_backward(model, cfg, batch_size, device, dtype, reserve):
+    held = torch.empty(reserve, dtype=torch.uint8, device=device)  # noqa: F841 (held while the trial runs)
+    x = torch.randint(min(cfg.vocab_size, 50257), (batch_size, cfg.block_size), device=device)
+    for _ in range(2):  # the second micro-batch finds the first one's gradients, as in training
+        with autocast(device, dtype):
+            _, losses = model(x, x)
+        losses["loss"].backward()

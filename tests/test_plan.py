@@ -9,7 +9,9 @@ The planner (smallgpt/plan.py) against the real thing on CPU:
 - the verdict: the largest micro-batch, the split that keeps the tokens per step; `train.py --plan` on every
   shipped config; batch_size='auto' with a fake memory limit.
 """
+import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from conftest import REPO, run_script
 from model import GPT, GPTConfig, cross_entropy
 from smallgpt import plan
 from smallgpt.config import TrainConfig, load_train_config, model_args
+from smallgpt.errors import ConfigError
 
 CONFIGS = sorted(p.name for p in (REPO / "config").glob("*.py"))
 TINY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=50304)  # config/train_tiny.py's model
@@ -172,3 +175,75 @@ def test_train_py_plan_needs_no_data(name, tmp_path):
                         f"--out_dir={tmp_path}/out", "--gpu_memory_gb=12")
     assert "needed" in result.stdout and (": fits" in result.stdout or "does NOT fit" in result.stdout)
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+# -----------------------------------------------------------------------------
+# batch_size='auto'
+
+def runtime(world=1):
+    """What choose_batch_size reads of train.py's Runtime; its log lines are kept in .lines."""
+    lines = []
+    return SimpleNamespace(world=world, ddp=False, device="cpu", dtype="float32", log=lines.append, lines=lines)
+
+
+def auto_config(*args):
+    return load_train_config([str(REPO / "config/train_fineweb_40m.py"), "--batch_size=auto", *args])  # 16 x 32
+
+
+def test_auto_batch_backs_off_under_a_fake_memory_limit():
+    cfg, rt, tried = auto_config("--gpu_memory_gb=12"), runtime(), []
+    fake_card = lambda b: tried.append(b) or b <= 20  # out of memory above 20 sequences
+    resolved = plan.choose_batch_size(cfg, None, rt, trial=fake_card)
+    planned = plan.largest_micro_batch(cfg, 12 * plan.GIB, False)
+    assert tried[0] == max(b for b in range(1, planned + 1) if 512 % b == 0) == 32  # the plan's, dividing 512
+    assert (resolved.batch_size, resolved.gradient_accumulation_steps) == (16, 32)  # 32 failed: the next divisor
+    assert tried == [32, 16] and "micro-batch 16 x 32 accumulation = 524,288 tokens per step" in rt.lines[0]
+
+
+def test_auto_batch_follows_the_plan_and_the_ranks():
+    resolved = plan.choose_batch_size(auto_config("--gpu_memory_gb=4"), None, runtime())  # CPU: the plan decides
+    assert resolved.batch_size == plan.keep_tokens_per_step(512, plan.largest_micro_batch(
+        auto_config(), 4 * plan.GIB, False))[0] and resolved.batch_size * resolved.gradient_accumulation_steps == 512
+    cfg = auto_config("--gpu_memory_gb=12", "--gradient_accumulation_steps=3")  # 48 sequences per step
+    resolved = plan.choose_batch_size(cfg, None, runtime(world=2))
+    assert resolved.batch_size == 24 and resolved.gradient_accumulation_steps == 2  # 24 per rank: 1 micro-batch each
+    assert plan.choose_batch_size(replace(cfg, batch_size=5), None, runtime()).batch_size == 5  # not 'auto': as is
+
+
+def test_auto_batch_when_nothing_fits_and_on_resume():
+    with pytest.raises(ConfigError, match=r"batch_size='auto': not even a micro-batch of 1 fits in 12.0 GiB"):
+        plan.choose_batch_size(auto_config("--gpu_memory_gb=12"), None, runtime(), trial=lambda b: False)
+    resolved = plan.choose_batch_size(auto_config(), None, runtime(), resumed={"batch_size": 8,
+                                                                              "gradient_accumulation_steps": 64})
+    assert (resolved.batch_size, resolved.gradient_accumulation_steps) == (8, 64)  # the checkpoint's numbers
+
+
+def test_fits_on_device_leaves_nothing_behind(monkeypatch):
+    cfg = train_config(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=256, dropout=0.1)
+    model = GPT(GPTConfig(**model_args(cfg)))
+    rng = torch.get_rng_state()
+    assert plan.fits_on_device(model, cfg, 4, "cpu", "float32", reserve=1000)
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
+
+    def out_of_memory(*args):
+        model(torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long))[1]["loss"].backward()
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(plan, "_forward_backward", out_of_memory)
+    assert not plan.fits_on_device(model, cfg, 4, "cpu", "float32", reserve=1000)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_train_py_auto_batch_is_recorded_and_kept_on_resume(token_dir, tmp_path):
+    args = ["config/train_tiny.py", f"--data_dir={token_dir}", f"--out_dir={tmp_path}", "--batch_size=auto",
+            "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu"]
+    budget = 0.8  # GiB: the plan fits 6 sequences of the tiny model; 4 divides its 8 x 2 = 16 per step
+    assert plan.largest_micro_batch(load_train_config(args[:1] + ["--batch_size=auto"]), budget * plan.GIB, False) == 6
+    out = run_script("train.py", *args, f"--gpu_memory_gb={budget}").stdout
+    assert "micro-batch 4 x 4 accumulation = 1,024 tokens per step" in out
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["batch_size"], saved["gradient_accumulation_steps"]) == (4, 4)
+    out = run_script("train.py", *args, "--init_from=resume", "--max_iters=3", "--gpu_memory_gb=12").stdout
+    assert "the resumed run's micro-batch 4 x 4 accumulation" in out and "4 batch x 64 block x 4 accumulation" in out
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (ckpt["config"]["batch_size"], ckpt["config"]["gradient_accumulation_steps"], ckpt["iter_num"]) == (4, 4, 3)
