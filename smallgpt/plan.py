@@ -276,7 +276,7 @@ def budget_gib(cfg):
     if cfg.gpu_memory_gb > 0:
         return cfg.gpu_memory_gb, "gpu_memory_gb"
     if torch.cuda.is_available():  # reads the card's properties; allocates nothing
-        props = torch.cuda.get_device_properties(0)
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())  # under torchrun: this rank's
         return props.total_memory / GIB, props.name
     return DEFAULT_BUDGET_GIB, "no GPU here: an RTX 4070's"
 
@@ -336,8 +336,10 @@ def time_lines(cfg, model):
     peaks = dict(GPU_PEAK_FLOPS)
     for card in CARDS:
         step = tokens_per_step * flops / (peaks[card] * mfu)
+        run = cfg.max_iters * step
         lines.append(f"  {card.upper():9s} {peaks[card] / 1e12:6.1f} TFLOP/s bf16: {duration(step):>7s} per step, "
-                     f"{duration(cfg.max_iters * step):>7s} for the run (evaluations not counted)")
+                     f"{duration(run):>7s}{f' ({run / 86400:.1f} days)' if run >= 86400 else ''} for the run "
+                     f"(evaluations not counted)")
     params = sum(p.numel() for p in model.parameters())
     lines.append(f"tokens per parameter: {tokens / params:.1f} (compute-optimal: ~{COMPUTE_OPTIMAL_TOKENS}, "
                  f"Hoffmann et al. 2022)")
@@ -362,9 +364,12 @@ def plan_report(cfg):
         lines.append(f"batch_size='auto': the largest micro-batch that fits, {batch}")
     lines += memory_lines(cfg, step_memory(cfg, batch, model), budget, source) + fit_lines(cfg, budget)
     lines += time_lines(cfg, model)
-    if cfg.dropout > 0 or cfg.dispersion_coeff > 0 or cfg.multipliers != "none" or cfg.loss_chunk_size == 0:
-        lines.append("note: dropout, the dispersion loss, the multipliers' activations and the plain loss "
-                     "(loss_chunk_size=0) are not modelled: this config needs more than the plan says")
+    unmodelled = {"dropout": cfg.dropout > 0, "the dispersion loss": cfg.dispersion_coeff > 0,
+                  "the multipliers' activations": cfg.multipliers != "none", "logit_softcap": cfg.logit_softcap > 0,
+                  "the plain loss (loss_chunk_size=0)": cfg.loss_chunk_size == 0}
+    if any(unmodelled.values()):
+        lines.append(f"note: not modelled here: {', '.join(k for k, on in unmodelled.items() if on)}: this config "
+                     f"needs more than the plan says")
     return "\n".join(lines)
 
 

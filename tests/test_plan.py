@@ -247,3 +247,14 @@ def test_train_py_auto_batch_is_recorded_and_kept_on_resume(token_dir, tmp_path)
     assert "the resumed run's micro-batch 4 x 4 accumulation" in out and "4 batch x 64 block x 4 accumulation" in out
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert (ckpt["config"]["batch_size"], ckpt["config"]["gradient_accumulation_steps"], ckpt["iter_num"]) == (4, 4, 3)
+
+
+@pytest.mark.slow
+def test_bench_plan_through_its_entry_point():
+    out = run_script("bench.bench_plan", "config/train_tiny.py", "--device=cpu", "--batch_size=2").stdout
+    rows = {line[:34].strip(): line.split()[-1] for line in out.splitlines()[2:]}
+    assert set(rows) == {"weights", "optimizer state", "saved by micro-batch 1", "forward peak", "backward peak",
+                         "gradients", "step peak above weights + state"}
+    assert all(abs(float(ratio) - 1) < TOLERANCE for ratio in rows.values())
+    result = run_script("bench.bench_plan", "config/train_tiny.py", "--batch_size=auto", check=False)
+    assert result.returncode == 1 and result.stderr.strip().endswith("set batch_size to a number")
