@@ -178,7 +178,8 @@ class _RMSNorm(torch.autograd.Function):
     and the float32 rsqrt per row: it recomputes x * rsqrt. For q and k, x is a view of the QKV product, which
     attention keeps anyway, so QK-norm saves nothing but the rsqrt; PyTorch's F.rms_norm under bf16 autocast
     kept a float32 copy of q and k, and on a CPU (no fused kernel) x * rsqrt in float32 for every norm
-    (BENCHMARKS.md, "Will it fit?")."""
+    (BENCHMARKS.md, section 6). Eager on a GPU this is a few kernels where F.rms_norm had one; torch.compile, on by
+    default there, fuses them."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
