@@ -95,16 +95,17 @@ POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_
 NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "hellaswag_interval", "seed",
                 "min_lr", "weight_decay", "multiplier_weight_decay", "grad_clip", "peak_flops", "loss_spike_factor",
                 "grad_spike_factor", "muon_weight_decay", "muon_momentum_warmup", "gpu_memory_gb")
-AUTO_KEYS = ("batch_size",)  # int keys that also take the string 'auto' (resolved at start by smallgpt/plan.py)
+AUTO_KEYS = ("batch_size",)  # training keys that also take the string 'auto' (resolved at start by smallgpt/plan.py)
 FRACTIONS = {"dropout": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "muon_momentum": (0.0, 1.0),
              "muon_momentum_start": (0.0, 1.0)}  # each in [low, high)
 
 
-def _convert(key, value, kind, from_cli):
-    """value (a Python value from a config file, or a string from the command line) as type kind."""
-    if key in AUTO_KEYS and value == "auto":
+def _convert(key, value, kind, from_cli, auto_keys=()):
+    """value (a Python value from a config file, or a string from the command line) as type kind (or 'auto' for
+    auto_keys)."""
+    if key in auto_keys and value == "auto":
         return value
-    expected = kind.__name__ + (" or 'auto'" if key in AUTO_KEYS else "")
+    expected = kind.__name__ + (" or 'auto'" if key in auto_keys else "")
     if from_cli and kind is not str:
         text = value
         if kind is bool and text.lower() in ("true", "false"):
@@ -120,12 +121,12 @@ def _convert(key, value, kind, from_cli):
     return value
 
 
-def _set(values, known, key, value, where, from_cli=False):
+def _set(values, known, key, value, where, from_cli=False, auto_keys=()):
     if key not in known:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown key {key!r} in {where}{hint}")
-    values[key] = _convert(key, value, known[key], from_cli)
+    values[key] = _convert(key, value, known[key], from_cli, auto_keys)
 
 
 def read_config_file(path):
@@ -169,7 +170,7 @@ def parse_args(cls, argv):
         for key, value, where, from_cli in assignments:
             if key == "batch_size" and values.get(key) != "auto":
                 replaced_batch = values.get(key, replaced_batch)
-            _set(values, known, key, value, where, from_cli)
+            _set(values, known, key, value, where, from_cli, AUTO_KEYS if issubclass(cls, TrainConfig) else ())
     if values.get("batch_size") == "auto":  # 'auto' keeps the tokens per step of the micro-batch it replaced: until
         # train.py resolves it, each sequence counts as one micro-batch of the accumulation
         values["gradient_accumulation_steps"] = replaced_batch * values.get("gradient_accumulation_steps",

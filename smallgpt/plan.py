@@ -284,6 +284,15 @@ def budget_gib(cfg):
 # -----------------------------------------------------------------------------
 # The plan as text: --plan's report and the one line every CUDA run prints at start
 
+def planned_batch(cfg, budget):
+    """The micro-batch to plan for: the config's, or what batch_size='auto' takes before a GPU confirms it."""
+    if cfg.batch_size != "auto":
+        return cfg.batch_size
+    kept = keep_tokens_per_step(sequences_per_step(cfg),
+                                largest_micro_batch(cfg, budget * GIB, cfg.activation_checkpointing))
+    return kept[0] if kept else 1
+
+
 def describe_model(cfg):
     block = "modern block" if cfg.pos_emb == "rope" or cfg.norm == "rmsnorm" or cfg.mlp == "swiglu" else "GPT-2 block"
     switches = f"{cfg.pos_emb} positions, {cfg.norm}{', QK-norm' if cfg.qk_norm else ''}, {cfg.mlp} MLP"
@@ -353,7 +362,7 @@ def plan_report(cfg):
     embedding = kinds["token embedding"] + kinds["position embedding"]
     rest = {k: n for k, n in kinds.items() if "embedding" not in k and n}
     budget, source = budget_gib(cfg)
-    batch = cfg.batch_size if cfg.batch_size != "auto" else largest_micro_batch(cfg, budget * GIB, False) or 1
+    batch = planned_batch(cfg, budget)
     lines = [f"plan: {describe_model(cfg)}",
              f"  {plan_dtype(cfg)}{' autocast' if plan_dtype(cfg) != 'float32' else ''}, {cfg.optimizer}, eager "
              f"(torch.compile usually keeps less: not modelled)",
@@ -361,7 +370,8 @@ def plan_report(cfg):
              f"{count(kinds['token embedding'])}, position {count(kinds['position embedding'])}) + non-embedding "
              f"{count(sum(rest.values()))} ({', '.join(f'{k} {count(n)}' for k, n in rest.items())})"]
     if cfg.batch_size == "auto":
-        lines.append(f"batch_size='auto': the largest micro-batch that fits, {batch}")
+        lines.append(f"batch_size='auto': micro-batch {batch}, the largest that fits and divides the step's "
+                     f"{sequences_per_step(cfg)} sequences (on a GPU, confirmed at start by a forward and backward)")
     lines += memory_lines(cfg, step_memory(cfg, batch, model), budget, source) + fit_lines(cfg, budget)
     lines += time_lines(cfg, model)
     unmodelled = {"dropout": cfg.dropout > 0, "the dispersion loss": cfg.dispersion_coeff > 0,
@@ -376,7 +386,7 @@ def plan_report(cfg):
 def plan_summary(cfg):
     """One line for the start of a CUDA run."""
     budget, source = budget_gib(cfg)
-    batch = cfg.batch_size if cfg.batch_size != "auto" else largest_micro_batch(cfg, budget * GIB, False) or 1
+    batch = planned_batch(cfg, budget)
     mem = step_memory(cfg, batch)
     return (f"plan: {mem.needed / GIB:.1f} GiB needed of {budget:.1f} at micro-batch {batch} (peak of tensors "
             f"{mem.peak / GIB:.1f}, eager; + {mem.allowance / GIB:.1f} assumed for the CUDA context and allocator): "

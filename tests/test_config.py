@@ -118,6 +118,9 @@ def test_batch_size_auto_keeps_the_tokens_per_step(tmp_path):
     assert load_train_config([str(path)]).gradient_accumulation_steps == 12 * 4  # it replaced the default 12
     assert load_train_config([base, str(path), "--batch_size=auto"]).gradient_accumulation_steps == 16 * 4
     assert load_train_config([base, "--batch_size=auto", "--batch_size=8"]).gradient_accumulation_steps == 32
+    import eval as eval_script  # a script whose batch_size is no micro-batch of training: 'auto' means nothing there
+    with pytest.raises(ConfigError, match="batch_size expects int, got 'auto'"):
+        parse_args(eval_script.EvalConfig, ["--batch_size=auto"])
 
 
 def test_config_file_that_is_not_text(tmp_path):

@@ -210,6 +210,12 @@ def test_auto_batch_follows_the_plan_and_the_ranks():
     assert plan.choose_batch_size(replace(cfg, batch_size=5), None, runtime()).batch_size == 5  # not 'auto': as is
 
 
+def test_plan_of_an_auto_batch():
+    report = plan.plan_report(auto_config("--gpu_memory_gb=12"))  # what the run would take before a GPU confirms it
+    assert "batch_size='auto': micro-batch 32, the largest that fits and divides the step's 512 sequences" in report
+    assert "memory at micro-batch 32 (32,768 tokens, 16 per step)" in report
+
+
 def test_auto_batch_when_nothing_fits_and_on_resume():
     with pytest.raises(ConfigError, match=r"batch_size='auto': not even a micro-batch of 1 fits in 12.0 GiB"):
         plan.choose_batch_size(auto_config("--gpu_memory_gb=12"), None, runtime(), trial=lambda b: False)
