@@ -173,11 +173,37 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)  # eps 1e-5, as GPT-2 and PyTorch
 
 
+class _RMSNorm(torch.autograd.Function):
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 and returned in x's dtype. Backward needs only x
+    and the float32 rsqrt per row: it recomputes x * rsqrt. For q and k, x is a view of the QKV product, which
+    attention keeps anyway, so QK-norm saves nothing but the rsqrt; PyTorch's F.rms_norm under bf16 autocast
+    kept a float32 copy of q and k, and on a CPU (no fused kernel) x * rsqrt in float32 for every norm
+    (BENCHMARKS.md, section 6). Eager on a GPU this is a few kernels where F.rms_norm had one; torch.compile, on by
+    default there, fuses them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()  # a no-op for the float32 residual stream
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).mul_(weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat, grad = x.float() * rstd, grad.float()  # grad.float(): the same tensor in float32, never changed
+        grad_weight = (grad * x_hat).flatten(0, -2).sum(0)
+        grad_x_hat = grad * weight
+        # d/dx of x * rstd(x) is rstd * (g - x_hat * mean(g * x_hat)), g the gradient of x_hat: in place
+        dot = (grad_x_hat * x_hat).mean(-1, keepdim=True)
+        grad_x = grad_x_hat.sub_(x_hat.mul_(dot)).mul_(rstd)
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
-    """HF Llama / Qwen3's RMSNorm, x * rsqrt(mean(x^2) + eps) * weight with float32 statistics, no bias, through
-    PyTorch's F.rms_norm: in float32 HF's formula up to float rounding (tests/test_modern.py). Where PyTorch has a
-    fused kernel (CUDA) it keeps only its input and the per-row rsqrt for backward; HF's written-out formula keeps
-    float32 intermediates too. In bf16 it rounds once where HF rounds twice (about one bf16 ulp apart)."""
+    """HF Llama / Qwen3's RMSNorm, x * rsqrt(mean(x^2) + eps) * weight with float32 statistics, no bias: in float32
+    HF's formula up to float rounding (tests/test_modern.py). The output keeps x's dtype under autocast (q, k and v
+    must agree for attention); in bf16 it rounds once where HF rounds twice (about one bf16 ulp apart)."""
 
     def __init__(self, ndim, eps=1e-5):
         super().__init__()
@@ -185,8 +211,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # the gain in x's dtype: the output keeps x's dtype under autocast (q, k and v must agree for attention)
-        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
+        return _RMSNorm.apply(x, self.weight, self.eps)
 
 
 def make_norm(config, ndim):
@@ -334,7 +359,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         for s in range(0, h.size(0), chunk_size):
             h_c, t_c, v_c = h[s:s + chunk_size], targets[s:s + chunk_size], valid[s:s + chunk_size]
-            logits = h_c @ weight.t()  # (n, V) in the autocast dtype (bf16) or float32
+            # (n, V) in the autocast dtype (bf16) or float32. F.linear, not h_c @ weight.t(): autocast caches its
+            # bf16 copy of the weight itself, while the view weight.t() would be cast afresh for every chunk
+            logits = F.linear(h_c, weight)
             dtype = logits.dtype
             logits = logits.float()  # the bf16 product is freed here; in float32 this is the same tensor
             if softcap > 0:
@@ -344,17 +371,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             target = logits.gather(1, t_safe).squeeze(1)
             m = logits.amax(dim=1)  # log-sum-exp with the max subtracted: exp never overflows
             grad = logits.sub_(m.unsqueeze(1)).exp_()  # exp(logits - max), in place: no second (n, V) buffer
+            del logits  # the same buffer as grad: in bf16 nothing keeps it once grad is cast below
             z = grad.sum(dim=1)
             loss += ((z.log() + m - target) * v_c).sum()
             grad.div_(z.unsqueeze(1))  # softmax
             grad.scatter_add_(1, t_safe, -torch.ones_like(t_safe, dtype=grad.dtype))  # minus one-hot
             if softcap > 0:
                 grad.mul_(1 - tanh.square())
-            grad = grad.mul_(v_c.unsqueeze(1)).to(dtype)  # ignored targets contribute nothing
+                del tanh
+            grad = grad.mul_(v_c.unsqueeze(1)).to(dtype)  # ignored targets contribute nothing; bf16: float32 freed
             grad_h[s:s + chunk_size] = grad @ weight
-            grad_w += (grad.t() @ h_c).float()
-        # gradients of the mean, ready: backward only scales them
-        ctx.save_for_backward(grad_h / n_valid, (grad_w / n_valid).to(weight.dtype))
+            grad_w.add_(grad.t() @ h_c)  # bf16 product added into float32 in place: no float32 copy of it
+            del grad  # before the next chunk's logits, not after them
+        # gradients of the mean, divided in place: backward only scales them
+        ctx.save_for_backward(grad_h.div_(n_valid), grad_w.div_(n_valid).to(weight.dtype))
         return loss / n_valid
 
     @staticmethod

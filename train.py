@@ -36,6 +36,7 @@ from smallgpt.evaluation import bits_per_byte, loss_sums, read_hellaswag, score_
 from smallgpt.metrics import MetricsLog
 from smallgpt.monitor import Clock, Health, compile_failure, count, duration, gpu_report, probe_compiled
 from smallgpt.optim import configure_optimizer
+from smallgpt.plan import choose_batch_size, plan_report, plan_summary
 from smallgpt.shards import open_split
 from smallgpt.tokens import TrainWindows, fixed_windows, get_tokenizer, stack_windows
 
@@ -126,6 +127,16 @@ def build_model(cfg, resume_ckpt):
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     assert not unexpected and all(k.endswith(MULTIPLIER_SUFFIX) for k in missing), (missing, unexpected)
     return model
+
+
+def source_architecture(cfg, raw_model, rt):
+    """cfg with the model's architecture: init_from a checkpoint or GPT-2 brings its own, which wins over the
+    config's; the run says so, and config.json records it."""
+    from_source = {k: getattr(raw_model.config, k) for k in ARCH_KEYS if getattr(raw_model.config, k) != getattr(cfg, k)}
+    if from_source:
+        rt.log(f"architecture of {cfg.init_from}: " + ", ".join(f"{k}={v!r} (config had {getattr(cfg, k)!r})"
+                                                                for k, v in from_source.items()))
+    return replace(cfg, **from_source)
 
 
 # -----------------------------------------------------------------------------
@@ -459,9 +470,12 @@ class StopRequest:
 
 def main(argv):
     cfg = load_train_config(argv)
+    if cfg.plan:  # memory and time from the config alone: no data opened, nothing allocated
+        print(plan_report(cfg))
+        return
     rt = setup_runtime(cfg)
     if rt.master and rt.device_type == "cuda":  # before we allocate: does another process hold part of the card?
-        print("\n".join(gpu_report(rt.device)))
+        print("\n".join(gpu_report(rt.device) + [plan_summary(cfg)]))
     train_tokens, meta = open_split(cfg.data_dir, "train")  # opened first: a wrong data_dir fails before any model
     val_tokens, _ = open_split(cfg.data_dir, "val")
 
@@ -472,11 +486,9 @@ def main(argv):
                f"Nothing to do (raise --max_iters to train further)")
         return
     raw_model = build_model(cfg, ckpt).to(rt.device)  # on CPU, then moved: one copy on the device
-    from_source = {k: getattr(raw_model.config, k) for k in ARCH_KEYS if getattr(raw_model.config, k) != getattr(cfg, k)}
-    if from_source:  # init_from a checkpoint or GPT-2: its architecture wins, and config.json says so
-        rt.log(f"architecture of {cfg.init_from}: " + ", ".join(f"{k}={v!r} (config had {getattr(cfg, k)!r})"
-                                                                for k, v in from_source.items()))
-        cfg = replace(cfg, **from_source)
+    cfg = source_architecture(cfg, raw_model, rt)
+    cfg = choose_batch_size(cfg, raw_model, rt, ckpt["config"] if ckpt is not None else None)  # batch_size='auto'
+    rt.accum = cfg.gradient_accumulation_steps // rt.world
     if meta["vocab_size"] > cfg.vocab_size:
         raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']})")
     optimizer = configure_optimizer(raw_model, cfg, rt.device_type, rt.dtype)  # AdamW, or Muon + AdamW

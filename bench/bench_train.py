@@ -291,6 +291,8 @@ def main(argv):
     cfg = validate(parse_args(BenchConfig, argv))
     if cfg.warmup < 0 or cfg.steps < 1 or cfg.rounds < 1:
         raise ConfigError("bench needs warmup >= 0, steps >= 1 and rounds >= 1")
+    if cfg.batch_size == "auto":
+        raise ConfigError("bench_train measures a given micro-batch: set batch_size to a number (or --find_max_batch)")
     if cfg.json_out and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.json_out))):
         raise ConfigError(f"json_out {cfg.json_out!r}: no such directory")  # found now, not after the benchmark
     device = select_device(cfg.device)

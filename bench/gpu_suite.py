@@ -11,6 +11,7 @@ The parts (PARTS below, run in this order; each a function that fills one markdo
                    compiled model's first loss must equal the eager one's (catches a broken compiled path)
   fit_124m, fit_40m  the largest micro-batch at block 1024 under a 12 GiB cap, then tokens/s, MFU against this
                    GPU's bf16 peak, a projection to an RTX 4070 at that MFU, and peak memory at that size
+  plan             the planner's predicted peak against torch.cuda.max_memory_allocated (eager), 40M and 124M
   loss_memory      124M at its micro-batch: chunked vs plain cross-entropy, activation checkpointing
   overheads        40M at its micro-batch: the dispersion loss and the learnable multipliers vs the plain model
   sample           sample.py's KV-cache generation, eager and compiled, batch 1 and 8
@@ -41,6 +42,7 @@ if not __package__:  # run as a file, the repository root is not on the path: sa
 
 import torch
 
+from bench.bench_plan import MAX_MICRO_BATCHES, compare
 from bench.bench_train import (GB, BenchConfig, Variant, cap_memory, device_name, fits, free_device_memory,
                                largest_fitting, out_of_memory, run_alone, summarize, variant_config)
 from model import GPT, GPTConfig
@@ -48,6 +50,7 @@ from smallgpt.config import model_args, parse_args, validate
 from smallgpt.device import GPU_PEAK_FLOPS, autocast, peak_flops, select_device, select_dtype
 from smallgpt.errors import ConfigError, run_main
 from smallgpt.generation import generate_samples
+from smallgpt.plan import largest_micro_batch
 from sample import SampleConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +73,7 @@ DRY_RUN_MAX_BATCH, DRY_RUN_SMOKE_STEPS, DRY_RUN_NEW_TOKENS = 4, 40, 8
 
 @dataclass
 class SuiteConfig:
-    parts: str = "all"  # all, or some of: smoke,fit_124m,fit_40m,loss_memory,overheads,sample,muon,fit_*_modern
+    parts: str = "all"  # all, or some of: smoke,fit_124m,fit_40m,plan,loss_memory,overheads,sample,muon,fit_*_modern
     dry_run: bool = False  # tiny models, few steps: every part's code path in about a minute (on the CPU by default)
     device: str = "auto"  # 'auto' (cuda if present; the CPU in a dry run) | 'cpu' | 'cuda' | 'cuda:1'
     max_memory_gb: float = 12.0  # the fit parts' cap on this process's GPU memory: an RTX 4070 has 12 GiB
@@ -349,6 +352,47 @@ def part_sample(suite, table):
                f"torch.compile built {graphs} graph(s) for generation (many = a recompile per step)")
 
 
+PLAN_CONFIGS = ("config/train_fineweb_40m.py", "config/train_fineweb_40m_modern.py", "config/train_fineweb.py",
+                "config/train_fineweb_124m_modern.py")
+
+
+def part_plan(suite, table):
+    """The planner (`train.py --plan`, smallgpt/plan.py) against the real peak of a training step at each config's
+    micro-batch, eager as the planner models it: torch.cuda.max_memory_allocated on a GPU (on a CPU, in the dry run,
+    the live tensor bytes bench/bench_plan.py counts), and each category's bytes (bench_plan.compare)."""
+    table.set_columns(("config", "config", "{}"), ("batch_size", "micro-batch", "{}"),
+                      ("planned_gb", "planned peak", GIB), ("measured_gb", "measured peak", GIB),
+                      ("ratio", "planned / measured", "{:.3f}"), ("state_ratio", "weights + state, ratio", "{:.3f}"),
+                      ("saved_ratio", "saved activations, ratio", "{:.3f}"), ("where", "planned peak at", "{}"),
+                      ("largest", "largest micro-batch under the cap, planned", "{}"))
+    for config_file in PLAN_CONFIGS:
+        suite.check()
+        cfg = suite.config(suite.argv(config_file, f"--gradient_accumulation_steps={MAX_MICRO_BATCHES}", "--compile=False"))
+        try:
+            rows, where, _, _ = compare(cfg)
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            table.add(config=f"{os.path.basename(config_file)}: out of memory", batch_size=cfg.batch_size)
+            continue
+        finally:
+            free_device_memory()
+        got = {what: (planned, measured) for what, planned, measured in rows}
+        state = [sum(got[k][i] for k in ("weights", "optimizer state")) for i in (0, 1)]
+        total = got["step peak, max_memory_allocated"] if suite.cuda else \
+            [state[i] + got["step peak above weights + state"][i] for i in (0, 1)]
+        largest = largest_micro_batch(cfg, suite.max_memory_gb * GB, cfg.activation_checkpointing)
+        table.add(config=os.path.basename(config_file), batch_size=cfg.batch_size, planned_gb=total[0] / GB,
+                  measured_gb=total[1] / GB, ratio=total[0] / total[1], state_ratio=state[0] / state[1],
+                  saved_ratio=got["saved by micro-batch 1"][0] / got["saved by micro-batch 1"][1], where=where,
+                  largest=largest)
+    table.note(f"eager (the planner's scope: torch.compile usually keeps less), {MAX_MICRO_BATCHES} micro-batches "
+               f"per step, the second step measured; measured peak: "
+               + ("torch.cuda.max_memory_allocated (no CUDA context, no allocator caching: the plan's allowance "
+                  "covers those)" if suite.cuda else "live tensor bytes (bench/bench_plan.py's LiveTensors), no GPU")
+               + f"; largest micro-batch: the plan's verdict for {suite.max_memory_gb:g} GiB, allowance included")
+
+
 def timed_generation(model, prompt, scfg, vocab, suite):
     """Seconds for one generate_samples call (each step reads its tokens, so the device is done at the end)."""
     t0 = time.perf_counter()
@@ -362,6 +406,7 @@ PARTS = [  # name, title, function, its arguments, time budget in seconds. The b
     ("smoke", "Convergence smoke: 40M, fixed random tokens", part_smoke, (), 90),
     ("fit_124m", "Largest micro-batch under 12 GiB: 124M", part_fit, ("config/train_fineweb.py",), 120),
     ("fit_40m", "Largest micro-batch under 12 GiB: 40M", part_fit, ("config/train_fineweb_40m.py",), 100),
+    ("plan", "The planner against torch.cuda.max_memory_allocated: 40M and 124M, GPT-2 and modern", part_plan, (), 90),
     ("loss_memory", "Chunked vs plain cross-entropy, activation checkpointing: 124M", part_loss_memory, (), 150),
     ("overheads", "Dispersion and multipliers overhead: 40M", part_overheads, (), 120),
     ("sample", "sample.py tokens/s with the KV cache: 40M", part_sample, (), 90),

@@ -1,9 +1,10 @@
 # GPT-2 small (124M) on FineWeb, on a single 12 GB card.
 # Cost: 524,288 tokens per step x 19,073 steps = 10B tokens (the whole FineWeb sample/10BT).
-# Micro-batch 16 with no activation checkpointing: estimated, not yet measured on a GPU (BENCHMARKS.md).
-# Activations measured under CPU bf16 autocast take 0.43 GiB per 1024-token sequence (6.9 GiB at 16), plus ~2 GiB
-# of fp32 weights, gradients and AdamW state and ~0.6 GiB for the 1024-token cross-entropy chunks: ~9.8 GiB of 12.
-# If it does not fit: --batch_size=8 --gradient_accumulation_steps=64 (same tokens per step).
+# Micro-batch 16 with no activation checkpointing: `python train.py config/train_fineweb.py --plan` gives 7.7 GiB of
+# live tensors at 16 (5.5 GiB of activations, 2.3 GiB of weights, gradients and AdamW state), 9.0 GiB with its
+# assumed allowance for the CUDA context and allocator: fits 12 GiB, up to 24 would. Eager PyTorch's figures, exact
+# on a CPU, not yet measured on a GPU. If it does not fit: --batch_size=8 --gradient_accumulation_steps=64 (same
+# tokens per step), or --batch_size=auto.
 out_dir = "out/fineweb-124m"
 data_dir = "data/fineweb"
 n_layer = 12

@@ -3,10 +3,10 @@
 # transformers' Qwen3ForCausalLM (docs/model.md). Same data, tokens per step, steps and schedule as the GPT-2 run.
 # 12 layers x 768 wide, 12 heads of 64. SwiGLU hidden 2048 = 8/3 x 768 (the parameters of GELU's 4x MLP).
 # 123.6M parameters: 85.0M in the blocks + 38.6M in the tied embedding.
-# Micro-batch 8 (not GPT-2's 16): an estimate, not measured on a GPU. Measured under CPU bf16 autocast (eager), the
-# activations take 0.77 GiB per 1024-token sequence (GPT-2's block: 0.43), so 16 would need ~15 GiB and 8 ~9 GiB
-# (BENCHMARKS.md, "modern block"). On a GPU, torch.compile and PyTorch's fused RMSNorm keep less, so 16 may fit:
-# check with bench/bench_train.py --max_memory_gb=12 --find_max_batch and, if so, --batch_size=16 --gradient_accumulation_steps=32.
+# Micro-batch 8 (not GPT-2's 16): `--plan` gives 5.5 GiB of live tensors at 8, 6.5 GiB with its assumed allowance;
+# at 16 it gives 10.1 GiB of 12, which fits on paper (up to 20 would) with little margin while no GPU has checked
+# the plan (eager PyTorch's figures, exact on a CPU). After a GPU check: --batch_size=16 --gradient_accumulation_steps=32,
+# or --batch_size=auto.
 # Learning rate: the GPT-2 run's 6e-4 (GPT-3 small's), untuned for this block; QK-norm tolerates larger ones
 # (Wortsman et al. 2023), so a higher value may be better: an estimate until a sweep has measured it.
 out_dir = "out/fineweb-124m-modern"

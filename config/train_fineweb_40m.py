@@ -3,10 +3,10 @@
 # 40.5M parameters: 21.2M in the blocks + 19.3M in the tied token embedding / LM head.
 # Cost: 524,288 tokens per step x 6,000 steps = 3.1B tokens (about 4.5 FineWeb sample/10BT shards).
 # For reference, such a run reaches val loss ~4.17 after ~3.1B FineWeb tokens.
-# Micro-batch 16: estimated, not yet measured on a GPU (BENCHMARKS.md). Activations measured under CPU bf16
-# autocast take 0.18 GiB per 1024-token sequence (2.8 GiB at 16), plus ~0.7 GiB of weights and AdamW state and
-# ~0.6 GiB for the 1024-token chunks of the cross-entropy: ~4.2 GiB of 12. The plain loss would add the full
-# 16 x 1024 x 50304 logits (~5 GiB in bf16 + float32). A GPU owner can check with bench/bench_train.py --find_max_batch.
+# Micro-batch 16: `python train.py config/train_fineweb_40m.py --plan` gives 3.7 GiB of live tensors at 16 (2.7 GiB
+# of activations), 4.5 GiB with its assumed allowance for the CUDA context and allocator: fits 12 GiB, up to 57 would.
+# The plan is eager PyTorch's, exact on a CPU, not yet measured on a GPU (docs/training.md, "Will it fit?"). The plain
+# loss would add the full 16 x 1024 x 50304 logits (~5 GiB in bf16 + float32).
 out_dir = "out/fineweb-40m"
 data_dir = "data/fineweb"
 n_layer = 12

@@ -3,10 +3,8 @@
 # transformers' Qwen3ForCausalLM (docs/model.md). Same data, tokens per step, steps and schedule as the GPT-2 run.
 # 12 layers x 384 wide, 6 heads of 64. SwiGLU hidden 1024 = 8/3 x 384: three matrices of 384 x 1024 hold the
 # parameters of GELU's two of 384 x 1536. 40.6M parameters: 21.2M in the blocks + 19.3M in the tied embedding.
-# Micro-batch 16: an estimate, not measured on a GPU. Measured under CPU bf16 autocast (eager), the activations take
-# 0.54 GiB per 1024-token sequence (GPT-2's block: 0.14-0.18), so 16 needs ~10 GiB of 12 (BENCHMARKS.md, "modern
-# block"); on a GPU, torch.compile and PyTorch's fused RMSNorm keep less. If it does not fit: --batch_size=8
-# --gradient_accumulation_steps=64. Check with bench/bench_train.py --max_memory_gb=12 --find_max_batch.
+# Micro-batch 16: `--plan` gives 4.2 GiB of live tensors at 16 (3.4 GiB of activations), 5.2 GiB with its assumed
+# allowance: fits 12 GiB, up to 46 would (eager PyTorch's figures, exact on a CPU, not yet measured on a GPU).
 # Learning rate: the GPT-2 run's 5e-4 (a known-good AdamW value at this size), untuned for this block. QK-norm
 # keeps attention logits bounded, which lets larger learning rates train stably (Wortsman et al. 2023), so a
 # higher value may well be better: an estimate until the issue-13 comparison has swept it.

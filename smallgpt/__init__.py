@@ -21,4 +21,5 @@ torch, so it remains the one file to copy elsewhere. The modules sit in layers, 
     checkpoint.py    atomic checkpoint writing, the one checkpoint loader, the code version each run records
     --
     generation.py    what sample.py and serve.py share: the model for inference, prompts, seeded samples
+    plan.py          will it fit, how long will it take: memory by category, the largest micro-batch, step times
 """

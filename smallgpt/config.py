@@ -18,6 +18,9 @@ from .flags import describe, parse_args  # noqa: F401 (the one flag dialect, use
 
 @dataclass
 class TrainConfig(GPTConfig):
+    # keys that also take the string 'auto' (resolved at start by smallgpt/plan.py) -> the key that keeps their
+    # product: batch_size='auto' keeps the tokens per step of the micro-batch it replaced (smallgpt/flags.py)
+    AUTO_KEYS = {"batch_size": "gradient_accumulation_steps"}
     # --- input / output
     out_dir: str = "out"  # checkpoints (last.pt, best.pt), metrics.jsonl and config.json go here
     data_dir: str = "data/fineweb"  # token data written by data/fineweb/prepare.py (manifest.json and its shards)
@@ -39,7 +42,7 @@ class TrainConfig(GPTConfig):
     wandb_project: str = "gpt"  # wandb project name
     wandb_run_name: str = "run"  # wandb run name
     # --- batch
-    batch_size: int = 12  # micro-batch, in sequences of block_size tokens
+    batch_size: int = 12  # micro-batch in sequences of block_size tokens, or 'auto': the largest that fits (docs/training.md)
     gradient_accumulation_steps: int = 40  # micro-batches per optimizer step, over all GPUs together
     seed: int = 1337  # seeds the weights, the data order and every random draw
     # --- optimizer (AdamW)
@@ -76,6 +79,9 @@ class TrainConfig(GPTConfig):
     backend: str = "auto"  # DDP backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up the GPU's dense bf16 peak
     deterministic: bool = False  # CPU only: one thread, deterministic kernels: repeat runs bit-identical under any load
+    # --- the planner (smallgpt/plan.py)
+    plan: bool = False  # print the memory and time plan of this config and exit: no data, no GPU memory used
+    gpu_memory_gb: float = 0.0  # the memory budget of --plan and batch_size='auto', GiB; 0 = the detected GPU's, else 12
 
 
 CHOICES = {
@@ -88,7 +94,7 @@ POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_
             "learning_rate", "adam_eps", "multiplier_lr_scale", "muon_lr", "adam_embed_lr", "adam_head_lr")
 NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "hellaswag_interval", "seed",
                 "min_lr", "weight_decay", "multiplier_weight_decay", "grad_clip", "peak_flops", "loss_spike_factor",
-                "grad_spike_factor", "muon_weight_decay", "muon_momentum_warmup")
+                "grad_spike_factor", "muon_weight_decay", "muon_momentum_warmup", "gpu_memory_gb")
 FRACTIONS = {"dropout": (0.0, 1.0), "beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "muon_momentum": (0.0, 1.0),
              "muon_momentum_start": (0.0, 1.0)}  # each in [low, high)
 
@@ -102,7 +108,7 @@ def validate(config):
         if f.type is float and not math.isfinite(getattr(config, f.name)):
             raise ConfigError(f"{f.name} must be a finite number, not {getattr(config, f.name)}")
     for key in POSITIVE:
-        if getattr(config, key) <= 0:
+        if getattr(config, key) != "auto" and getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive, not {getattr(config, key)}")
     for key in NON_NEGATIVE:
         if getattr(config, key) < 0:

@@ -22,10 +22,14 @@ def _optional(kind):
     return None
 
 
-def _convert(key, value, kind, from_cli):
-    """value (a Python value from a config file, or a string from the command line) as type kind."""
+def _convert(key, value, kind, from_cli, auto_keys=()):
+    """value (a Python value from a config file, or a string from the command line) as type kind (or 'auto' for
+    auto_keys)."""
+    if key in auto_keys and value == "auto":
+        return value
     if _optional(kind) is not None:
         return None if value in (None, "None") else _convert(key, value, _optional(kind), from_cli)
+    expected = kind.__name__ + (" or 'auto'" if key in auto_keys else "")
     if from_cli and kind is not str:
         text = value
         if kind is bool and text.lower() in ("true", "false"):
@@ -33,20 +37,20 @@ def _convert(key, value, kind, from_cli):
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            raise ConfigError(f"{key} expects {kind.__name__}, got {text!r}")
+            raise ConfigError(f"{key} expects {expected}, got {text!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not kind:
-        raise ConfigError(f"{key} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key} expects {expected}, got {value!r} ({type(value).__name__})")
     return value
 
 
-def _set(values, known, key, value, where, from_cli=False):
+def _set(values, known, key, value, where, from_cli=False, auto_keys=()):
     if key not in known:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown key {key!r} in {where}{hint}")
-    values[key] = _convert(key, value, known[key], from_cli)
+    values[key] = _convert(key, value, known[key], from_cli, auto_keys)
 
 
 def read_config_file(path):
@@ -72,9 +76,12 @@ def read_config_file(path):
 def parse_args(cls, argv, positional=None, usage=None):
     """Build a cls (a dataclass) from argv: config file paths, then --key=value overrides (--key alone = True).
     positional: the name of a list field that collects the plain arguments instead (they are then not config
-    files); usage: lines printed above the keys by --help."""
+    files); usage: lines printed above the keys by --help. cls.AUTO_KEYS, where a class has it, maps a key that
+    also takes the string 'auto' to the key scaled by the value 'auto' replaced (their product is kept)."""
     known = {f.name: f.type for f in fields(cls) if f.name != positional}
+    auto_keys = getattr(cls, "AUTO_KEYS", {})
     values = {positional: []} if positional else {}
+    replaced = {key: getattr(cls, key) for key in auto_keys}  # the value each 'auto' replaced
     for arg in argv:
         if arg in ("-h", "--help"):
             print((usage.strip() + "\n\n" if usage else "") + describe(cls, config_files=positional is None))
@@ -83,15 +90,21 @@ def parse_args(cls, argv, positional=None, usage=None):
             if positional:
                 values[positional].append(arg)
                 continue
-            for key, value in read_config_file(arg).items():
-                _set(values, known, key, value, arg)
+            assignments = [(key, value, arg, False) for key, value in read_config_file(arg).items()]
         else:
             key, eq, value = arg[2:].partition("=")
             if not eq:
                 if known.get(key) is not bool:
                     raise ConfigError(f"--{key} needs a value: --{key}=...")
                 value = "True"
-            _set(values, known, key, value, "the command line", from_cli=True)
+            assignments = [(key, value, "the command line", True)]
+        for key, value, where, from_cli in assignments:
+            if key in auto_keys and values.get(key) != "auto":
+                replaced[key] = values.get(key, replaced[key])
+            _set(values, known, key, value, where, from_cli, auto_keys)
+    for key, scaled in auto_keys.items():
+        if values.get(key) == "auto":  # until resolved, each unit of the replaced value counts in the scaled key
+            values[scaled] = replaced[key] * values.get(scaled, getattr(cls, scaled))
     if positional and not values[positional]:
         del values[positional]  # none given: the field's default
     try:

@@ -64,8 +64,11 @@ def test_files_apply_in_order_then_overrides():
 
 @pytest.mark.parametrize("args, message", [
     (["--learning_rat=1e-3"], "unknown key 'learning_rat' in the command line (did you mean 'learning_rate'?)"),
-    (["--batch_size=1.5"], "batch_size expects int, got 1.5"),
-    (["--batch_size=many"], "batch_size expects int, got 'many'"),
+    (["--batch_size=1.5"], "batch_size expects int or 'auto', got 1.5"),
+    (["--batch_size=many"], "batch_size expects int or 'auto', got 'many'"),
+    (["--batch_size=Auto"], "batch_size expects int or 'auto', got 'Auto'"),
+    (["--n_layer=auto"], "n_layer expects int, got 'auto'"),  # only batch_size takes 'auto'
+    (["--gpu_memory_gb=-1"], "gpu_memory_gb must not be negative"),
     (["--compile=yes"], "compile expects bool"),
     (["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
     (["--lr_schedule=linear"], "lr_schedule must be one of cosine, wsd"),
@@ -100,6 +103,24 @@ def test_wrong_type_in_file(tmp_path):
     path.write_text("n_layer = 12\nwarmup = 5\n")
     with pytest.raises(ConfigError, match=r"unknown key 'warmup' in .*c.py \(did you mean 'warmup_iters'\?\)"):
         load_train_config([str(path)])
+
+
+def test_batch_size_auto_keeps_the_tokens_per_step(tmp_path):
+    """'auto' (from a file or the command line) replaces the micro-batch in effect; until train.py resolves it, the
+    accumulation counts every sequence of the step, so batch x accumulation stays the config's."""
+    base = str(REPO / "config/train_fineweb_40m.py")  # 16 x 32
+    cfg = load_train_config([base, "--batch_size=auto"])
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == ("auto", 16 * 32)
+    cfg = load_train_config([base, "--batch_size=auto", "--gradient_accumulation_steps=8"])
+    assert cfg.gradient_accumulation_steps == 16 * 8  # the accumulation given after 'auto' counts too
+    path = tmp_path / "auto.py"
+    path.write_text("batch_size = 'auto'\ngradient_accumulation_steps = 4\n")
+    assert load_train_config([str(path)]).gradient_accumulation_steps == 12 * 4  # it replaced the default 12
+    assert load_train_config([base, str(path), "--batch_size=auto"]).gradient_accumulation_steps == 16 * 4
+    assert load_train_config([base, "--batch_size=auto", "--batch_size=8"]).gradient_accumulation_steps == 32
+    import eval as eval_script  # a script whose batch_size is no micro-batch of training: 'auto' means nothing there
+    with pytest.raises(ConfigError, match="batch_size expects int, got 'auto'"):
+        parse_args(eval_script.EvalConfig, ["--batch_size=auto"])
 
 
 def test_config_file_that_is_not_text(tmp_path):

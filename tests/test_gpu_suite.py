@@ -55,6 +55,12 @@ def check_report(report, markdown, stdout):
         if peak:  # the projection: tokens/s scaled by the 4070's peak over this device's
             assert row["mfu"] == pytest.approx(row["model_tflops"] * 1e12 / peak)
             assert row["rtx4070_tokens_per_s"] == pytest.approx(row["tokens_per_s"] * 58.3e12 / peak)
+    plan_rows = parts["plan"]["rows"]
+    assert [r["config"] for r in plan_rows] == [p.split("/")[1] for p in gpu_suite.PLAN_CONFIGS]
+    if report["environment"]["device"] == "cpu":  # live tensors against the plan (on a GPU, a tiny model's peak
+        # is mostly cuBLAS's workspace, which the plan leaves to its allowance)
+        assert all(r["ratio"] == pytest.approx(1, abs=0.15) and r["state_ratio"] == pytest.approx(1, abs=0.01)
+                   for r in plan_rows)
     for name in ("loss_memory", "overheads"):
         rows = parts[name]["rows"]
         assert len(rows) == 3 and rows[0]["ratio"] == [1.0, 1.0, 1.0] and all(r["ratio"][0] > 0 for r in rows)

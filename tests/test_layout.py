@@ -21,7 +21,7 @@ LAYERS = [
     # dialect / the token data directory / prepare.py's inputs / the tokenizer and windows / metrics.jsonl /
     # watching a run / the condensation statistics / bits per byte and HellaSwag / device and precision
     {"config", "optim", "checkpoint"},  # the training keys / the optimizer / checkpoint files (all read model.py)
-    {"generation"},  # what sample.py and serve.py share
+    {"generation", "plan"},  # what sample.py and serve.py share / the memory and time planner (reads optim's groups)
 ]
 MAX_FUNCTION_LINES = 60
 PATH_SURGERY_ALLOWED = {"data/fineweb/prepare.py"}  # documented as `python data/fineweb/prepare.py`

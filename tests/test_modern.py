@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from bench.bench_plan import LiveTensors
 from model import GPT, MULTIPLIER_SUFFIX, GPTConfig, RMSNorm, apply_rope, cross_entropy, rope_cos_sin
 from smallgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from smallgpt.config import ConfigError, load_train_config
@@ -116,6 +117,23 @@ def test_rmsnorm_formula():
     expected = x.double() / (x.double().square().mean(-1, keepdim=True) + 1e-5).sqrt() * norm.weight.double()
     torch.testing.assert_close(norm(x), expected.float(), rtol=1e-6, atol=1e-6)
     assert norm(x.bfloat16()).dtype == torch.bfloat16  # q, k and v must keep one dtype under autocast
+
+
+def test_rmsnorm_gradients_and_what_it_saves():
+    """The hand-written backward against autograd through the formula in float64; under bf16 autocast, QK-norm on a
+    view of the QKV product keeps only a float32 rsqrt per row (F.rms_norm kept float32 copies of q and k)."""
+    gen = torch.Generator().manual_seed(3)
+    norm = randomize(RMSNorm(16))
+    x, g = (torch.randn(3, 5, 16, generator=gen) * 3).requires_grad_(), torch.randn(3, 5, 16, generator=gen)
+    norm(x).backward(g)
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    (x64 / (x64.square().mean(-1, keepdim=True) + 1e-5).sqrt() * w64).backward(g.double())
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm.weight.grad, w64.grad.float(), rtol=1e-5, atol=1e-5)
+    qkv = torch.randn(4, 8, 3 * 16, dtype=torch.bfloat16, requires_grad=True)  # alive before: not counted
+    with LiveTensors() as live, torch.autocast("cpu", dtype=torch.bfloat16):
+        q = norm(qkv[..., :16])  # q is a view of the product, as in attention
+        assert q.dtype == torch.bfloat16 and live.live - q.untyped_storage().nbytes() == 4 * 8 * 4  # rstd only
 
 
 @pytest.mark.parametrize("kind", ["swiglu", "relu2"])
