@@ -16,18 +16,12 @@ import eval as eval_script
 from model import GPT, GPTConfig
 from smallgpt import evaluation
 from smallgpt.errors import DataError
-from smallgpt.tokens import get_tokenizer
 from smallgpt.evaluation import (hellaswag_file, hellaswag_predictions, load_hellaswag, loss_sums, read_hellaswag, render,
                                  score_hellaswag, score_rendered, token_bytes)
 
 FIXTURE = REPO / "tests" / "fixtures" / "hellaswag_tiny.jsonl"  # hand-written items in HellaSwag's format
 FAST = ["--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--eval_iters=2", "--condensation_seqs=0", "--log_interval=1"]
-
-
-@pytest.fixture(scope="module")
-def enc():
-    return get_tokenizer()
 
 
 def tiny(block_size=64, **overrides):

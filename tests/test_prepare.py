@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from smallgpt.errors import run_main as run_script_main  # noqa: E402
 from smallgpt.shards import open_split, read_meta  # noqa: E402
 from smallgpt.tokens import get_tokenizer  # noqa: E402
+from conftest import needs_tokenizer  # noqa: E402
 
 PREPARE = REPO / "data" / "fineweb" / "prepare.py"
 _spec = importlib.util.spec_from_file_location("prepare", PREPARE)

@@ -20,7 +20,6 @@ pytest.importorskip("uvicorn")
 
 from model import GPT, GPTConfig  # noqa: E402
 from smallgpt.checkpoint import save_checkpoint  # noqa: E402
-from smallgpt.tokens import get_tokenizer  # noqa: E402
 from smallgpt.config import ConfigError  # noqa: E402
 from conftest import REPO, run_script  # noqa: E402
 from serve import Choice  # noqa: E402
@@ -31,8 +30,7 @@ MAX_TOKENS = 4000  # the server's limit here: long generations for the queue and
 # -----------------------------------------------------------------------------
 # Choice: stop strings on text that arrives token by token (no server)
 
-def test_choice_cuts_at_the_first_stop_string_and_never_sends_part_of_one():
-    enc = get_tokenizer()
+def test_choice_cuts_at_the_first_stop_string_and_never_sends_part_of_one(enc):
     text = "The cat sat on the mat. The dog sat on the log. END of story"
     tokens = enc.encode(text)
     for stops, expected, reason in [([], text, "length"), (["sat on the l"], "The cat sat on the mat. The dog ", "stop"),
@@ -51,14 +49,14 @@ def test_choice_cuts_at_the_first_stop_string_and_never_sends_part_of_one():
     assert choice.add(tokens[0]) == "The" and choice.add(enc.eot_token) == "" and choice.finish_reason == "stop"
 
 
-def test_a_failing_generation_fails_its_request_not_the_server(monkeypatch):
+def test_a_failing_generation_fails_its_request_not_the_server(monkeypatch, enc):
     """In-process (Starlette's test client): the model raises mid-generation; plain and streamed requests get the
     error in OpenAI's format, and the next request is served."""
     testclient = pytest.importorskip("starlette.testclient")  # needs httpx
     import serve
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50304)).eval()
-    engine = serve.Engine(model, get_tokenizer(), "cpu", "float32", queue_size=2)
+    engine = serve.Engine(model, enc, "cpu", "float32", queue_size=2)
     client = testclient.TestClient(serve.make_app(engine, serve.ServeConfig(), "tiny"))
     forward, calls = model.hidden_states, []
 
@@ -106,7 +104,7 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def server_process(checkpoint_dir):
+def server_process(checkpoint_dir, enc):
     """The real serve.py on a free port of 127.0.0.1, with room for 2 requests (the queue test fills it):
     (process, port)."""
     port = free_port()
