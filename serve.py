@@ -19,7 +19,6 @@ import asyncio
 import errno
 import functools
 import json
-import os
 import random
 import signal
 import socket
