@@ -260,9 +260,15 @@ def format_table(header, rows, markdown=False):
 
 # -----------------------------------------------------------------------------
 
+USAGE = """
+usage: python plot.py RUN [RUN ...] [--key=value ...]
+  RUN: a run's out_dir (or its metrics.jsonl); several are overlaid. The runs come first, without --.
+"""
+
+
 @dataclass
 class PlotConfig:
-    runs: list = field(default_factory=list)  # runs to draw: each an out_dir or its metrics.jsonl, named first, without --
+    runs: list = field(default_factory=list)  # the RUN arguments, in order
     out: str = ""  # the picture to write (.png, .pdf, .svg); '' = <RUN>/plot.png for one run, plot.png here for several
     smooth: float = 0.0  # EMA weight in [0, 1) for the noisy train curves (0.9 = strong); the raw curve stays faint
     logx: bool = False  # logarithmic tokens axis
@@ -273,7 +279,7 @@ class PlotConfig:
 def options(argv):
     """The command line, checked: run directories first, then --key=value options (one dialect with the other
     scripts: a typo gets a suggestion, a value needs its =)."""
-    opt = parse_args(PlotConfig, argv, positional="runs")
+    opt = parse_args(PlotConfig, argv, positional="runs", usage=USAGE)
     if not opt.runs:
         raise ConfigError("name at least one run: python plot.py RUN [RUN ...] [--key=value ...] (--help lists the keys)")
     if not 0.0 <= opt.smooth < 1.0:

@@ -201,7 +201,8 @@ def test_runs_first_then_key_value_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         options(["--help"])
     shown = capsys.readouterr().out
-    assert shown.startswith("arguments: RUNS ... [--key=value ...]") and "--smooth=0.0" in shown and "--runs" not in shown
+    assert shown.startswith("usage: python plot.py RUN [RUN ...] [--key=value ...]") and "--runs" not in shown
+    assert "keys (as --key=value):" in shown and "--smooth=0.0" in shown
 
 
 # --- records as a person may have edited them
