@@ -1,7 +1,8 @@
 """
 The test suite in a plain clone, as a newcomer has it: no ../shared beside it (no sample data, nothing to seed
-tiktoken's cache from), no GPT-2 files in tiktoken's cache, no GPT2_TIKTOKEN_FILE and no network but loopback.
-Every test of the fast lane must pass or skip with a reason there, not fail (the README promises it).
+tiktoken's cache from), no GPT-2 files in tiktoken's cache and no network but loopback; with no
+GPT2_TIKTOKEN_FILE, or with it naming a gpt2.tiktoken downloaded by hand (the README's offline route). Every test
+of the fast lane must pass or skip with a reason there, not fail (the README promises it).
 """
 import os
 import shutil
@@ -9,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
 
 DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens on port 9: every download fails at once, as offline
 
@@ -37,15 +38,23 @@ def offline_environment(tmp_path):
 
 
 @pytest.mark.slow
-def test_fast_lane_in_a_plain_clone_offline(tmp_path):
+@pytest.mark.parametrize("tokenizer_file", [False, True], ids=["no-tokenizer", "gpt2.tiktoken-only"])
+def test_fast_lane_in_a_plain_clone_offline(tmp_path, tokenizer_file):
     clone = tmp_path / "clone"  # tmp_path holds no shared/: the clone has no ../shared
     plain_clone(clone)
+    env = offline_environment(tmp_path)
+    if tokenizer_file:
+        if not (SHARED_DATA / "gpt2.tiktoken").exists():
+            pytest.skip(f"no gpt2.tiktoken in {SHARED_DATA} to hand to the clone")
+        shutil.copyfile(SHARED_DATA / "gpt2.tiktoken", tmp_path / "gpt2.tiktoken")  # as a user downloads it
+        env["GPT2_TIKTOKEN_FILE"] = str(tmp_path / "gpt2.tiktoken")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-rs", "-p", "no:cacheprovider",
-                             f"--basetemp={tmp_path / 'basetemp'}"], cwd=clone, env=offline_environment(tmp_path),
-                            capture_output=True, text=True, timeout=1800)
+                             f"--basetemp={tmp_path / 'basetemp'}"], cwd=clone, env=env, capture_output=True,
+                            text=True, timeout=1800)
     summary = result.stdout.strip().splitlines()[-1]
     assert result.returncode == 0 and " failed" not in summary and " error" not in summary, result.stdout[-6000:]
     skips = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
-    # the conditions held: what needs the tokenizer or the sample data skipped, each saying why
-    assert any("no GPT-2 tokenizer" in line for line in skips), result.stdout[-3000:]
+    # the conditions held: what needs the sample data skipped, and what needs the tokenizer unless it was given,
+    # each saying why
     assert any("english-sample.parquet not found" in line for line in skips), result.stdout[-3000:]
+    assert any("no GPT-2 tokenizer" in line for line in skips) != tokenizer_file, result.stdout[-3000:]
