@@ -19,6 +19,7 @@ import asyncio
 import errno
 import functools
 import json
+import os
 import random
 import signal
 import socket
@@ -446,12 +447,15 @@ class RequestDeadline(H11Protocol):
 
 def listen(cfg):
     """The listening socket, bound before the model loads, so that a port in use is said at once."""
+    where = f"cannot listen on {cfg.host}:{cfg.port}"
     try:
+        socket.getaddrinfo(cfg.host, cfg.port)  # an unknown host name: create_server would say "Unknown error -2"
         return socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
-    except OSError as e:  # socket.gaierror (an unknown host name) too
-        hint = "another address: --host=..." if e.errno == errno.EADDRNOTAVAIL or isinstance(e, socket.gaierror) \
-            else "another port: --port=..."
-        raise DataError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e} (choose {hint})")
+    except socket.gaierror as e:
+        raise DataError(f"{where}: {e.strerror} (choose another address: --host=...)")
+    except OSError as e:  # its text adds "(while attempting to bind on address ...)": say the reason alone
+        hint = "address: --host=..." if e.errno == errno.EADDRNOTAVAIL else "port: --port=..."
+        raise DataError(f"{where}: {os.strerror(e.errno) if e.errno else e} (choose another {hint})")
 
 
 def main(argv):

@@ -4,9 +4,10 @@ completions plain and streamed, the same text as sample.py, stop strings, bad re
 disconnects, bodies too large or too deep, clients too slow, the official openai client, and the web page in a real
 browser (headless Chromium via Playwright).
 """
+import errno
 import http.client
 import json
-import re
+import os
 import select
 import shutil
 import signal
@@ -384,8 +385,11 @@ def test_a_busy_port_is_said_before_the_model_loads(tmp_path):
         port = taken.getsockname()[1]
         result = run_script("serve.py", f"--out_dir={tmp_path / 'missing'}", f"--port={port}", check=False)
     assert result.returncode == 1 and result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
-    assert re.fullmatch(f"serve.py: error: cannot listen on 127.0.0.1:{port}: .+ \\(choose another port: --port=...\\)\n",
-                        result.stderr), result.stderr
+    assert result.stderr == (f"serve.py: error: cannot listen on 127.0.0.1:{port}: {os.strerror(errno.EADDRINUSE)} "
+                             "(choose another port: --port=...)\n")
+    result = run_script("serve.py", f"--out_dir={tmp_path / 'missing'}", "--host=no.such.host.invalid", check=False)
+    assert result.returncode == 1 and result.stderr.startswith("serve.py: error: cannot listen on no.such.host.invalid:8000")
+    assert result.stderr.endswith(" (choose another address: --host=...)\n") and "Unknown error" not in result.stderr
 
 
 def connect(port):
@@ -430,8 +434,8 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(server):
 
 @pytest.mark.slow
 def test_deeply_nested_json_is_a_400_not_a_server_error(server_process):
-    proc, port, log = server_process
     """Within the body limit (here 69,536 bytes) JSON can nest tens of thousands deep, past the parser's stack."""
+    proc, port, log = server_process
     for body in ["[" * 30_000 + "]" * 30_000, '{"a": ' * 8_000 + "1" + "}" * 8_000,
                  '{"prompt": ' + "[" * 25_000 + "]" * 25_000 + "}", '{"prompt": ' + "[" * 500 + "]" * 500 + "}",
                  '{"stream_options": ' + '{"a": ' * 500 + "true" + "}" * 501]:
