@@ -7,20 +7,23 @@ is still going works too (what is there is read; a line being written is skipped
     python plot.py out/a out/b --logx --out=ab.png
     python plot.py out/a out/b --table --markdown          # only the table, as markdown for a results file
 
+Runs are named first, without --; then --key=value options (`python plot.py --help` lists them).
+
 Panels, each drawn only when some run has its data: train and val loss, val bits per byte, learning rate,
 gradient norm, throughput, MFU, the dispersion term, the condensation scores, multiplier statistics, HellaSwag,
 and per run the mean cosine of each layer over training. The x axis counts tokens trained on. The picture needs
 matplotlib (pip install matplotlib); the table does not.
 """
-import argparse
 import json
 import math
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from smallgpt.errors import DataError, run_main
-from smallgpt.metrics import metrics_path, of_type, read_records, shared_eval_iters, summarize
+from smallgpt.config import parse_args
+from smallgpt.errors import ConfigError, DataError, run_main
+from smallgpt.metrics import is_number, metrics_path, of_type, read_records, shared_eval_iters, summarize
 from smallgpt.monitor import duration
 
 TRAIN, EVAL, DOWNSTREAM = ("train",), ("eval",), ("eval", "eval_downstream")  # eval.py appends eval_downstream
@@ -44,8 +47,17 @@ PANELS = [  # title, y label, y scale, [(legend label, record types, key)]
      [(kind, EVAL, f"norm/layer_mean.{kind}") for kind in NORM_KINDS]),
     ("residual stream RMS", "RMS", "log", [("embedding", EVAL, "resid/rms_l0"), ("last block", EVAL, "resid/rms_last")]),
 ]
+YLIMITS = {  # panels of bounded quantities: on a fixed axis a flat 1.00 reads as what it is, not as noise near 1
+    "condensation: mean cosine vs depth": (-1.05, 1.05),  # rank correlations lie in [-1, 1]
+}
 SMOOTHED = ("loss", "grad_norm", "tok_s", "mfu", "dispersion")  # noisy per-step series; --smooth leaves the rest
 LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D")  # evaluation series of one panel: where they coincide, the hollow later marks show
+
+
+def marker_style(marker):
+    return dict(marker=marker, markersize=3) if marker == MARKERS[0] else dict(marker=marker, markersize=5,
+                                                                               markerfacecolor="none")
 
 
 # -----------------------------------------------------------------------------
@@ -54,7 +66,7 @@ LINESTYLES = ("-", "--", ":", "-.")
 def add_layer_means(record, prefix, stats):
     """prefix/layer_mean.{stat}: the mean over layers of the record's prefix/h{layer}.{stat} values, if any."""
     for stat in stats:
-        values = [v for k, v in record.items() if k.startswith(f"{prefix}/h") and k.endswith(f".{stat}")]
+        values = [v for k, v in record.items() if k.startswith(f"{prefix}/h") and k.endswith(f".{stat}") and is_number(v)]
         if values:
             record[f"{prefix}/layer_mean.{stat}"] = sum(values) / len(values)
 
@@ -62,16 +74,16 @@ def add_layer_means(record, prefix, stats):
 class Run:
     def __init__(self, path):
         self.name = os.path.normpath(path)
-        self.records = read_records(path)
-        train = sorted(of_type(self.records, "train"), key=lambda r: r["iter"])
-        for r in train:  # per-layer statistics, averaged over layers for one readable curve each
+        self.records = read_records(path)  # each with a type and a whole-number iter; any other value may be missing
+        for r in of_type(self.records, "train"):  # per-layer statistics, averaged over layers for one curve each
             add_layer_means(r, "mult", LAYER_STATS)
         for r in of_type(self.records, "eval"):
             add_layer_means(r, "norm", NORM_KINDS)
-            layers = [int(k[len("resid/rms_l"):]) for k in r if k.startswith("resid/rms_l")]
+            layers = layer_numbers(r, "resid/rms_l")
             if layers:  # the output of the last block, before the final norm
                 r["resid/rms_last"] = r[f"resid/rms_l{max(layers)}"]
         # steps done -> tokens trained on, from the train records (exact even if the batch size changed on resume)
+        train = sorted((r for r in of_type(self.records, "train") if is_number(r.get("tokens"))), key=lambda r: r["iter"])
         self.steps = np.array([0] + [r["iter"] + 1 for r in train], dtype=float)
         self.tokens = np.array([0] + [r["tokens"] for r in train], dtype=float)
         self.tokens_per_step = self.tokens[-1] / self.steps[-1] if train else config_tokens_per_step(path)
@@ -100,8 +112,9 @@ def config_tokens_per_step(path):
         return None
 
 
-def is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def layer_numbers(record, prefix):
+    """The layer numbers of the per-layer keys prefix0, prefix1, ... of a record (or of any set of keys)."""
+    return sorted(int(k[len(prefix):]) for k in record if k.startswith(prefix) and k[len(prefix):].isdigit())
 
 
 def smooth(y, alpha):
@@ -140,20 +153,22 @@ def draw_panel(ax, runs, panel, axis, alpha, colors):
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     title, ylabel, yscale, lines = panel
     for i, run in enumerate(runs):
-        for (label, kinds, key), linestyle in zip(lines, LINESTYLES):
+        for (label, kinds, key), linestyle, marker in zip(lines, LINESTYLES, MARKERS):
             x, y = run.series(kinds, key, axis)
             style = dict(color=colors[i % len(colors)], linestyle=linestyle)
             if kinds != TRAIN:
-                style.update(marker="o", markersize=3)
+                style.update(marker_style(marker))
             if key in SMOOTHED and alpha > 0 and len(y) > 1:
                 ax.plot(x, y, alpha=0.25, linewidth=0.8, **style)  # the raw curve, faint behind the smoothed one
                 y = smooth(y, alpha)
             ax.plot(x, y, linewidth=1.4, **style)
     if len(lines) > 1:  # which line style is which series (the colours are the runs)
-        ax.legend(handles=[Line2D([], [], color="0.3", linestyle=ls, marker=None if kinds == TRAIN else "o",
-                                  markersize=3, label=label) for (label, kinds, _), ls in zip(lines, LINESTYLES)],
-                  fontsize=8)
+        handles = [Line2D([], [], color="0.3", linestyle=ls, label=label, **(marker_style(m) if kinds != TRAIN else {}))
+                   for (label, kinds, _), ls, m in zip(lines, LINESTYLES, MARKERS)]
+        ax.legend(handles=handles, fontsize=8)
     ax.set(title=title, ylabel=ylabel, yscale=yscale)
+    if title in YLIMITS:
+        ax.set_ylim(*YLIMITS[title])
     if yscale == "log":  # labels at 1, 2, 5 x 10^k as plain numbers (0.5, not 5 x 10^-1)
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -164,8 +179,7 @@ def draw_panel(ax, runs, panel, axis, alpha, colors):
 
 def draw_layer_cosines(ax, run, axis, plt):
     """The mean token-pair cosine of every layer over training: one run, one line per layer."""
-    layers = sorted(int(k[len("cond/mean_cos_l"):]) for k in {k for r in run.records for k in r}
-                    if k.startswith("cond/mean_cos_l"))
+    layers = layer_numbers({k for r in run.records for k in r}, "cond/mean_cos_l")
     cmap = plt.get_cmap("viridis")
     for layer in layers:
         x, y = run.series(EVAL, f"cond/mean_cos_l{layer}", axis)
@@ -246,33 +260,44 @@ def format_table(header, rows, markdown=False):
 
 # -----------------------------------------------------------------------------
 
-def arguments():
-    parser = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="a run's out_dir (or its metrics.jsonl)")
-    parser.add_argument("--out", default="", help="the picture to write (.png, .pdf, .svg); default: "
-                        "<RUN>/plot.png for one run, plot.png here for several")
-    parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for the noisy train curves "
-                        "(0.9 = strong); the raw curve stays faint behind")
-    parser.add_argument("--logx", action="store_true", help="logarithmic tokens axis")
-    parser.add_argument("--table", action="store_true", help="print the table only, write no picture")
-    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    return parser
+USAGE = """
+usage: python plot.py RUN [RUN ...] [--key=value ...]
+  RUN: a run's out_dir (or its metrics.jsonl); several are overlaid. The runs come first, without --.
+"""
+
+
+@dataclass
+class PlotConfig:
+    runs: list = field(default_factory=list)  # the RUN arguments, in order
+    out: str = ""  # the picture to write (.png, .pdf, .svg); '' = <RUN>/plot.png for one run, plot.png here for several
+    smooth: float = 0.0  # EMA weight in [0, 1) for the noisy train curves (0.9 = strong); the raw curve stays faint
+    logx: bool = False  # logarithmic tokens axis
+    table: bool = False  # print the table only, write no picture
+    markdown: bool = False  # print the table as markdown
+
+
+def options(argv):
+    """The command line, checked: run directories first, then --key=value options (one dialect with the other
+    scripts: a typo gets a suggestion, a value needs its =)."""
+    opt = parse_args(PlotConfig, argv, positional="runs", usage=USAGE)
+    if not opt.runs:
+        raise ConfigError("name at least one run: python plot.py RUN [RUN ...] [--key=value ...] (--help lists the keys)")
+    if not 0.0 <= opt.smooth < 1.0:
+        raise ConfigError(f"smooth must be in [0, 1), not {opt.smooth}")
+    if not opt.out:
+        opt.out = os.path.join(os.path.dirname(metrics_path(opt.runs[0])), "plot.png") if len(opt.runs) == 1 else "plot.png"
+    if not opt.table and not opt.out.lower().endswith((".png", ".pdf", ".svg")):
+        raise ConfigError(f"out must name a .png, .pdf or .svg file, not {opt.out!r}")
+    return opt
 
 
 def main(argv):
-    parser = arguments()
-    opt = parser.parse_args(argv)
-    if not 0.0 <= opt.smooth < 1.0:
-        parser.error(f"--smooth must be in [0, 1), not {opt.smooth}")
-    out = opt.out or (os.path.join(os.path.dirname(metrics_path(opt.runs[0])), "plot.png") if len(opt.runs) == 1
-                      else "plot.png")
-    if not opt.table and not out.lower().endswith((".png", ".pdf", ".svg")):
-        parser.error(f"--out must name a .png, .pdf or .svg file, not {out!r}")
+    opt = options(argv)
     runs = [Run(path) for path in opt.runs]
     print(format_table(*table_rows(runs), markdown=opt.markdown))
     if not opt.table:
-        draw(runs, out, opt.smooth, opt.logx)
-        print(f"wrote {out}")
+        draw(runs, opt.out, opt.smooth, opt.logx)
+        print(f"wrote {opt.out}")
 
 
 if __name__ == "__main__":

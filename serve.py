@@ -11,12 +11,17 @@ seed, n, stream), GET /v1/models, GET /health and GET / (the page, serve.html: n
 Generation is generation.py's, as in sample.py: the same prompt, seed and settings give the same text. The one
 model runs one request at a time, in arrival order, on one worker thread (no two requests share a KV cache);
 at most --queue_size requests wait or run, more get 429. A client that disconnects stops its generation. Bad
-requests get 400 with OpenAI's error format. Reference: docs/serve.md. `python serve.py --help` lists every option.
+requests get 400 with OpenAI's error format; a body over the size limit 413, even when it is sent in chunks of
+unknown total length; a request not received whole within --request_timeout seconds 408. Reference:
+docs/serve.md. `python serve.py --help` lists every option.
 """
 import asyncio
+import errno
+import functools
 import json
 import os
 import random
+import signal
 import socket
 import sys
 import threading
@@ -34,11 +39,14 @@ from smallgpt.errors import ConfigError, DataError, run_main
 from smallgpt.generation import Sampling, encode_prompt, open_for_generation, stream_tokens, text_stream
 
 try:
+    import h11
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as e:  # optional extras: as a script, say so in one line
     if __name__ != "__main__":
         raise
@@ -60,6 +68,7 @@ class ServeConfig:
     max_n: int = 8  # the most choices (samples) a request may ask for
     max_prompt_chars: int = 100_000  # longer prompts are refused (400); prompts are cropped to block_size tokens
     queue_size: int = 16  # requests running or waiting at once; more are refused with 429 (try again later)
+    request_timeout: float = 30.0  # seconds a client has to send a whole request (headers and body), else 408
 
 
 def validate(cfg):
@@ -71,7 +80,15 @@ def validate(cfg):
     for key in ("max_tokens", "max_n", "max_prompt_chars", "queue_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, not {getattr(cfg, key)}")
+    if not 0 < cfg.request_timeout < float("inf"):
+        raise ConfigError(f"request_timeout must be a positive number of seconds, not {cfg.request_timeout}")
     return cfg
+
+
+def body_limit(cfg):
+    """The largest request body accepted, in bytes: the longest prompt at 4 UTF-8 bytes (or JSON escapes) per
+    character, plus room for the other fields."""
+    return 4 * cfg.max_prompt_chars + 65536
 
 
 # -----------------------------------------------------------------------------
@@ -99,12 +116,28 @@ def error(status, message, param=None, kind="invalid_request_error", code=None, 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+async def read_body(request, limit):
+    """The request's body, or None when it is longer than limit bytes. A Content-Length over the limit is refused
+    unread; a chunked body (no length given) as soon as what has arrived passes it: no larger body is ever held.
+    The rest of a refused body is read and dropped by uvicorn, within the request's deadline (RequestDeadline)."""
+    if int(request.headers.get("content-length") or 0) > limit:  # h11 has checked that it is a number
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def parse_request(body, cfg):
     """(the request, None) or (None, the 400 response saying what is wrong with it)."""
     try:
         body = json.loads(body)
     except ValueError as e:  # bad JSON or not UTF-8
         return None, error(400, f"the body is not valid JSON: {e}")
+    except RecursionError:  # json's parser recurses once per level of nesting: [[[[...]]]] runs out of stack
+        return None, error(400, "the body is not a completion request: its JSON is nested too deeply")
     try:
         req = CompletionRequest.model_validate(body)
     except ValidationError as e:
@@ -330,9 +363,13 @@ def make_app(engine, cfg, model_name):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        if int(request.headers.get("content-length") or 0) > 4 * cfg.max_prompt_chars + 65536:
-            return error(413, "the request body is too large")
-        req, problem = parse_request(await request.body(), cfg)
+        try:
+            body = await read_body(request, body_limit(cfg))
+        except ClientDisconnect:  # the client left, or was too slow and RequestDeadline closed its connection
+            return error(400, "the request body did not arrive whole")  # (sent nowhere: the connection is gone)
+        if body is None:
+            return error(413, f"the request body is larger than this server's limit of {body_limit(cfg):,} bytes")
+        req, problem = parse_request(body, cfg)
         if problem is not None:
             return problem
         job, note = new_job(req, engine)
@@ -347,6 +384,11 @@ def make_app(engine, cfg, model_name):
             return StreamingResponse(sse(job, head, usage if include_usage else None), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await collect(job, head, usage, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions():  # clients try it first: say what is served instead of a bare 404
+        return error(404, "this server does completions only: POST /v1/completions with a prompt (the model is not "
+                          "a chat model; /v1/chat/completions is not served)")
 
     @app.get("/v1/models")
     async def models():
@@ -365,26 +407,82 @@ def make_app(engine, cfg, model_name):
     return app
 
 
+class RequestDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with a deadline: a client has `timeout` seconds from connecting (or from the
+    end of its previous response) to send a whole request, headers and body. uvicorn itself only closes idle
+    keep-alive connections, and every byte received restarts that clock, so a client sending half its headers
+    (or a byte now and then) would hold its connection for ever. A late one gets 408 and is closed; a request
+    received whole is never cut short, however long its response takes."""
+
+    def __init__(self, *args, timeout, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timeout, self.deadline = timeout, None
+
+    def start_clock(self):
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.deadline = self.loop.call_later(self.timeout, self.on_deadline)
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.start_clock()
+
+    def on_response_complete(self):  # a keep-alive connection: the next request has its own deadline
+        super().on_response_complete()
+        self.start_clock()
+
+    def connection_lost(self, exc):
+        self.deadline.cancel()
+        super().connection_lost(exc)
+
+    def on_deadline(self):
+        if self.transport.is_closing() or self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+            return  # the request arrived whole
+        started = self.conn.their_state is h11.SEND_BODY or self.conn.trailing_data[0]  # else idle: close, no word
+        if started and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # and no response has begun: say why
+            # (written directly: h11 will not answer headers it has not seen whole; the connection closes next)
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        self.transport.close()
+
+
+def listen(cfg):
+    """The listening socket, bound before the model loads, so that a port in use is said at once."""
+    where = f"cannot listen on {cfg.host}:{cfg.port}"
+    try:
+        socket.getaddrinfo(cfg.host, cfg.port)  # an unknown host name: create_server would say "Unknown error -2"
+        return socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+    except socket.gaierror as e:
+        raise DataError(f"{where}: {e.strerror} (choose another address: --host=...)")
+    except OSError as e:  # its text adds "(while attempting to bind on address ...)": say the reason alone
+        hint = "address: --host=..." if e.errno == errno.EADDRNOTAVAIL else "port: --port=..."
+        raise DataError(f"{where}: {os.strerror(e.errno) if e.errno else e} (choose another {hint})")
+
+
 def main(argv):
     cfg = validate(parse_args(ServeConfig, argv))
+    sock = listen(cfg)
     model, enc, device, dtype = open_for_generation(cfg)
     engine = Engine(model, enc, device, dtype, cfg.queue_size)
     app = make_app(engine, cfg, model_name=cfg.out_dir.rstrip("/") or cfg.out_dir)
-    try:  # bound here rather than by uvicorn: a port in use is one line, before "serving on"
-        sock = socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
-    except OSError as e:
-        raise DataError(f"cannot listen on {cfg.host}:{cfg.port}: {os.strerror(e.errno) if e.errno else e}")
     print(f"serving on http://{cfg.host}:{cfg.port} (Ctrl-C stops)", file=sys.stderr, flush=True)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # Ctrl-C or SIGTERM: uvicorn waits for open responses, so end them
+            if not self.should_exit:
+                cancelled = f", {len(engine.jobs)} open requests cancelled" if engine.jobs else ""
+                print(f"serve.py: {signal.Signals(sig).name}: stopping{cancelled}", file=sys.stderr, flush=True)
             engine.cancel_all()
             super().handle_exit(sig, frame)
 
-    try:
-        Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
+                            http=functools.partial(RequestDeadline, timeout=cfg.request_timeout))
+    try:  # uvicorn raises the signal that stopped it again once it has shut down, for the exit status
+        Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C, already said by handle_exit
+        pass
     finally:
         engine.worker.shutdown(wait=False, cancel_futures=True)
+
 
 if __name__ == "__main__":
     run_main(main)

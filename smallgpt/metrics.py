@@ -10,11 +10,14 @@ line:
 
 A train record's `tokens` counts every token trained on after the step `iter` (so iterations start at 0 and
 tokens at (iter + 1) x tokens per step). A line cut by a kill mid-write (or still being written while a run is
-going) can only be the last one; it is skipped. Any other damaged line (a stray byte, a hand edit) is an error
-naming it for plot.py and ablate.py; train.py leaves it out with a warning, so that it never blocks a resume.
-This module imports nothing heavy (no torch, no matplotlib).
+going) can only be the last one; it is skipped. Any other damaged line (a stray byte, a hand edit, a record
+without a type or a whole-number iter) is an error naming it for plot.py and ablate.py; train.py leaves it out
+with a warning, so that it never blocks a resume. Any other value may be missing or not a number in a
+hand-edited file, and is then left out of sums and pictures (is_number). This module imports nothing heavy (no
+torch, no matplotlib).
 """
 import json
+import math
 import os
 import sys
 from dataclasses import asdict
@@ -50,8 +53,8 @@ def read_records(run, skip_damaged=False):
                 break
             problem = "is not a JSON record"
         else:
-            if not isinstance(record, dict) or "type" not in record or "iter" not in record:
-                problem = "is not a metrics record (no type / iter)"
+            if not (isinstance(record, dict) and isinstance(record.get("type"), str) and is_iteration(record.get("iter"))):
+                problem = 'is not a metrics record (it needs a "type" and a whole-number "iter" >= 0)'
         if problem is None:
             records.append(record)
         elif not skip_damaged:
@@ -63,6 +66,15 @@ def read_records(run, skip_damaged=False):
     return records
 
 
+def is_iteration(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def is_number(v):
+    """A finite int or float (not a bool): what a value of a record must be to be counted or drawn."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def of_type(records, kind):
     return [r for r in records if r["type"] == kind]
 
@@ -70,12 +82,13 @@ def of_type(records, kind):
 def wall_time(records):
     """Seconds the run has taken: the last `time_s` when train.py recorded it; otherwise an estimate from the
     train records' step times (ms x steps between records; evaluations not counted). Returns (seconds, exact)."""
-    timed = [r["time_s"] for r in records if "time_s" in r]
+    timed = [r["time_s"] for r in records if is_number(r.get("time_s"))]
     if timed:
         return max(timed), True
     total, previous = 0.0, -1
     for r in sorted(of_type(records, "train"), key=lambda r: r["iter"]):
-        total += r["ms"] / 1000 * (r["iter"] - previous)  # ms is the mean step time since the previous record
+        if is_number(r.get("ms")):  # ms is the mean step time since the previous record
+            total += r["ms"] / 1000 * (r["iter"] - previous)
         previous = r["iter"]
     return total, False
 
@@ -83,17 +96,19 @@ def wall_time(records):
 def summarize(records, at=()):
     """One run in numbers: tokens seen, best and last val loss / bpb (with their iterations), the val loss at
     the iterations `at`, wall time. Missing values are None."""
-    train, evals = of_type(records, "train"), of_type(records, "eval")
+    train = of_type(records, "train")
+    evals = [r for r in of_type(records, "eval") if is_number(r.get("val_loss"))]
     best = min(evals, key=lambda r: r["val_loss"], default=None)
     last = max(evals, key=lambda r: r["iter"], default=None)
     val_at = {r["iter"]: r["val_loss"] for r in evals}
     seconds, exact = wall_time(records)
+    bpb = lambda r: r["val_bpb"] if r and is_number(r.get("val_bpb")) else None
     return {
         "iters": max((r["iter"] + 1 for r in train), default=0),
-        "tokens": max((r["tokens"] for r in train), default=0),
+        "tokens": max((r["tokens"] for r in train if is_number(r.get("tokens"))), default=0),
         "best_val_loss": best["val_loss"] if best else None, "best_iter": best["iter"] if best else None,
-        "best_val_bpb": min((r["val_bpb"] for r in evals), default=None),
-        "last_val_loss": last["val_loss"] if last else None, "last_val_bpb": last["val_bpb"] if last else None,
+        "best_val_bpb": min(filter(is_number, map(bpb, evals)), default=None),
+        "last_val_loss": last["val_loss"] if last else None, "last_val_bpb": bpb(last),
         "last_iter": last["iter"] if last else None,
         "val_loss_at": {it: val_at.get(it) for it in at},
         "wall_s": seconds, "wall_exact": exact,

@@ -5,6 +5,9 @@ Shared test set-up. Everything runs on CPU with tiny models and the real data in
 - tiktoken cannot download here, so its cache is seeded from ../shared/data (the same files tiktoken
   would fetch, under the names it looks for) and TIKTOKEN_CACHE_DIR points there for this process and
   every subprocess the tests start.
+- a plain clone has no ../shared: what needs its sample data skips (the sample_parquet fixture), and so does
+  what needs the GPT-2 tokenizer when tiktoken can neither find nor download it and GPT2_TIKTOKEN_FILE is
+  unset (the enc fixture, or @needs_tokenizer on tests that only run scripts which tokenize).
 """
 import sys
 from pathlib import Path
@@ -38,7 +41,22 @@ def sample_parquet():
 
 
 @pytest.fixture(scope="session")
-def token_dir(tmp_path_factory, sample_parquet):
+def enc():
+    """The GPT-2 tokenizer, as the scripts load it (smallgpt.tokens.get_tokenizer); skips the test when it cannot
+    be loaded (offline, with no ../shared to seed tiktoken's cache from and no GPT2_TIKTOKEN_FILE)."""
+    from smallgpt.errors import DataError
+    from smallgpt.tokens import get_tokenizer
+    try:
+        return get_tokenizer()
+    except DataError as e:
+        pytest.skip(f"no GPT-2 tokenizer: {e}")
+
+
+needs_tokenizer = pytest.mark.usefixtures("enc")  # for tests whose scripts tokenize (they use no enc themselves)
+
+
+@pytest.fixture(scope="session")
+def token_dir(tmp_path_factory, sample_parquet, enc):
     """Token files of the first 4,000 documents of the shared sample (~1.6M tokens), made once per session by
     the real prepare.py; treat as read-only."""
     import subprocess

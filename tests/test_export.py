@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import SAMPLE_PARQUET, SHARED_DATA, randomized_tiny_gpt, run_script, run_with_fault
+from conftest import SAMPLE_PARQUET, SHARED_DATA, needs_tokenizer, randomized_tiny_gpt, run_script, run_with_fault
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,6 +35,7 @@ def export_and_load(model, out):
 @pytest.mark.parametrize("gelu,bias,multipliers,token_multipliers", [
     ("none", False, "none", False), ("tanh", False, "none", False), ("none", True, "none", False),
     ("tanh", True, "vector", False), ("none", False, "vector", True), ("none", False, "scalar", False)])
+@needs_tokenizer
 def test_transformers_logits_equal_ours(tmp_path, gelu, bias, multipliers, token_multipliers):
     """Trained per-token embedding multipliers cannot live in a tied GPT-2: the export unties the head to fold
     them into the embedding (tie_word_embeddings=False)."""
@@ -53,6 +54,7 @@ def test_transformers_logits_equal_ours(tmp_path, gelu, bias, multipliers, token
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
 
 
+@needs_tokenizer
 def test_a_wrong_gelu_is_caught(tmp_path, monkeypatch):
     """The comparison can fail: the same weights declared with the other GELU fail the check's 1e-4 (the two
     GELUs differ by at most ~5e-4 near |x| = 2, so the margin is small; the right one gives ~1e-7)."""
@@ -63,6 +65,7 @@ def test_a_wrong_gelu_is_caught(tmp_path, monkeypatch):
     assert export.compare_logits(model, str(tmp_path)) > 1e-4
 
 
+@needs_tokenizer
 def test_generate_runs_on_the_export_and_matches_ours(tmp_path):
     model = tiny()
     hf = export_and_load(model, tmp_path)
@@ -90,8 +93,7 @@ def assert_encodes_like_tiktoken(tok, enc, texts):
         assert tok.decode(ids) == text
 
 
-def test_tokenizer_of_the_export_encodes_like_tiktoken(tmp_path):
-    enc = get_tokenizer()
+def test_tokenizer_of_the_export_encodes_like_tiktoken(tmp_path, enc):
     export.save_tokenizer(str(tmp_path), 16, enc)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert_encodes_like_tiktoken(tok, enc, HARD_TEXTS)
@@ -101,10 +103,10 @@ def test_tokenizer_of_the_export_encodes_like_tiktoken(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "vocab.bpe").exists(), reason=f"no GPT-2 vocab.bpe in {SHARED_DATA}")
-def test_vocabulary_and_merges_rebuilt_from_tiktoken_equal_gpt2s_files():
+def test_vocabulary_and_merges_rebuilt_from_tiktoken_equal_gpt2s_files(enc):
     """The export needs only tiktoken's encoding (one file, gpt2.tiktoken); what it rebuilds equals GPT-2's own
     encoder.json and vocab.bpe."""
-    vocab, merges = export.gpt2_vocab_and_merges(get_tokenizer())
+    vocab, merges = export.gpt2_vocab_and_merges(enc)
     assert vocab == json.load(open(SHARED_DATA / "encoder.json", encoding="utf-8"))
     assert merges == (SHARED_DATA / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:50001]  # after #version
 
@@ -130,6 +132,7 @@ def test_export_needs_only_gpt2_tiktoken(tmp_path):
 
 
 @pytest.mark.slow
+@needs_tokenizer
 def test_export_entry_point_with_check(tmp_path):
     model = tiny(multipliers="vector")
     torch.save(checkpoint(model), tmp_path / "best.pt")
@@ -141,6 +144,7 @@ def test_export_entry_point_with_check(tmp_path):
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "neither empty nor an earlier export" in result.stderr
 
 
+@needs_tokenizer
 def test_a_mismatch_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
     model = tiny()
     torch.save(checkpoint(model), tmp_path / "best.pt")
@@ -178,6 +182,7 @@ def test_transformers_and_the_architecture_are_checked_before_the_tokenizer(tmp_
     assert sorted(os.listdir(tmp_path)) == ["best.pt"]
 
 
+@needs_tokenizer
 def test_every_file_of_the_export_gets_the_umask_mode(tmp_path):
     """safetensors writes its file 0600; the export's files are all what the user's umask gives (0644 here)."""
     torch.save(checkpoint(tiny()), tmp_path / "best.pt")
@@ -213,6 +218,7 @@ def snapshot(directory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point,earlier_export", [("safetensors", False), ("tokenizer", True)])
+@needs_tokenizer
 def test_a_killed_export_never_looks_valid_and_the_rerun_works(tmp_path, point, earlier_export):
     """Killed while writing, an export leaves no directory under --out's name (or the earlier export there,
     untouched); the rerun, with nothing deleted by hand, writes it."""
@@ -243,6 +249,7 @@ m.safe_save_file = full
 @pytest.mark.parametrize("error", ["OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))",
                                    "__import__('safetensors').SafetensorError("
                                    "'Error while serializing: I/O error: No space left on device (os error 28)')"])
+@needs_tokenizer
 def test_a_full_disk_is_one_line_naming_the_export_and_leaves_nothing(tmp_path, error):
     """The OSError itself, or safetensors' own error for it (what a real full disk raises): one line naming the
     export, its file and the space it needs; the partial files removed."""

@@ -6,7 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import export
-from conftest import randomized_tiny_gpt
+from conftest import needs_tokenizer, randomized_tiny_gpt
 from smallgpt.errors import DataError
 
 V = export.GPT2_VOCAB
@@ -23,6 +23,7 @@ tiny = randomized_tiny_gpt  # every weight randomised (norm gains, biases, multi
     (dict(qk_norm=True), "Qwen3ForCausalLM"),
     (dict(qk_norm=True, tie_embeddings=False, multipliers="scalar"), "Qwen3ForCausalLM"),
 ])
+@needs_tokenizer
 def test_modern_block_exports_with_equal_logits(tmp_path, overrides, cls):
     model = tiny(**MODERN, **overrides)
     idx = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(1))

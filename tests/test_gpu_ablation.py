@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench import gpu_ablation
-from conftest import REPO, run_script
+from conftest import REPO, needs_tokenizer, run_script
 from smallgpt.config import load_train_config
 from smallgpt.errors import ConfigError, DataError
 from smallgpt.tokens import TrainWindows
@@ -161,6 +161,7 @@ def test_a_data_dir_is_described_by_its_sources(tmp_path):
     assert "NOT FineWeb" not in note
 
 
+@needs_tokenizer
 def test_a_directory_of_shards_is_described_and_recognised(tmp_path):
     from test_prepare import run_main, write_parquet
     parquet = write_parquet(tmp_path / "english-sample.parquet", [f"document {i}" for i in range(gpu_ablation.SAMPLE_VAL_DOCS + 50)])

@@ -1,6 +1,7 @@
 """plot.py and metrics.py: the reader of metrics.jsonl, and the picture and table from real tiny runs (one run,
 three overlaid, one still being written)."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import REPO, run_script
 
-from smallgpt.errors import DataError
+from smallgpt.errors import ConfigError, DataError
 from smallgpt.metrics import read_records, summarize
 from smallgpt.monitor import duration
-from plot import Run, panels_with_data, smooth, spread
+from plot import PANELS, Run, draw_panel, main, options, panels_with_data, smooth, spread, table_rows
 
 # three few-second runs of config/train_tiny.py: a baseline and the two research features (their panels)
 TINY = ["config/train_tiny.py", "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
@@ -132,7 +133,7 @@ def test_user_mistakes_are_one_line(tmp_path):
     result = run_script("plot.py", tmp_path, check=False)
     assert result.returncode == 1 and "nothing to plot yet" in result.stderr
     result = run_script("plot.py", tmp_path, "--smooth=1.5", check=False)
-    assert result.returncode == 2 and "--smooth must be in [0, 1)" in result.stderr
+    assert result.returncode == 1 and result.stderr == "plot.py: config error: smooth must be in [0, 1), not 1.5\n"
 
 
 def test_hellaswag_panel_from_eval_downstream_records(tmp_path):
@@ -180,3 +181,109 @@ def test_the_table_needs_no_matplotlib(tmp_path):
     picture = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert picture.returncode == 1 and picture.stderr.strip() == ("plot.py: error: the picture needs matplotlib: "
                                                                   "pip install matplotlib (or print only the table: --table)")
+
+
+# --- the command line: one dialect with the other scripts
+
+def test_runs_first_then_key_value_options(tmp_path, capsys):
+    opt = options(["out/a", "out/b/metrics.jsonl", "--smooth=0.9", "--logx", "--out=ab.svg"])
+    assert (opt.runs, opt.smooth, opt.logx, opt.table, opt.out) == (["out/a", "out/b/metrics.jsonl"], 0.9, True, False, "ab.svg")
+    assert options([str(tmp_path)]).out == str(tmp_path / "plot.png")  # one run: beside its metrics
+    assert options(["out/a", "out/b"]).out == "plot.png"
+    for argv, message in [(["out/a", "--smoth=0.5"], "unknown key 'smoth' in the command line (did you mean 'smooth'?)"),
+                          (["out/a", "--smooth", "0.5"], "--smooth needs a value: --smooth=..."),
+                          (["out/a", "--smooth=strong"], "smooth expects float, got 'strong'"),
+                          (["out/a", "--smooth=1"], "smooth must be in [0, 1), not 1.0"),
+                          (["out/a", "--out=a.txt"], "out must name a .png, .pdf or .svg file, not 'a.txt'"),
+                          (["--table"], "name at least one run")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            options(argv)
+    with pytest.raises(SystemExit):
+        options(["--help"])
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: python plot.py RUN [RUN ...] [--key=value ...]") and "--runs" not in shown
+    assert "keys (as --key=value):" in shown and "--smooth=0.0" in shown
+
+
+# --- records as a person may have edited them
+
+def handmade_records():
+    """A run's records as train.py and eval.py write them, every panel's key present."""
+    train = [{"type": "train", "iter": i, "loss": 5.0 - i / 10, "lr": 1e-3, "grad_norm": 1.0 + i, "ms": 100.0,
+              "tok_s": 1000.0, "mfu": 0.1, "dispersion": 0.5, "tokens": 100 * (i + 1), "time_s": 0.1 * i,
+              "mult/min": 0.9, "mult/rms": 1.0, "mult/max": 1.1, "mult/h0.qk_ratio": 1.0, "mult/h1.qk_ratio": 1.2}
+             for i in range(4)]
+    evals = [{"type": "eval", "iter": i, "val_loss": 5.0 - i / 4, "val_bpb": 2.0 - i / 8, "cond/spearman": 1.0,
+              "cond/kendall": 1.0, "cond/mean_cos_l0": 0.1, "cond/mean_cos_l1": 0.3, "resid/rms_l0": 0.5,
+              "resid/rms_l1": 2.0, "norm/h0.qkv": 3.0, "time_s": 0.1 * i} for i in (0, 2, 4)]
+    return train + evals + [{"type": "eval_downstream", "iter": 4, "task": "hellaswag", "hellaswag_acc": 0.25},
+                            {"type": "health", "iter": 3, "what": "loss", "value": 9.0}]
+
+
+def table_and_series(path):
+    """What plot.py computes from a metrics file, short of drawing: the table and every panel's series."""
+    run = Run(str(path))
+    table_rows([run])
+    for panel in panels_with_data([run], "tokens"):
+        for _, kinds, key in panel[3]:
+            run.series(kinds, key, "tokens")
+    return run
+
+
+def test_hand_edited_records_are_left_out_or_one_error(tmp_path):
+    """Each value of each record removed, or replaced by a string, null, a list or NaN: the table and every series
+    are still computed (the value is left out), except that a record without a whole-number iter or a type is one
+    DataError naming its line."""
+    records, path = handmade_records(), tmp_path / "metrics.jsonl"
+    for i, record in enumerate(records):
+        for key in record:
+            for value in (None, "12", [1], float("nan"), 2.5, "missing"):
+                edited = dict(record)
+                if value == "missing":
+                    del edited[key]
+                else:
+                    edited[key] = value
+                path.write_text("".join(json.dumps(r) + "\n" for r in records[:i] + [edited] + records[i + 1:]))
+                if key == "iter" or key == "type" and not isinstance(edited.get("type"), str):  # "12" is a type
+                    with pytest.raises(DataError, match=f"line {i + 1} is not a metrics record"):
+                        Run(str(path))
+                else:
+                    table_and_series(path)
+    evals = [r for r in records if r["type"] == "eval"]
+    evals[1].pop("val_loss")  # a hand-edited evaluation without its loss: its column says "-"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cells = table_rows([Run(str(path))])[1][0]
+    assert cells[3:5] == [f"{evals[2]['val_loss']:.4f} (4)"] * 2 and cells[7] == "-"
+
+
+def test_hand_edited_metrics_through_the_entry_point(tmp_path):
+    records = handmade_records()
+    records[5]["val_loss"] = "n/a"  # the eval at iter 2
+    del records[6]["val_loss"]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pytest.importorskip("matplotlib")
+    main([str(tmp_path), "--markdown"])
+    assert (tmp_path / "plot.png").exists()
+    records[2]["iter"] = "2"
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_script("plot.py", tmp_path, "--table", check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"plot.py: error: {tmp_path / 'metrics.jsonl'} line 3 is not a metrics record")
+
+
+# --- the picture
+
+def test_rank_correlation_panel_is_drawn_on_its_whole_range(tmp_path):
+    """A baseline's condensation scores are 1.00 at every evaluation: on matplotlib's automatic axis that is a flat
+    line in a window of a few hundredths, read as noise; on [-1, 1] it reads as the maximum it is. The two scores
+    coincide, so each has its own mark."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in handmade_records()))
+    panel = next(p for p in PANELS if p[0].startswith("condensation"))
+    fig, ax = plt.subplots()
+    draw_panel(ax, [Run(str(tmp_path))], panel, "tokens", 0.0, plt.get_cmap("tab10").colors)
+    assert ax.get_ylim() == (-1.05, 1.05)
+    spearman, kendall = ax.get_lines()
+    assert spearman.get_ydata().tolist() == kendall.get_ydata().tolist() == [1.0] * 3
+    assert spearman.get_marker() != kendall.get_marker() and spearman.get_linestyle() != kendall.get_linestyle()
+    plt.close(fig)

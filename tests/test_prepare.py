@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from smallgpt.errors import run_main as run_script_main  # noqa: E402
 from smallgpt.shards import open_split, read_meta  # noqa: E402
 from smallgpt.tokens import get_tokenizer  # noqa: E402
+from conftest import needs_tokenizer  # noqa: E402
 
 PREPARE = REPO / "data" / "fineweb" / "prepare.py"
 _spec = importlib.util.spec_from_file_location("prepare", PREPARE)
@@ -126,6 +127,7 @@ def test_identical_across_runs_and_num_proc(sample_parquet, tmp_path):
     assert read_meta(outs[0])["splits"]["val"]["documents"] > 0
 
 
+@needs_tokenizer
 def test_special_token_text_and_unicode(tmp_path):
     texts = ["a web page that says <|endoftext|> literally", "héllo wörld ✓ 日本語 🙂", " \n\t ",
              "x" * 5000, "<|endoftext|>"]
@@ -135,6 +137,7 @@ def test_special_token_text_and_unicode(tmp_path):
     assert decode_split(tmp_path, "val") == []
 
 
+@needs_tokenizer
 def test_val_docs_exact_disjoint_and_seeded(tmp_path):
     texts = [f"document number {i}" for i in range(500)]
     src = write_parquet(tmp_path / "d.parquet", texts)
@@ -173,6 +176,7 @@ def test_max_tokens_keeps_whole_documents(sample_parquet, tmp_path):
     assert meta["splits"]["train"]["tokens"] + next_len > 20000
 
 
+@needs_tokenizer
 def test_null_empty_and_language_score_skipped(tmp_path, capsys):
     texts = ["first", None, "", "second", "low score", None, "third", "null score"]
     scores = [0.9, 0.9, 0.9, 0.8, 0.2, 0.1, 0.95, None]
@@ -188,6 +192,7 @@ def test_null_empty_and_language_score_skipped(tmp_path, capsys):
     assert read_meta(tmp_path / "capped")["skipped"] == {"null_or_empty": 2, "below_language_score": 0}
 
 
+@needs_tokenizer
 def test_directory_and_glob_inputs(tmp_path):
     write_parquet(tmp_path / "b.parquet", ["b1", "b2"])
     write_parquet(tmp_path / "a.parquet", ["a1"])
@@ -231,6 +236,7 @@ def _bad_inputs(tmp_path):
     }
 
 
+@needs_tokenizer
 def test_bad_input_in_process(tmp_path):
     for name, (args, message) in _bad_inputs(tmp_path).items():
         out = tmp_path / f"out_{name}"
@@ -242,6 +248,7 @@ def test_bad_input_in_process(tmp_path):
     assert run_main("--val_fraction=1") == "prepare.py: config error: val_fraction must be in [0, 1), not 1.0"
 
 
+@needs_tokenizer
 def test_bad_input_entry_point(tmp_path):
     cases = _bad_inputs(tmp_path)
     for name in ("truncated", "no_column"):
@@ -252,6 +259,7 @@ def test_bad_input_entry_point(tmp_path):
     assert out_files(tmp_path / "out") == []
 
 
+@needs_tokenizer
 def test_interrupted_run_keeps_complete_shards(tmp_path, monkeypatch):
     """Ctrl-C mid-run: exit 130, the complete shards stay listed, nothing half-written is left; the same command
     continues and ends with the files of an uninterrupted run."""
@@ -358,6 +366,7 @@ def test_unusable_out_dir_one_line(tmp_path):
     assert a_file.read_text() == "not a directory"
 
 
+@needs_tokenizer
 def test_failed_run_leaves_no_directory(tmp_path):
     """A run that fails creates nothing: not out_dir, not the parents it had to create."""
     missing = tmp_path / "missing.parquet"
@@ -420,6 +429,7 @@ def http_server(tmp_path):
     server.server_close()
 
 
+@needs_tokenizer
 def test_remote_url_downloaded_whole(tmp_path, http_server):
     """Without a cap, a URL is downloaded once into the cache (complete, no .part left) and read locally."""
     base, root, _ = http_server
@@ -612,6 +622,7 @@ def test_tokenizer_from_a_local_file(sample_parquet, tmp_path, monkeypatch):
     assert "set GPT2_TIKTOKEN_FILE to a copy of gpt2.tiktoken" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@needs_tokenizer
 def test_prepare_does_not_import_torch(tmp_path):
     """prepare.py shares the package with the training scripts but must not pay for torch's import (~1.5 s)."""
     src = write_parquet(tmp_path / "s.parquet", ["one document", "another one"])

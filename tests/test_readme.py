@@ -8,7 +8,7 @@ import re
 import shlex
 
 import pytest
-from conftest import REPO, SAMPLE_PARQUET, run_script
+from conftest import REPO, run_script
 
 from smallgpt.config import load_train_config, parse_args
 
@@ -61,7 +61,7 @@ def check_arguments(script, args):
         load_prepare().parse_args(args)
     elif script == "plot.py":
         import plot
-        plot.arguments().parse_args(args)
+        plot.options(args)
     elif script == "eval.py":
         eval_script = importlib.import_module("eval")
         eval_script.validate(parse_args(eval_script.EvalConfig, args))
@@ -95,8 +95,17 @@ def test_documented_commands_parse(doc, monkeypatch):
         assert checked >= 8
 
 
+def test_readme_plot_command_leaves_the_committed_picture_alone():
+    """The quick start's plot command draws into the run's directory: a user following it must not overwrite
+    docs/train_tiny.png, the picture committed with the README (docs/monitoring.md says how to replace it)."""
+    commands = re.findall(r"`(python plot\.py [^`]*)`", (REPO / "README.md").read_text())
+    assert commands and not [c for c in commands if "docs/" in c]
+    for command in commands:
+        check_arguments(*python_invocations(command))
+
+
 @pytest.mark.slow
-def test_readme_cpu_quick_start_runs(tmp_path):
+def test_readme_cpu_quick_start_runs(tmp_path, sample_parquet):
     """The CPU quick start's commands, in order, as written except: the input is the shared sample (the hub is
     unreachable), the outputs go to tmp_path, and training stops after 20 steps."""
     readme = (REPO / "README.md").read_text()
@@ -108,7 +117,7 @@ def test_readme_cpu_quick_start_runs(tmp_path):
     for script, args in commands:
         args = [re.sub(r"=(data/sample|out/tiny)$", lambda m: "=" + paths[m.group(1)], a) for a in args]
         if script == "data/fineweb/prepare.py":
-            args = [str(SAMPLE_PARQUET), *args]
+            args = [str(sample_parquet), *args]
         elif script == "train.py":  # the config reads the data where the quick start's prepare.py wrote it
             assert load_train_config([str(REPO / a) for a in args]).data_dir == "data/sample"
             args += [f"--data_dir={paths['data/sample']}", f"--out_dir={paths['out/tiny']}", "--max_iters=20",

@@ -12,9 +12,8 @@ import torch
 
 from model import GPT, GPTConfig, sample_token
 from smallgpt.errors import DataError
-from smallgpt.tokens import get_tokenizer
 from smallgpt.config import ConfigError
-from conftest import REPO, run_script
+from conftest import REPO, needs_tokenizer, run_script
 import sample
 from sample import SampleConfig, generate_samples, text_stream
 
@@ -203,8 +202,7 @@ def test_batch_of_samples_equals_samples_one_at_a_time():
     assert len({tuple(s) for s in batch}) == 3 and min(map(len, batch)) < 30  # distinct, some ended early
 
 
-def test_text_stream_prints_only_whole_characters():
-    enc = get_tokenizer()
+def test_text_stream_prints_only_whole_characters(enc):
     text = "naïve café 🙂🦜 日本語のテキスト — done"
     tokens = enc.encode(text)
     stream = text_stream(enc)
@@ -232,7 +230,7 @@ def samples_of(stdout):
 
 
 @pytest.mark.slow
-def test_sample_script_batch_seeds_and_streaming(tmp_path):
+def test_sample_script_batch_seeds_and_streaming(tmp_path, enc):
     model = gpt2_vocab_model()
     save(tmp_path / "best.pt", model)
     opts = [f"--out_dir={tmp_path}", "--start=Once upon a time", "--max_new_tokens=12", "--temperature=1.0"]
@@ -242,7 +240,6 @@ def test_sample_script_batch_seeds_and_streaming(tmp_path):
     assert len(texts) == 3 and texts[2] == samples_of(single.stdout)[0] and texts[0] != texts[2]
     assert all(t.startswith("Once upon a time") for t in texts)
     # the streamed first sample is exactly the decoded tokens the same options give in-process
-    enc = get_tokenizer()
     cfg = SampleConfig(num_samples=3, max_new_tokens=12, temperature=1.0, seed=5)
     prompt = enc.encode("Once upon a time")
     expected, _ = generate_samples(model, prompt, cfg, vocab_limit=enc.n_vocab, stop=EOT)
@@ -251,6 +248,7 @@ def test_sample_script_batch_seeds_and_streaming(tmp_path):
 
 
 @pytest.mark.slow
+@needs_tokenizer
 def test_sample_script_stops_at_end_of_text(tmp_path):
     model = gpt2_vocab_model(bias=True)
     with torch.no_grad():  # ln_f outputs a constant pointing at the end-of-text embedding: it always comes next
@@ -266,12 +264,11 @@ def test_sample_script_stops_at_end_of_text(tmp_path):
 
 
 @pytest.mark.slow
-def test_sample_script_prompt_from_file_cropped_and_from_stdin(tmp_path):
+def test_sample_script_prompt_from_file_cropped_and_from_stdin(tmp_path, enc):
     save(tmp_path / "best.pt", gpt2_vocab_model())
     (tmp_path / "prompt.txt").write_text("one two three four five six seven eight nine ten " * 5)  # > 32 tokens
     result = run_script("sample.py", f"--out_dir={tmp_path}", f"--start=FILE:{tmp_path / 'prompt.txt'}",
                         "--max_new_tokens=3", "--temperature=0")
-    enc = get_tokenizer()
     prompt = enc.encode((tmp_path / "prompt.txt").read_text())
     assert f"warning: the prompt has {len(prompt)} tokens, more than block_size 32" in result.stderr
     assert enc.encode(result.stdout)[:32] == prompt[-32:]  # what the model saw is what is shown
@@ -282,8 +279,7 @@ def test_sample_script_prompt_from_file_cropped_and_from_stdin(tmp_path):
 
 
 @pytest.mark.slow
-def test_sample_script_merges_multipliers_and_reads_nanogpt_checkpoints(tmp_path):
-    enc = get_tokenizer()
+def test_sample_script_merges_multipliers_and_reads_nanogpt_checkpoints(tmp_path, enc):
     prompt = enc.encode("The cat")
     cfg = SampleConfig(num_samples=1, max_new_tokens=8, temperature=0)
     # learnable multipliers, away from their init of 1: sample.py folds them into the weights first
@@ -312,6 +308,7 @@ def test_sample_script_merges_multipliers_and_reads_nanogpt_checkpoints(tmp_path
 
 
 @pytest.mark.slow
+@needs_tokenizer  # sample.py loads it first
 def test_sample_script_errors_are_one_line(tmp_path):
     good = gpt2_vocab_model()
     for name in ("empty", "unknown_key", "wrong_shape", "char_level"):

@@ -1,11 +1,16 @@
 """
 serve.py: the real server started in a subprocess on 127.0.0.1 with a tiny checkpoint, spoken to over HTTP:
 completions plain and streamed, the same text as sample.py, stop strings, bad requests, the queue limit, client
-disconnects, the official openai client, and the web page in a real browser (headless Chromium via Playwright).
+disconnects, bodies too large or too deep, clients too slow, the official openai client, and the web page in a real
+browser (headless Chromium via Playwright).
 """
+import errno
 import http.client
 import json
+import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,19 +25,18 @@ pytest.importorskip("uvicorn")
 
 from model import GPT, GPTConfig  # noqa: E402
 from smallgpt.checkpoint import save_checkpoint  # noqa: E402
-from smallgpt.tokens import get_tokenizer  # noqa: E402
 from smallgpt.config import ConfigError  # noqa: E402
-from conftest import REPO, run_script  # noqa: E402
+from conftest import REPO, needs_tokenizer, run_script  # noqa: E402
 from serve import Choice  # noqa: E402
 
 MAX_TOKENS = 4000  # the server's limit here: long generations for the queue and disconnect tests
+REQUEST_TIMEOUT = 3  # seconds the server gives a client to send a request, here (the tests send theirs at once)
 
 
 # -----------------------------------------------------------------------------
 # Choice: stop strings on text that arrives token by token (no server)
 
-def test_choice_cuts_at_the_first_stop_string_and_never_sends_part_of_one():
-    enc = get_tokenizer()
+def test_choice_cuts_at_the_first_stop_string_and_never_sends_part_of_one(enc):
     text = "The cat sat on the mat. The dog sat on the log. END of story"
     tokens = enc.encode(text)
     for stops, expected, reason in [([], text, "length"), (["sat on the l"], "The cat sat on the mat. The dog ", "stop"),
@@ -51,14 +55,14 @@ def test_choice_cuts_at_the_first_stop_string_and_never_sends_part_of_one():
     assert choice.add(tokens[0]) == "The" and choice.add(enc.eot_token) == "" and choice.finish_reason == "stop"
 
 
-def test_a_failing_generation_fails_its_request_not_the_server(monkeypatch):
+def test_a_failing_generation_fails_its_request_not_the_server(monkeypatch, enc):
     """In-process (Starlette's test client): the model raises mid-generation; plain and streamed requests get the
     error in OpenAI's format, and the next request is served."""
     testclient = pytest.importorskip("starlette.testclient")  # needs httpx
     import serve
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50304)).eval()
-    engine = serve.Engine(model, get_tokenizer(), "cpu", "float32", queue_size=2)
+    engine = serve.Engine(model, enc, "cpu", "float32", queue_size=2)
     client = testclient.TestClient(serve.make_app(engine, serve.ServeConfig(), "tiny"))
     forward, calls = model.hidden_states, []
 
@@ -106,13 +110,16 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def server_process(checkpoint_dir):
-    """The real serve.py on a free port of 127.0.0.1, with room for 2 requests (the queue test fills it):
-    (process, port)."""
+def server_process(checkpoint_dir, enc, tmp_path_factory):
+    """The real serve.py on a free port of 127.0.0.1, with room for 2 requests (the queue test fills it) and prompts
+    of up to 1,000 characters: (process, port, its log: stdout and stderr)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), f"--out_dir={checkpoint_dir}", f"--port={port}",
-                             "--queue_size=2", f"--max_tokens={MAX_TOKENS}", "--device=cpu"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path_factory.mktemp("serve_log") / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), f"--out_dir={checkpoint_dir}", f"--port={port}",
+                                 "--queue_size=2", f"--max_tokens={MAX_TOKENS}", "--max_prompt_chars=1000",
+                                 f"--request_timeout={REQUEST_TIMEOUT}", "--device=cpu"], cwd=REPO, stdout=f,
+                                stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while True:
         try:
@@ -121,9 +128,9 @@ def server_process(checkpoint_dir):
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                pytest.fail(f"serve.py did not start:\n{proc.stdout.read()}")
+                pytest.fail(f"serve.py did not start:\n{log.read_text()}")
             time.sleep(0.2)
-    yield proc, port
+    yield proc, port, log
     proc.terminate()
     try:
         proc.wait(timeout=10)
@@ -244,7 +251,7 @@ def test_bad_requests_get_400_in_openai_format(server):
         ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
         ({"prompt": []}, "prompt", "one prompt per request"),
         ({"temperature": float("nan")}, "temperature", "less than or equal to 2"),
-        ({"prompt": "x" * 100_001}, "prompt", "longer than 100000 characters"),
+        ({"prompt": "x" * 1001}, "prompt", "longer than 1000 characters"),
         ({"max_tokens": "10"}, "max_tokens", "valid integer"),
         ({"max_tokens": MAX_TOKENS + 1}, "max_tokens", f"at most {MAX_TOKENS}"),
         ({"max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
@@ -266,6 +273,8 @@ def test_bad_requests_get_400_in_openai_format(server):
         assert reply["error"]["type"] == "invalid_request_error"
     assert request(server, "GET", "/nowhere")[0] == 404
     assert request(server, "GET", "/v1/completions")[0] == 405
+    status, reply = request(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 404 and "this server does completions only: POST /v1/completions" in reply["error"]["message"]
     assert health(server)["status"] == "ok" and health(server)["failed"] == 0  # still serving
 
 
@@ -311,6 +320,8 @@ def test_openai_client(server):
                                                                temperature=0).choices[0].text
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=model, prompt="Hi", temperature=3.0)
+    with pytest.raises(openai.NotFoundError, match="completions only"):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}])
 
 
 @pytest.mark.slow
@@ -346,21 +357,15 @@ def test_page_in_a_real_browser(server, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_script_errors_are_one_line(checkpoint_dir, tmp_path):
-    taken = socket.create_server(("127.0.0.1", 0))
-    cases = [([f"--out_dir={tmp_path / 'missing'}"], "no such checkpoint or directory"),
-             ([f"--out_dir={checkpoint_dir}", f"--port={taken.getsockname()[1]}"], "cannot listen on 127.0.0.1:")]
-    procs = [subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for args, _ in cases]
-    for proc, (_, message) in zip(procs, cases):
-        out, err = proc.communicate(timeout=120)
-        lines = [line for line in err.splitlines() if not line.startswith(str(checkpoint_dir))]  # the loaded model
-        assert proc.returncode == 1 and lines[0].startswith("serve.py: ") and message in lines[0], err
-        assert "Traceback" not in err and len(lines) == 1 and out == "", err
-    taken.close()
+@needs_tokenizer  # serve.py loads it before the checkpoint
+def test_serve_script_errors_are_one_line(tmp_path):
+    result = run_script("serve.py", f"--out_dir={tmp_path / 'missing'}", check=False)
+    assert result.returncode == 1 and result.stdout == "" and result.stderr.startswith("serve.py: error: ")
+    assert "no such checkpoint or directory" in result.stderr and len(result.stderr.splitlines()) == 1
     import serve
     for key, value, message in [("port", 70000, "port must be in 1..65535"), ("queue_size", 0, "queue_size must be at"),
-                                ("which", "worst", "which must be best or last")]:
+                                ("which", "worst", "which must be best or last"),
+                                ("request_timeout", 0.0, "request_timeout must be a positive number of seconds")]:
         with pytest.raises(ConfigError, match=message):
             serve.validate(serve.ServeConfig(**{key: value}))
 
@@ -373,10 +378,109 @@ def test_load_serve_script_quick(server):
 
 
 @pytest.mark.slow
+def test_a_busy_port_is_said_before_the_model_loads(tmp_path):
+    """A port in use is the first thing said, in one line naming --port=, before the checkpoint (here: none at all)
+    or the tokenizer are even looked for."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_script("serve.py", f"--out_dir={tmp_path / 'missing'}", f"--port={port}", check=False)
+    assert result.returncode == 1 and result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr == (f"serve.py: error: cannot listen on 127.0.0.1:{port}: {os.strerror(errno.EADDRINUSE)} "
+                             "(choose another port: --port=...)\n")
+    result = run_script("serve.py", f"--out_dir={tmp_path / 'missing'}", "--host=no.such.host.invalid", check=False)
+    assert result.returncode == 1 and result.stderr.startswith("serve.py: error: cannot listen on no.such.host.invalid:8000")
+    assert result.stderr.endswith(" (choose another address: --host=...)\n") and "Unknown error" not in result.stderr
+
+
+def connect(port):
+    return socket.create_connection(("127.0.0.1", port), timeout=60)
+
+
+def read_all(sock, timeout):
+    """What the server sends until it closes the connection (within timeout seconds, else what came so far)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return data
+
+
+@pytest.mark.slow
+def test_a_chunked_body_over_the_limit_is_refused_as_it_arrives(server):
+    """A body sent in chunks has no Content-Length to check: the server counts what arrives and answers 413 as soon
+    as it passes the limit (here 4 x 1,000 + 65,536 bytes), long before this 64 MB body would be sent whole,
+    instead of reading it all into memory first."""
+    sock, chunk, total = connect(server), b"x" * 65536, 64 * 2 ** 20
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    sent = 0
+    while sent < total and not select.select([sock], [], [], 0)[0]:  # until the server answers
+        sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        sent += len(chunk)
+    if sent == total:  # never answered while sending: end the body and see what comes
+        sock.sendall(b"0\r\n\r\n")
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    message = json.loads(response.read())["error"]["message"]
+    sock.close()
+    assert response.status == 413 and "larger than this server's limit of 69,536 bytes" in message, message
+    assert sent < total // 2, f"answered after {sent:,} of {total:,} bytes"
+    status, reply = request(server, "POST", "/v1/completions", raw=b'{"prompt": "' + b"x" * 70_000 + b'"}')
+    assert status == 413  # with a Content-Length over the limit: refused unread
+
+
+@pytest.mark.slow
+def test_deeply_nested_json_is_a_400_not_a_server_error(server_process):
+    """Within the body limit (here 69,536 bytes) JSON can nest tens of thousands deep, past the parser's stack."""
+    proc, port, log = server_process
+    for body in ["[" * 30_000 + "]" * 30_000, '{"a": ' * 8_000 + "1" + "}" * 8_000,
+                 '{"prompt": ' + "[" * 25_000 + "]" * 25_000 + "}", '{"prompt": ' + "[" * 500 + "]" * 500 + "}",
+                 '{"stream_options": ' + '{"a": ' * 500 + "true" + "}" * 501]:
+        status, reply = request(port, "POST", "/v1/completions", raw=body)
+        assert status == 400 and reply["error"]["type"] == "invalid_request_error", (body[:20], reply)
+    assert "Traceback" not in log.read_text() and health(port)["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_clients_that_send_half_a_request_are_cut_off(server):
+    """20 connections that send half their headers and wait, one that sends a byte every 0.2 s (each byte would
+    restart a plain idle timeout), one that sends half a body, one that sends nothing: within the request timeout
+    (3 s here) the server answers 408 to those that started a request and closes all of them; meanwhile it
+    serves others."""
+    half = [connect(server) for _ in range(20)]
+    for sock in half:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Ty")
+    body = connect(server)
+    body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+    silent, trickle = connect(server), connect(server)
+    assert health(server)["status"] == "ok"
+    t0, line = time.time(), b"POST /v1/completions HTTP/1.1\r\nHost: test\r\n" + b"X-Slow: " + b"y" * 200
+    for i in range(len(line)):  # 49 s to send whole, if the server let it
+        try:
+            trickle.sendall(line[i:i + 1])
+        except OSError:  # closed by the server
+            break
+        if select.select([trickle], [], [], 0.2)[0]:
+            break
+    assert time.time() - t0 < REQUEST_TIMEOUT + 20, "the trickling client was never cut off"
+    assert read_all(trickle, 10).startswith(b"HTTP/1.1 408")
+    for sock in half + [body]:
+        assert read_all(sock, 20).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert read_all(silent, 20) == b""  # closed, with nothing to answer
+    for sock in half + [body, silent, trickle]:
+        sock.close()
+    assert request(server, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200
+
+
+@pytest.mark.slow
 def test_shutdown_ends_open_responses(server_process):
     """Last in this file: it stops the server. SIGTERM (as Ctrl-C) with a generation running and one waiting: both
-    clients hear why, and the server exits at once instead of waiting for the generations to end."""
-    proc, port = server_process
+    clients hear why, the log says what stopped it, and the server exits at once instead of waiting for the
+    generations to end."""
+    proc, port, log = server_process
     long = {"prompt": "Tell me", "max_tokens": MAX_TOKENS, "n": 8, "seed": 0}
     conn, response = open_stream(port, long)
     next(events(response))
@@ -391,3 +495,5 @@ def test_shutdown_ends_open_responses(server_process):
     assert rest[-1] == "[DONE]" and rest[-2]["error"]["message"] == "generation stopped: the server is shutting down"
     reply = waiting.getresponse()
     assert reply.status == 503 and "shutting down" in json.loads(reply.read())["error"]["message"]
+    assert log.read_text().endswith("serve.py: SIGTERM: stopping, 2 open requests cancelled\n"), log.read_text()[-500:]
+    assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn >= 0.29 ends by the signal it stopped for, once it is done

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, needs_tokenizer, run_script
 from test_prepare import PREPARE, out_files, run_main, write_parquet
 from test_train import FAST
 from smallgpt.checkpoint import load_checkpoint
@@ -46,6 +46,7 @@ def test_token_stream_reads_as_the_concatenation():
         assert all(torch.equal(p, q) for p, q in zip(windows[0].batch(first, 6), windows[1].batch(first, 6)))
 
 
+@needs_tokenizer
 def test_odd_byte_length_is_one_clear_error(tmp_path):
     src = write_parquet(tmp_path / "s.parquet", [f"document {i} " * 30 for i in range(200)])
     assert run_main(src, f"--out_dir={tmp_path / 'out'}", "--val_docs=20", "--num_proc=1") is None
@@ -81,6 +82,7 @@ def test_odd_byte_length_entry_points(tmp_path, token_dir):
     assert line.startswith(f"eval.py: error: {data / 'val_000000.bin'} has an odd number of bytes"), evaluated.stderr
 
 
+@needs_tokenizer
 def test_missing_data_dir_names_the_prepared_ones(tmp_path, monkeypatch):
     """train.py config/train_tiny.py with data prepared elsewhere: the error lists the prepared directories."""
     monkeypatch.chdir(tmp_path)
@@ -98,6 +100,7 @@ def test_missing_data_dir_names_the_prepared_ones(tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 # adding data
 
+@needs_tokenizer
 def test_adding_data_equals_preparing_it_together(tmp_path):
     """A then B == A and B together: the same train and val token streams, so the same training batches; the val
     split is that of the first argument, unchanged by B; A is skipped with a line saying so."""
@@ -125,6 +128,7 @@ def test_adding_data_equals_preparing_it_together(tmp_path):
         assert all(torch.equal(p, q) for p, q in zip(windows[0].batch(first, 8), windows[1].batch(first, 8)))
 
 
+@needs_tokenizer
 def test_val_population_rows_are_numbered_across_its_files(tmp_path):
     """A folder as the first argument: its files' rows are numbered in order, so its split equals that of one file
     holding all of them (with several batches in flight across the files' boundary)."""
@@ -143,6 +147,7 @@ def test_val_population_rows_are_numbered_across_its_files(tmp_path):
         assert read_meta(outs[0])["split"]["population_inputs"] == 2 and read_meta(outs[0])["splits"]["val"]["documents"] > 50
 
 
+@needs_tokenizer
 def test_rerun_skips_what_is_done_and_refuses_another_split(tmp_path, capsys):
     a = write_parquet(tmp_path / "a.parquet", [f"doc {i}" for i in range(300)])
     out = tmp_path / "out"
@@ -160,6 +165,7 @@ def test_rerun_skips_what_is_done_and_refuses_another_split(tmp_path, capsys):
     assert "holds the single-file output of an older prepare.py" in run_main(a, f"--out_dir={out}")
 
 
+@needs_tokenizer
 def test_a_cap_stops_and_a_later_run_continues(tmp_path):
     """--max_docs counts the directory's documents: a capped run leaves its input unfinished, a run with a higher
     cap continues it; the tokens equal one run with the higher cap."""

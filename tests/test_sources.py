@@ -11,8 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import needs_tokenizer
 from test_prepare import decode_split, out_files, run_main, write_parquet
 from smallgpt.shards import read_meta
+
+pytestmark = needs_tokenizer  # every test runs prepare.py, which tokenizes
 
 
 @pytest.fixture(scope="module")
