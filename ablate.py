@@ -12,7 +12,9 @@ report: per variant, the mean and spread (sample standard deviation over seeds) 
 condensation score (Spearman) and mean cosine of the late half of the layers, and the paired difference to the baseline seed by seed (same seed = same data order
 and the same initial weights where the architecture is the same).
 """
+import ctypes
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from smallgpt.errors import ConfigError, DataError, run_main
 from smallgpt.metrics import of_type, read_records
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+PR_SET_PDEATHSIG = 1  # prctl option from <linux/prctl.h>: a signal for this process when its parent dies
 
 
 @dataclass
@@ -69,8 +72,24 @@ def run_one(cfg, name, overlay, seed):
                *cfg.train_args.split(), f"--seed={seed}", f"--out_dir={out}",
                *([f"--data_dir={cfg.data_dir}"] if cfg.data_dir else []), *(["--init_from=resume"] if resume else [])]
     print(f"=== {name}, seed {seed}: {'resuming' if resume else 'training'} -> {out}", flush=True)
-    if subprocess.run(command).returncode != 0:
+    if subprocess.run(command, preexec_fn=end_with_parent(os.getpid())).returncode != 0:
         raise DataError(f"the run {out} failed (see above); run the same command again to resume the sweep")
+
+
+def end_with_parent(parent):
+    """A preexec_fn that ties a train.py child to this process (Linux): the kernel sends the child SIGTERM when
+    ablate.py dies, kill -9 included, so a killed sweep leaves no trainer running (on SIGTERM train.py saves
+    last.pt and exits; the sweep's rerun resumes it). None elsewhere: there a killed sweep's child runs on, and
+    train.py's out_dir lock keeps the rerun from training beside it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child runs only the call
+
+    def tie():
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the sweep died before the call: nobody would signal us, so do not start
+            os._exit(1)
+    return tie
 
 
 def late_mean_cosine(record):

@@ -17,6 +17,7 @@ Read top to bottom: the schedule, the model, one optimizer step, the metrics log
 import json
 import math
 import os
+import shlex
 import signal
 import time
 from contextlib import nullcontext
@@ -27,14 +28,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
-from smallgpt.checkpoint import code_version, find_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
+from smallgpt.checkpoint import (code_version, find_checkpoint, load_checkpoint, lock_run_dir, model_from_checkpoint,
+                                 remove_stale_temporaries, save_checkpoint)
 from smallgpt.condensation import condensation_metrics
-from smallgpt.config import load_train_config, model_args
+from smallgpt.config import TrainConfig, load_train_config, model_args
 from smallgpt.device import autocast, peak_flops, select_device, select_dtype, to_device
 from smallgpt.errors import ConfigError, DataError, run_main
 from smallgpt.evaluation import bits_per_byte, loss_sums, read_hellaswag, score_hellaswag, token_bytes
-from smallgpt.metrics import MetricsLog
-from smallgpt.monitor import Clock, Health, compile_failure, count, duration, gpu_report, probe_compiled
+from smallgpt.metrics import MetricsLog, read_records, summarize
+from smallgpt.monitor import Clock, Health, compile_failure, count, duration, file_size, gpu_report, probe_compiled
 from smallgpt.optim import configure_optimizer
 from smallgpt.plan import choose_batch_size, plan_report, plan_summary
 from smallgpt.shards import open_split
@@ -282,9 +284,10 @@ RESUME_KEYS = ("optimizer", "scaler", "iter_num", "data_position", "best_val_los
 
 
 def read_resume_checkpoint(cfg):
-    """The checkpoint to continue from with init_from=resume: last.pt, or best.pt when the run was killed after
-    its first best.pt and before its first last.pt (best.pt holds the same full training state). None for a new
-    run, which refuses an out_dir that already holds a run's checkpoints."""
+    """The checkpoint to continue from with init_from=resume: the newer of last.pt and best.pt (both hold the full
+    training state; last.pt on a tie). best.pt is the newer one after a kill between the two writes (best.pt is
+    written first) and, with always_save_checkpoint=False, whenever the run improved since its last last.pt.
+    None for a new run, which refuses an out_dir that already holds a run's checkpoints."""
     # an untrained model's val loss is log(vocab): nothing to learn from
     if cfg.eval_only and cfg.init_from == "scratch":
         raise ConfigError("eval_only evaluates a trained model: set init_from=resume (out_dir/last.pt), a checkpoint "
@@ -298,7 +301,9 @@ def read_resume_checkpoint(cfg):
         return None
     if not existing:
         raise DataError(f"init_from=resume but {cfg.out_dir} holds no last.pt or best.pt")
-    path = os.path.join(cfg.out_dir, existing[0])  # last.pt when there is one: the newest full state
+    paths = [os.path.join(cfg.out_dir, n) for n in existing]
+    # mmap: reads the iteration, not the tensors; max() keeps the first of equals: last.pt
+    path = max(paths, key=lambda p: load_checkpoint(p, mmap=True).get("iter_num", -1))
     ckpt = load_checkpoint(path)  # on CPU: weights move to the device with the model
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
@@ -436,7 +441,10 @@ def print_start(run, train_tokens, resumed_from, flops_peak):
     cfg, rt, raw_model, progress = run.cfg, run.rt, run.raw_model, run.progress
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     rt.log(f"code {code_version()}")
-    rt.log("config: " + ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
+    defaults = asdict(TrainConfig())  # every key is in config.json: the console shows what this run changed
+    changed = ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items() if v != defaults[k])
+    rt.log(f"config (keys that differ from the defaults{'' if cfg.eval_only else f'; all keys: {cfg.out_dir}/config.json'}): "
+           f"{changed or 'none'}")
     rt.log(f"device {rt.device}, dtype {rt.dtype}, {rt.world} process(es), compile {cfg.compile}")
     rt.log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (position embeddings not counted); "
            f"{raw_model.flops_per_token() / 1e6:.0f} MFLOPs per token")
@@ -478,12 +486,11 @@ def main(argv):
         print("\n".join(gpu_report(rt.device) + [plan_summary(cfg)]))
     train_tokens, meta = open_split(cfg.data_dir, "train")  # opened first: a wrong data_dir fails before any model
     val_tokens, _ = open_split(cfg.data_dir, "val")
+    lock = claim_out_dir(cfg, rt)  # held while this process lives
 
     # --- model, optimizer, and the state of a resumed run
     ckpt = read_resume_checkpoint(cfg)
-    if ckpt is not None and ckpt["iter_num"] >= cfg.max_iters and not cfg.eval_only:
-        rt.log(f"{ckpt['path']} is at iter {ckpt['iter_num']}: this run already reached max_iters {cfg.max_iters}. "
-               f"Nothing to do (raise --max_iters to train further)")
+    if finished_already(ckpt, cfg, rt):
         return
     raw_model = build_model(cfg, ckpt).to(rt.device)  # on CPU, then moved: one copy on the device
     cfg = source_architecture(cfg, raw_model, rt)
@@ -524,9 +531,37 @@ def main(argv):
         # trims records after a resumed checkpoint
         run.metrics = MetricsLog(cfg, progress.iter_num if resumed_from else None)
     train_loop(run, windows, evaluate, flops_peak)
+    print_summary(run)
     if rt.ddp:  # wait for rank 0's checkpoint write: a rank tearing gloo down early can abort its peers
         dist.barrier()
         dist.destroy_process_group()
+
+
+def claim_out_dir(cfg, rt):
+    """Rank 0 of a training run: lock out_dir (a second trainer there stops with one line), then delete what a
+    killed run left half-written. Returns the lock (None elsewhere: eval_only writes nothing)."""
+    if not rt.master or cfg.eval_only:
+        return None
+    lock = lock_run_dir(cfg.out_dir)
+    removed = remove_stale_temporaries(cfg.out_dir)  # safe only now: no other trainer writes here
+    if removed:
+        rt.log(removed)
+    return lock
+
+
+def finished_already(ckpt, cfg, rt):
+    """Whether a resumed run already reached max_iters with its last.pt written: then it says so and nothing is
+    touched (job schedulers restart finished jobs). A finished run whose newest file is best.pt (killed between
+    the final two writes) goes on into the loop, which writes last.pt at once."""
+    if ckpt is None or ckpt["iter_num"] < cfg.max_iters or cfg.eval_only:
+        return False
+    if os.path.basename(ckpt["path"]) != "last.pt":
+        rt.log(f"{ckpt['path']} is at iter {ckpt['iter_num']} (max_iters {cfg.max_iters}) but last.pt is older: "
+               f"writing last.pt")
+        return False
+    rt.log(f"{ckpt['path']} is at iter {ckpt['iter_num']}: this run already reached max_iters {cfg.max_iters}. "
+           f"Nothing to do (raise --max_iters to train further)")
+    return True
 
 
 def eval_line(iter_num, result, seconds):
@@ -555,17 +590,38 @@ def evaluate_due(run, evaluate, stopping):
 
 
 def write_checkpoints(run, done, improved):
-    """last.pt at every evaluation (always_save_checkpoint) and at the end, then best.pt when val loss improved.
-    last.pt first: a kill between the two never leaves a best.pt newer than last.pt."""
+    """best.pt when val loss improved, then last.pt at every evaluation (always_save_checkpoint) and at the end.
+    best.pt first: no file records a val loss before best.pt holds its weights, so a kill between the two writes
+    cannot lose the best weights (it leaves best.pt the newer file, which resume then takes)."""
     cfg, progress = run.cfg, run.progress
     if not run.rt.master or progress.iter_num == 0:  # iter 0: nothing trained yet, nothing to save
         return
+    if improved:
+        save(run, "best.pt")
+        run.rt.log(f"saved {cfg.out_dir}/best.pt: val loss {progress.best_val_loss:.4f}, the best so far")
     if done or (progress.evaluated and cfg.always_save_checkpoint):
         save(run, "last.pt")
         if done:
             run.rt.log(f"saved {cfg.out_dir}/last.pt at iter {progress.iter_num}")
-    if improved:
-        save(run, "best.pt")
+
+
+def print_summary(run):
+    """The run's last lines: where it stopped, its best evaluation, the files in out_dir and what to run next."""
+    cfg, progress = run.cfg, run.progress
+    if not run.rt.master:
+        return
+    finished = progress.iter_num >= cfg.max_iters
+    best = summarize(read_records(cfg.out_dir, skip_damaged=True))  # the whole curve, over every resume
+    run.rt.log(f"{'done' if finished else 'stopped'} at iter {progress.iter_num}: "
+               f"{count(progress.data_position * cfg.block_size)} tokens in {duration(progress.elapsed_s)}; "
+               + (f"best val loss {best['best_val_loss']:.4f} at iter {best['best_iter']} (best.pt)"
+                  if best["best_val_loss"] is not None else "no evaluation yet"))
+    files = [n for n in ("best.pt", "last.pt", "stable.pt", "metrics.jsonl", "config.json")
+             if os.path.exists(os.path.join(cfg.out_dir, n))]
+    run.rt.log(f"files in {cfg.out_dir}: "
+               + ", ".join(f"{n} {file_size(os.path.getsize(os.path.join(cfg.out_dir, n)))}" for n in files))
+    run.rt.log(f"sample from it: python sample.py --out_dir={shlex.quote(cfg.out_dir)}" if finished else
+               "continue it: the same command with --init_from=resume")
 
 
 def save_stable(run):

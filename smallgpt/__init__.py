@@ -18,7 +18,8 @@ torch, so it remains the one file to copy elsewhere. The modules sit in layers, 
     --
     config.py        every training key with its default and meaning (TrainConfig), config files, --key=value
     optim.py         the optimizer and all its parameter groups: AdamW, or Muon + AdamW (docs/muon.md)
-    checkpoint.py    atomic checkpoint writing, the one checkpoint loader, the code version each run records
+    checkpoint.py    atomic checkpoint writing, the one checkpoint loader, the run directory's lock, the code
+                     version each run records
     --
     generation.py    what sample.py and serve.py share: the model for inference, prompts, seeded samples
     plan.py          will it fit, how long will it take: memory by category, the largest micro-batch, step times

@@ -1,19 +1,23 @@
 """
-Checkpoints: atomic writing, finding one in a run directory, and the one loader that train.py, sample.py,
-condensation.py and the other scripts share (ours and nanoGPT's ckpt.pt), plus the code version that every
-run records.
+Checkpoints: atomic writing (a full disk is one line), finding one in a run directory, and the one loader that
+train.py, sample.py, condensation.py and the other scripts share (ours and nanoGPT's ckpt.pt); the run
+directory's lock (one trainer at a time) and its clean-up after a kill; the code version that every run records.
 """
 import functools
+import glob
 import os
 import pickle
 import re
+import shutil
+import socket
 import subprocess
 from dataclasses import fields
 
 import torch
 
 from model import GPT, GPTConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, out_of_space
+from .monitor import file_size
 
 # -----------------------------------------------------------------------------
 # Checkpoints: plain dicts of tensors and Python types, so torch.load(weights_only=True) reads them.
@@ -25,13 +29,33 @@ CHECKPOINT_NAMES = {"best": "best.pt", "last": "last.pt"}
 
 
 def save_checkpoint(obj, path):
-    """Write atomically: a kill mid-write leaves the previous file at path intact."""
+    """Write atomically: a kill mid-write leaves the previous file at path intact (and at worst a stale
+    path.tmp, which train.py removes at its next start). A failed write removes its temporary; on a full disk
+    the error is one line naming the file and the space it needs."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty file at path
+    except BaseException as e:  # a full disk, a second Ctrl-C: never leave a partial temporary filling the disk
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if out_of_space(e):
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            kept = f"the previous {os.path.basename(path)} is untouched" if os.path.exists(path) else "nothing written"
+            raise DataError(f"cannot write {path}: no space left on the device (it needs about "
+                            f"{file_size(tensor_bytes(obj))}, {file_size(free)} free); {kept}") from None
+        raise
     os.replace(tmp, path)
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in a nested dict / list: about the size of its checkpoint file."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(v) for v in values)
 
 
 def check_which(which):
@@ -55,9 +79,11 @@ def find_checkpoint(path, which="best"):
     raise DataError(f"no checkpoint (best.pt, last.pt or ckpt.pt) in {path}")
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", mmap=False):
+    """A checkpoint as a dict (checked to hold a model). mmap=True reads tensors only when touched: a cheap look
+    at a checkpoint's iter_num and records."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: never run a pickle we cannot read
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         raise DataError(f"cannot load checkpoint {path}: " + (
@@ -85,6 +111,49 @@ def model_from_checkpoint(ckpt):
     except (RuntimeError, ValueError) as e:
         raise DataError(f"checkpoint does not match its model settings: {str(e).splitlines()[0]}")
     return model
+
+
+# -----------------------------------------------------------------------------
+# The run directory: one trainer at a time
+
+def lock_run_dir(out_dir):
+    """Hold out_dir for this process: a second train.py in the same directory stops with one line naming the
+    first. The lock is the kernel's flock on out_dir/train.lock, so it dies with its process, kill -9 included:
+    no stale lock to delete by hand. Returns the open lock file: keep it open while the run goes on. Where
+    flock does not exist (Windows) or the filesystem refuses it, the run goes on unlocked, with a warning."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "train.lock")
+    lock = open(path, "a+")
+    try:
+        import fcntl  # POSIX only
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "its pid not written yet"
+        lock.close()
+        raise DataError(f"{out_dir} is in use by another train.py ({holder}); two runs writing one out_dir would "
+                        f"overwrite each other's checkpoints: wait for it, stop it, or choose another out_dir")
+    except (ImportError, OSError) as e:
+        print(f"warning: {path} cannot be locked ({type(e).__name__}: {e}): nothing stops a second train.py from "
+              f"writing into {out_dir} at the same time")
+        return lock
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")  # for the message above
+    lock.flush()
+    return lock
+
+
+def remove_stale_temporaries(out_dir):
+    """Delete the *.pt.tmp files that a killed run left in out_dir (one checkpoint's size each); returns a line
+    naming them, or None. Call it only while holding out_dir's lock: a running trainer's temporary is not stale."""
+    stale = sorted(glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp")))
+    sizes = [os.path.getsize(p) for p in stale]
+    for p in stale:
+        os.remove(p)
+    if not stale:
+        return None
+    return (f"removed {', '.join(os.path.basename(p) for p in stale)} ({file_size(sum(sizes))}): the unfinished "
+            f"checkpoint write of a run that was killed")
 
 
 @functools.cache  # asked once per process: every checkpoint write records it, and git takes milliseconds

@@ -36,5 +36,10 @@ def run_main(main):
 
 def out_of_space(e):
     """Whether an exception means a full disk: an OSError with errno ENOSPC, or a library's own error quoting the
-    OS message (safetensors raises SafetensorError '... No space left on device (os error 28)')."""
-    return getattr(e, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(e)
+    OS message (safetensors raises SafetensorError '... No space left on device (os error 28)'), or raised while
+    handling one (torch.save's zip writer raises a bare RuntimeError whose context is the file's OSError)."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

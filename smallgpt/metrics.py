@@ -10,10 +10,13 @@ line:
 
 A train record's `tokens` counts every token trained on after the step `iter` (so iterations start at 0 and
 tokens at (iter + 1) x tokens per step). A line cut by a kill mid-write (or still being written while a run is
-going) can only be the last one; it is skipped. This module imports nothing heavy (no torch, no matplotlib).
+going) can only be the last one; it is skipped. Any other damaged line (a stray byte, a hand edit) is an error
+naming it for plot.py and ablate.py; train.py leaves it out with a warning, so that it never blocks a resume.
+This module imports nothing heavy (no torch, no matplotlib).
 """
 import json
 import os
+import sys
 from dataclasses import asdict
 
 from .errors import DataError
@@ -24,26 +27,39 @@ def metrics_path(run):
     return os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
 
 
-def read_records(run):
-    """Every complete record of a run's metrics.jsonl, in file order. A last line cut mid-write is skipped;
-    an unreadable line anywhere else is a DataError (the file is damaged, not just still being written)."""
+def read_records(run, skip_damaged=False):
+    """Every complete record of a run's metrics.jsonl, in file order. A last line cut mid-write is skipped. A
+    damaged line anywhere else (not UTF-8, not JSON, not a record) is a DataError naming it (the file is damaged,
+    not just still being written), or with skip_damaged left out with one warning on stderr: train.py's resume
+    and end-of-run summary take that road, since a damaged log line must not stop a run whose checkpoint is fine."""
     path = metrics_path(run)
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:  # bytes: one bad byte spoils its line, not the whole file
             lines = f.readlines()
     except FileNotFoundError:
         raise DataError(f"no metrics.jsonl in {run}" if path != run else f"no such file: {run}")
-    records = []
+    records, damaged = [], []
     for number, line in enumerate(lines, 1):
+        problem = None
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            problem = "is not UTF-8 text"
         except ValueError:
             if number == len(lines):  # the writer was killed (or is still writing) mid-line
                 break
-            raise DataError(f"{path} line {number} is not a JSON record: {line[:60]!r}")
-        if not isinstance(record, dict) or "type" not in record or "iter" not in record:
-            raise DataError(f"{path} line {number} is not a metrics record (no type / iter)")
-        records.append(record)
+            problem = "is not a JSON record"
+        else:
+            if not isinstance(record, dict) or "type" not in record or "iter" not in record:
+                problem = "is not a metrics record (no type / iter)"
+        if problem is None:
+            records.append(record)
+        elif not skip_damaged:
+            raise DataError(f"{path} line {number} {problem}: {line[:60]!r}")
+        else:
+            damaged.append(f"line {number} {problem}")
+    if damaged:
+        print(f"warning: {path}: {len(damaged)} damaged line(s) left out ({'; '.join(damaged[:3])})", file=sys.stderr)
     return records
 
 
@@ -99,7 +115,7 @@ class MetricsLog:
         self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
         kept = []
         if resume_iter is not None and os.path.exists(self.path):
-            records = read_records(self.path)  # a last line cut by a kill is left out
+            records = read_records(self.path, skip_damaged=True)  # a line cut by a kill or a damaged one is left out
             kept = [r for r in records  # evaluations of the resumed checkpoint itself stay (eval.py's too)
                     if r["iter"] < resume_iter or r["type"] in ("eval", "eval_downstream") and r["iter"] == resume_iter]
         with open(self.path + ".tmp", "w") as f:

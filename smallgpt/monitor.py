@@ -30,6 +30,14 @@ def count(n):
     return str(int(n))
 
 
+def file_size(nbytes):
+    """1.52 GB, 85.3 MB, 12 KB: file and disk sizes, in decimal units as df -H and file managers show them."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= 0.9995 * size:  # 999,999 bytes is 1.00 MB, not 1e+03 KB
+            return f"{nbytes / size:.3g} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
 # -----------------------------------------------------------------------------
 # Time: elapsed and ETA
 

@@ -184,6 +184,7 @@ def test_wsd_run_extended_from_stable_pt_equals_a_longer_run(tmp_path, token_dir
     assert load_checkpoint(str(short / "stable.pt"))["iter_num"] == 4
     shutil.copytree(short, extended)
     shutil.copyfile(extended / "stable.pt", extended / "last.pt")
+    (extended / "best.pt").unlink()  # from the old decay, newer than stable.pt: resume would take it
     result = run_script("train.py", *common, "--max_iters=16", "--lr_decay_iters=16", "--init_from=resume",
                         f"--out_dir={extended}")
     assert ("schedule changed on resume: max_iters 8 -> 16, lr_decay_iters 8 -> 16; "

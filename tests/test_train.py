@@ -385,12 +385,13 @@ def test_kill_after_the_first_best_pt_can_resume(tmp_path, token_dir):
     assert load_checkpoint(str(out / "last.pt"))["iter_num"] == 8
 
 
-def test_last_pt_is_written_before_best_pt(tmp_path, token_dir, monkeypatch):
+def test_best_pt_is_written_before_last_pt(tmp_path, token_dir, monkeypatch):
+    """No file may record a val loss before best.pt holds its weights (test_train_faults.py kills between them)."""
     written = []
     monkeypatch.setattr(train, "save_checkpoint", lambda obj, path: written.append(os.path.basename(path)))
     run_main_in_process(["config/train_tiny.py", *FAST, f"--data_dir={token_dir}", f"--out_dir={tmp_path / 'o'}",
                          "--eval_interval=2", "--max_iters=4", "--condensation_seqs=0"], monkeypatch)
-    assert written == ["last.pt", "best.pt", "last.pt", "best.pt"]
+    assert written == ["best.pt", "last.pt", "best.pt", "last.pt"]
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, token_dir):
