@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 
 
 def pytest_configure(config):
-    from smallgpt.tokens import seed_tiktoken_cache
+    from smallgpt.tokenizer import seed_tiktoken_cache
     seed_tiktoken_cache(SHARED_DATA)
 
 
