@@ -16,7 +16,7 @@ import eval as eval_script
 from model import GPT, GPTConfig
 from smallgpt import evaluation
 from smallgpt.errors import DataError
-from smallgpt.tokens import get_tokenizer
+from smallgpt.tokenizer import get_tokenizer
 from smallgpt.evaluation import (hellaswag_file, hellaswag_predictions, load_hellaswag, loss_sums, read_hellaswag, render,
                                  score_hellaswag, score_rendered, token_bytes)
 
@@ -352,7 +352,7 @@ def test_a_full_disk_appending_the_results_names_the_file(tmp_path, monkeypatch)
     def full_disk(path, *args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(eval_script, "open", full_disk, raising=False)
-    loaded = eval_script.Loaded(None, 16, 50304, "run", run_dir=str(tmp_path))
+    loaded = eval_script.Loaded(None, 16, 50304, "run", eval_script.GPT2, run_dir=str(tmp_path))
     with pytest.raises(DataError, match=f"cannot append the results to {tmp_path}/metrics.jsonl: No space left"):
         eval_script.log_results(loaded, {"val": {"val_loss": 1.0}})
 
@@ -365,14 +365,15 @@ def test_train_evaluator_is_the_mean_over_its_windows(enc, token_dir):
     from smallgpt.tokens import fixed_windows, stack_windows
     from train import Evaluator, Runtime
     from smallgpt import config
-    cfg = config.TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=3, eval_iters=2,
-                             condensation_seqs=0, loss_chunk_size=20)
+    from smallgpt.tokenizer import open_tokenizer
     tokens, meta = open_split(token_dir, "val")
+    cfg = config.with_vocab_size(config.TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=3,
+                                                    eval_iters=2, condensation_seqs=0, loss_chunk_size=20), meta["vocab_size"])
     rt = Runtime(ddp=False, rank=0, local_rank=0, world=1, device="cpu", dtype="float32", accum=1)
     model = tiny(block_size=32, loss_chunk_size=20)
     calls = []
     model.register_forward_hook(lambda module, args, output: calls.append(1))
-    result = Evaluator(cfg, tokens, meta, rt)(model, model, 0)
+    result = Evaluator(cfg, tokens, meta["vocab_size"], rt, open_tokenizer(token_dir).record)(model, model, 0)
     assert len(calls) == cfg.eval_iters  # one forward per batch, both numbers from it
     x, y = stack_windows(tokens, fixed_windows(tokens, 6, 32), 32)
     with torch.no_grad():

@@ -20,7 +20,7 @@ pytest.importorskip("uvicorn")
 
 from model import GPT, GPTConfig  # noqa: E402
 from smallgpt.checkpoint import save_checkpoint  # noqa: E402
-from smallgpt.tokens import get_tokenizer  # noqa: E402
+from smallgpt.tokenizer import get_tokenizer  # noqa: E402
 from smallgpt.config import ConfigError  # noqa: E402
 from conftest import REPO, run_script  # noqa: E402
 from serve import Choice  # noqa: E402
