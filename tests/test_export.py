@@ -97,7 +97,14 @@ def test_tokenizer_of_the_export_encodes_like_tiktoken(tmp_path):
     assert_encodes_like_tiktoken(tok, enc, HARD_TEXTS)
     assert tok.eos_token_id == tok.bos_token_id == EOT and len(tok) == V and tok.model_max_length == 16
     assert tok("<|endoftext|>")["input_ids"] == [EOT]  # the special token itself, when not split
-    assert json.load(open(tmp_path / "tokenizer_config.json"))["tokenizer_class"] == "GPT2Tokenizer"  # 4.x reads it
+    # the reserved chat tokens at our ids, as special tokens
+    assert tok("a<|user_start|>b<|output_end|>")["input_ids"] == enc.encode("a<|user_start|>b<|output_end|>",
+                                                                             allowed_special="all")
+    assert tok.all_special_ids == list(range(EOT, V))
+    config = json.load(open(tmp_path / "tokenizer_config.json"))
+    assert config["tokenizer_class"] == "GPT2Tokenizer" and "extra_special_tokens" not in config  # 4.x reads it
+    export.save_tokenizer(str(tmp_path), 16, vocab=50257)  # a model from HF GPT-2: no rows for the chat tokens
+    assert len(transformers.AutoTokenizer.from_pretrained(str(tmp_path))) == 50257
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "vocab.bpe").exists(), reason=f"no GPT-2 vocab.bpe in {SHARED_DATA}")
