@@ -1,9 +1,10 @@
 """
 The tokenizer: GPT-2's BPE (tiktoken; the default) or a byte-level BPE trained on your own text (prepare.py
 --vocab_size=N, with Hugging Face `tokenizers`), stored as one tokenizer.json in the `tokenizers` format. Either one
-comes back from get_tokenizer as a tiktoken Encoding, so every script uses one interface (encode_ordinary,
-decode_single_token_bytes, eot_token, n_vocab); tiktoken encodes a trained BPE exactly as `tokenizers` does
-(tested on hard texts), and ~3x faster.
+comes back as a tiktoken Encoding, so every script uses one interface (encode_ordinary, decode_single_token_bytes,
+eot_token, n_vocab); tiktoken encodes a trained BPE exactly as `tokenizers` does (tested on hard texts), and ~3x
+faster. Both have SPECIAL_TOKENS: <|endoftext|> and the chat markers reserved for chat data. A script gets the
+tokenizer of its data directory or checkpoint, with those ids, from open_tokenizer (docs/tokenizer.md).
 
 Which tokenizer a thing was made with is a record {"name", "sha256"} (+ "json", the file's text, where the text
 must travel): a data directory's manifest.json (its tokenizer.json beside it: data_tokenizer), every checkpoint

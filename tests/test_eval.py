@@ -282,6 +282,27 @@ def test_eval_entry_point_on_an_export(tiny_run, short_val_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_of_gpt2s_50257_rows_reads_gpt2_data(short_val_dir, tmp_path):
+    """HF GPT-2 has rows for GPT-2's 50,257 tokens, none for the reserved chat tokens that a GPT-2 data directory
+    now counts (vocab_size 50,267): text data evaluates; data holding a chat token is one line naming it."""
+    import shutil
+    import numpy as np
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    common = [f"--model={tmp_path / 'hf'}", "--hellaswag_items=0", "--batch_size=64", "--device=cpu",
+              "--log_metrics=False"]
+    assert "| val       | bpb      |" in run_script("eval.py", *common, f"--data_dir={short_val_dir}").stdout
+    chat = tmp_path / "chat"
+    shutil.copytree(short_val_dir, chat)
+    val = np.memmap(chat / "val_000000.bin", dtype=np.uint16, mode="r+")
+    val[100] = 50259  # <|user_start|>
+    val.flush()
+    one_line_error(run_script("eval.py", *common, f"--data_dir={chat}", check=False),
+                   "token id 50259 at position 100 is outside the vocabulary (vocab_size 50257)")
+
+
+@pytest.mark.slow
 def test_eval_user_mistakes_are_one_line(tmp_path):
     one_line_error(run_script("eval.py", f"--model={tmp_path}", f"--hellaswag={tmp_path / 'none.jsonl'}", check=False),
                    "no HellaSwag file at")
