@@ -16,7 +16,7 @@ from smallgpt.tokenizer import get_tokenizer
 from smallgpt.config import ConfigError
 from conftest import REPO, run_script
 import sample
-from sample import SampleConfig, generate_samples, text_stream
+from sample import SampleConfig, completion_vocab, generate_samples, text_stream
 
 EOT = 50256
 
