@@ -20,7 +20,7 @@ from smallgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from smallgpt.config import load_train_config
 from smallgpt.errors import DataError
 from smallgpt.metrics import read_records
-from smallgpt.tokens import open_split
+from smallgpt.shards import open_split
 
 # a few-second version of config/train_tiny.py (as test_train.py's), no condensation diagnostic
 FAST = ["config/train_tiny.py", "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
