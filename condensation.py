@@ -18,6 +18,7 @@ from smallgpt.config import parse_args
 from smallgpt.device import autocast, select_device, select_dtype
 from smallgpt.errors import ConfigError, DataError, run_main
 from smallgpt.shards import open_split
+from smallgpt.tokenizer import open_tokenizer
 from smallgpt.tokens import fixed_windows, stack_windows
 from smallgpt.condensation import BINS, kendall, layer_statistics, spearman
 
@@ -113,6 +114,7 @@ def main(argv):
     if seq_len < opt.seq_len:
         print(f"seq_len {opt.seq_len} > the model's block_size: using {seq_len}")
     val_tokens, _ = open_split(data_dir, "val")
+    open_tokenizer(data_dir, dict(ckpt, path=path))  # the checkpoint's tokenizer must be the data's (one line)
     x, _ = stack_windows(val_tokens, fixed_windows(val_tokens, opt.num_seqs, seq_len), seq_len)
     with autocast(device, select_dtype("auto", device)):
         mu, pair_counts, self_counts = layer_statistics(model, x.to(device), opt.batch_size, bins=BINS)

@@ -7,7 +7,9 @@ HellaSwag (completion style, acc and acc_norm) on the 10,042 validation items.
     python eval.py --model=gpt2 --hellaswag=hellaswag_val.jsonl          # HF GPT-2 124M, a local HellaSwag copy
 
 --model is a run directory, a checkpoint file, a directory written by export.py (or any transformers causal
-LM using the GPT-2 tokenizer), or a Hugging Face name such as gpt2. The HellaSwag file is downloaded once into
+LM using the GPT-2 tokenizer), or a Hugging Face name such as gpt2. Text is encoded, and bits per byte counted,
+with the model's own tokenizer (the checkpoint's, or an export's tokenizer.json), which must be the data_dir's.
+The HellaSwag file is downloaded once into
 --cache_dir unless --hellaswag=PATH is given; when that download fails, the val rows are computed and
 printed first and the run then ends with one line saying how to score HellaSwag or skip it. --val_windows=N
 caps the val pass at N evenly spaced windows. Results are printed as a table and, for a checkpoint, appended
@@ -29,7 +31,9 @@ from smallgpt.device import autocast, select_device
 from smallgpt.errors import ConfigError, DataError, run_main
 from smallgpt.evaluation import HELLASWAG_ITEMS, bits_per_byte, loss_sums, read_hellaswag, score_hellaswag, token_bytes
 from smallgpt.shards import open_split
-from smallgpt.tokens import get_tokenizer, stack_windows
+from smallgpt.tokenizer import (GPT2, TOKENIZER_FILE, check_same, checkpoint_tokenizer, data_tokenizer,
+                                get_tokenizer, read_tokenizer)
+from smallgpt.tokens import stack_windows
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Loaded:
     block_size: int  # longest sequence the model takes
     vocab_size: int  # logits per position
     name: str  # what was loaded, for the table
+    tokenizer: dict  # the record of the tokenizer it reads and writes (smallgpt/tokenizer.py)
     run_dir: str = ""  # the checkpoint's directory (its metrics.jsonl); '' for transformers models
     iter_num: int = 0
 
@@ -81,8 +86,8 @@ def load_model(name, which, device):
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt).merge_multipliers().to(device).eval()
         return Loaded(lambda idx: model(idx)[0], model.config.block_size, model.config.vocab_size,
-                      f"{path} (iter {ckpt.get('iter_num', '?')})", os.path.dirname(os.path.abspath(path)),
-                      int(ckpt.get("iter_num", 0)))
+                      f"{path} (iter {ckpt.get('iter_num', '?')})", checkpoint_tokenizer(ckpt),
+                      os.path.dirname(os.path.abspath(path)), int(ckpt.get("iter_num", 0)))
     try:
         import transformers
         transformers.logging.set_verbosity_error()
@@ -94,7 +99,17 @@ def load_model(name, which, device):
         raise DataError(f"cannot load {name}: {where}; as a Hugging Face name: {(str(e).splitlines() or [''])[0]}")
     hc = hf.config
     block = getattr(hc, "n_positions", None) or hc.max_position_embeddings
-    return Loaded(lambda idx: hf(idx).logits, block, hc.vocab_size, name)
+    return Loaded(lambda idx: hf(idx).logits, block, hc.vocab_size, name, transformers_tokenizer(name))
+
+
+def transformers_tokenizer(name):
+    """The tokenizer of a transformers model: export.py writes a trained one's tokenizer.json byte for byte; any
+    other model (gpt2, an export of a GPT-2-tokenizer run) is taken to use GPT-2's."""
+    path = os.path.join(name, TOKENIZER_FILE)
+    try:
+        return read_tokenizer(path) if os.path.isfile(path) else GPT2
+    except DataError:  # a tokenizer.json that is not a BPE of ours (GPT-2's, as export.py writes it)
+        return GPT2
 
 
 # -----------------------------------------------------------------------------
@@ -119,13 +134,15 @@ def val_metrics(loaded, data_dir, batch_size, device, ctx, cap=0):
     """Loss and bits per byte over every target of the val split (or cap windows of it): consecutive windows of
     block_size tokens, each predicted from the start of its window."""
     tokens, meta = open_split(data_dir, "val")
-    if meta["vocab_size"] > loaded.vocab_size:
+    check_same(data_tokenizer(data_dir, meta), loaded.tokenizer, f"data_dir {data_dir}", loaded.name)
+    if meta["eot_token"] >= loaded.vocab_size:  # HF GPT-2 has no rows for the reserved chat ids: checked per batch
         raise DataError(f"{data_dir} has vocab_size {meta['vocab_size']}, more than the model's {loaded.vocab_size}")
-    table = token_bytes(get_tokenizer(), loaded.vocab_size)
+    data_ids = min(meta["vocab_size"], loaded.vocab_size)  # the ids a batch may hold
+    table = token_bytes(get_tokenizer(loaded.tokenizer), loaded.vocab_size)  # each token's bytes, as it reads them
     batches, n_windows = val_batches(len(tokens), loaded.block_size, batch_size, cap)
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for batch, length in tqdm(batches, desc="val", unit="batch"):
-        x, y = (t.to(device) for t in stack_windows(tokens, batch, length, meta["vocab_size"]))
+        x, y = (t.to(device) for t in stack_windows(tokens, batch, length, data_ids))
         with ctx:
             logits = loaded.logits_fn(x)
         sums += loss_sums(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none"), y, table)
@@ -136,8 +153,8 @@ def val_metrics(loaded, data_dir, batch_size, device, ctx, cap=0):
 
 def hellaswag_metrics(loaded, items, batch_size, device, ctx):
     with ctx:
-        return score_hellaswag(loaded.logits_fn, items, get_tokenizer().encode_ordinary, loaded.block_size, device,
-                               batch_size, progress=True)
+        return score_hellaswag(loaded.logits_fn, items, get_tokenizer(loaded.tokenizer).encode_ordinary,
+                               loaded.block_size, device, batch_size, progress=True)
 
 
 # -----------------------------------------------------------------------------

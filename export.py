@@ -1,6 +1,7 @@
 """
 Export a checkpoint to a Hugging Face transformers directory: float32 safetensors weights, config.json and the
-GPT-2 tokenizer files, so that other tools (lm-eval-harness, llama.cpp's GGUF converter, vLLM...) load it with
+tokenizer files (GPT-2's, or the checkpoint's own trained BPE), so that other tools (lm-eval-harness, llama.cpp's
+GGUF converter, vLLM...) load it with
 
     AutoModelForCausalLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR)
 
@@ -8,15 +9,15 @@ GPT-2 tokenizer files, so that other tools (lm-eval-harness, llama.cpp's GGUF co
     python export.py --model=out/fineweb-40m/last.pt --out=my-model
 
 Learnable multipliers are merged into plain weights first (a tied model with trained per-token embedding
-multipliers is untied to take them) and the padded vocabulary (50304) is cut back to GPT-2's 50257 tokens. The
+multipliers is untied to take them) and the padded vocabulary (50304) is cut back to the tokenizer's (GPT-2: 50257). The
 GPT-2 architecture becomes a GPT2LMHeadModel: Linear weights transposed into HF's Conv1D layout, missing biases
 (bias=False) as zeros, the GELU declared as trained (exact 'gelu' or tanh 'gelu_new'), the head tied as
 trained, block_size as n_positions. The modern block (RoPE, RMSNorm, SwiGLU) becomes a
 LlamaForCausalLM, or a Qwen3ForCausalLM with QK-norm. Switches that no stock class has (logit soft-cap, ReLU^2,
 GPT-2 and modern parts mixed) stop with one line naming the switch. With --check (on by default) the directory
 is loaded back with transformers and its logits are compared with the checkpoint's; a mismatch fails.
-The tokenizer files are made from tiktoken's GPT-2 encoding alone (GPT2_TIKTOKEN_FILE offline), the one file
-training needs. Everything is written into OUT.partial and moved to OUT only after the check passed: a kill or
+GPT-2's tokenizer files are made from tiktoken's GPT-2 encoding alone (GPT2_TIKTOKEN_FILE offline), the one file
+training needs; a trained tokenizer's tokenizer.json is the checkpoint's, byte for byte. Everything is written into OUT.partial and moved to OUT only after the check passed: a kill or
 a full disk never leaves a half-written export. Needs `pip install transformers` (train.py does not). See
 docs/export-eval.md.
 """
@@ -32,10 +33,8 @@ import torch
 from smallgpt.checkpoint import check_which, find_checkpoint, load_checkpoint, model_from_checkpoint
 from smallgpt.config import parse_args
 from smallgpt.errors import ConfigError, DataError, out_of_space, run_main
-from smallgpt.tokens import get_tokenizer
-
-GPT2_VOCAB = 50257  # GPT-2's real tokens; ids above are vocabulary padding and never targets
-EOT = 50256  # <|endoftext|>
+from smallgpt.tokenizer import (EOT, GPT2, SPECIAL_TOKENS, TOKENIZER_FILE, bpe_split, bytes_to_unicode,
+                                checkpoint_tokenizer, get_tokenizer)
 
 
 @dataclass
@@ -83,23 +82,23 @@ def hf_architecture(cfg):
 # -----------------------------------------------------------------------------
 # GPT-2 architecture -> GPT2LMHeadModel
 
-def gpt2_config(cfg):
-    """The GPT2Config of our GPTConfig (dropout 0: an export is for inference)."""
+def gpt2_config(cfg, vocab, eot):
+    """The GPT2Config of our GPTConfig for a tokenizer of vocab tokens (dropout 0: an export is for inference)."""
     transformers = import_transformers()
     return transformers.GPT2Config(
-        vocab_size=GPT2_VOCAB, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        vocab_size=vocab, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, n_inner=cfg.mlp_hidden or 4 * cfg.n_embd, layer_norm_epsilon=1e-5,
         activation_function="gelu" if cfg.gelu_approximate == "none" else "gelu_new",  # HF's default is tanh
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=EOT, eos_token_id=EOT,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eot, eos_token_id=eot,
         tie_word_embeddings=cfg.tie_embeddings)
 
 
-def gpt2_state_dict(model):
-    """Our (multiplier-free) weights under HF GPT-2's names and layouts, float32."""
+def gpt2_state_dict(model, vocab):
+    """Our (multiplier-free) weights under HF GPT-2's names and layouts, float32, the vocabulary cut to vocab."""
     transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     sd = {k: v.float() for k, v in model.state_dict().items()}
     for key in ("transformer.wte.weight", "lm_head.weight"):
-        sd[key] = sd[key][:GPT2_VOCAB]  # [:V], never a negative slice
+        sd[key] = sd[key][:vocab]  # [:V], never a negative slice
     if model.config.tie_embeddings:
         del sd["lm_head.weight"]  # HF re-ties it
     for key in [k for k in sd if ".attn.c_q." in k]:  # our Q, K, V matrices are rows of HF's one c_attn
@@ -123,30 +122,30 @@ LLAMA_NAMES = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "a
                "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
 
 
-def llama_config(cfg, arch):
+def llama_config(cfg, arch, vocab, eot):
     """LlamaConfig or Qwen3Config of our GPTConfig. rope_theta as a keyword: transformers 5 folds it into
     rope_parameters, 4.x reads it directly. Our RMSNorms (blocks, final, q/k) all use eps 1e-5."""
     transformers = import_transformers()
-    common = dict(vocab_size=GPT2_VOCAB, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden or 4 * cfg.n_embd,
+    common = dict(vocab_size=vocab, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden or 4 * cfg.n_embd,
                   num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
                   head_dim=cfg.n_embd // cfg.n_head, max_position_embeddings=cfg.block_size, rms_norm_eps=1e-5,
                   rope_theta=cfg.rope_theta, hidden_act="silu", attention_bias=cfg.bias, attention_dropout=0.0,
-                  tie_word_embeddings=cfg.tie_embeddings, bos_token_id=EOT, eos_token_id=EOT)
+                  tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eot, eos_token_id=eot)
     if arch == "qwen3":
         return transformers.Qwen3Config(**common, use_sliding_window=False)
     return transformers.LlamaConfig(**common, mlp_bias=cfg.bias)
 
 
-def llama_state_dict(model):
+def llama_state_dict(model, vocab):
     """Our (multiplier-free) modern-block weights under HF Llama / Qwen3 names (same nn.Linear layout), float32."""
     sd = {}
     for key, value in model.state_dict().items():
         value = value.float()
         if key == "transformer.wte.weight":
-            sd["model.embed_tokens.weight"] = value[:GPT2_VOCAB]
+            sd["model.embed_tokens.weight"] = value[:vocab]
         elif key == "lm_head.weight":
             if not model.config.tie_embeddings:
-                sd["lm_head.weight"] = value[:GPT2_VOCAB]
+                sd["lm_head.weight"] = value[:vocab]
         elif key == "transformer.ln_f.weight":
             sd["model.norm.weight"] = value
         else:  # transformer.h.{i}.{module}.{weight|bias}
@@ -155,17 +154,17 @@ def llama_state_dict(model):
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def to_hf(model):
-    """The stock transformers model (float32) computing what our model computes: GPT2LMHeadModel,
-    LlamaForCausalLM or Qwen3ForCausalLM."""
+def to_hf(model, vocab, eot):
+    """The stock transformers model (float32) computing what our model computes over a tokenizer's vocab ids (the
+    padded rows cut; eot: its end-of-text id): GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM."""
     if model.config.multipliers != "none" or model.token_scale is not None:
         raise ValueError("to_hf takes a plain model: call model.merge_multipliers(untie=True) first")
     transformers = import_transformers()
     arch = hf_architecture(model.config)
     if arch == "gpt2":
-        config, sd = gpt2_config(model.config), gpt2_state_dict(model)
+        config, sd = gpt2_config(model.config, vocab, eot), gpt2_state_dict(model, vocab)
     else:
-        config, sd = llama_config(model.config, arch), llama_state_dict(model)
+        config, sd = llama_config(model.config, arch, vocab, eot), llama_state_dict(model, vocab)
     hf = transformers.AutoModelForCausalLM.from_config(config).float()
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     # only a tied head and causal-mask buffers (persistent in some transformers versions) may be absent
@@ -176,55 +175,73 @@ def to_hf(model):
 
 
 # -----------------------------------------------------------------------------
-# The tokenizer, from tiktoken's GPT-2 encoding alone (GPT2_TIKTOKEN_FILE, or tiktoken's own copy): the same
-# file training needs, nothing more
+# The tokenizer: GPT-2's from tiktoken's encoding alone (GPT2_TIKTOKEN_FILE, or tiktoken's own copy: the same file
+# training needs, nothing more), or the checkpoint's trained tokenizer.json as it is
 
 def gpt2_vocab_and_merges(enc):
     """GPT-2's encoder.json and vocab.bpe, rebuilt from a tiktoken GPT-2 encoding: the vocabulary maps each
     token's bytes, written in byte-level BPE's printable characters, to its rank; the merge that makes a token
     is the pair of parts that tiktoken's own algorithm, allowed only the lower ranks, splits it into (the list
     equals GPT-2's vocab.bpe, tested)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT)}  # public API: rank i is token i
+    eot = enc.eot_token  # 50256: the ranks are 0..50255
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(eot)}  # public API: rank i is token i
     chars = bytes_to_unicode()  # byte -> the printable character byte-level BPE stores it as
     text = lambda token: "".join(chars[b] for b in token)
     merges = []
     for token, rank in ranks.items():  # in rank order, the order of vocab.bpe
         if len(token) > 1:
-            left, right = bpe_split(ranks, token, rank)
+            left, right = bpe_split(ranks, token, rank)  # always two parts for a GPT-2 token
             merges.append(f"{text(left)} {text(right)}")
-    return {**{text(t): r for t, r in ranks.items()}, "<|endoftext|>": EOT}, merges
+    return {**{text(t): r for t, r in ranks.items()}, EOT: eot}, merges
 
 
-def bpe_split(ranks, token, max_rank):
-    """tiktoken's merge loop on token's bytes with the ranks below max_rank: repeatedly join the adjacent pair
-    whose join has the lowest rank. A token of rank r always ends as exactly two parts, its merge."""
-    parts = [token[i:i + 1] for i in range(len(token))]
-    while len(parts) > 2:
-        best, at = max_rank, -1
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1], max_rank)
-            if rank < best:  # the leftmost of equal ranks, as tiktoken
-                best, at = rank, i
-        assert at >= 0, (token, parts)  # a GPT-2 token is always reachable from lower ones
-        parts[at:at + 2] = [parts[at] + parts[at + 1]]
-    return parts
+def save_tokenizer(out, block_size, tokenizer=GPT2, vocab=None):
+    """The tokenizer of record `tokenizer` in out (tokenizer.json, tokenizer_config.json), for AutoTokenizer; vocab:
+    the model's ids (GPT-2's reserved chat tokens are written where the model has rows for them; None: all)."""
+    if tokenizer["name"] == GPT2["name"]:
+        save_gpt2_tokenizer(out, block_size, get_tokenizer(GPT2), vocab)
+    else:
+        save_trained_tokenizer(out, block_size, tokenizer)
 
 
-def save_tokenizer(out, block_size, enc):
+def save_trained_tokenizer(out, block_size, tokenizer):
+    """A trained BPE: its tokenizer.json byte for byte (eval.py recognises it by its hash), and a config naming
+    PreTrainedTokenizerFast (transformers 4.x and 5.x load it), <|endoftext|> as BOS and EOS, and the reserved
+    special tokens as such."""
+    import json
+    with open(os.path.join(out, TOKENIZER_FILE), "w", encoding="utf-8") as f:
+        f.write(tokenizer["json"])
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=EOT, eos_token=EOT, model_max_length=block_size,
+                  clean_up_tokenization_spaces=False, additional_special_tokens=list(SPECIAL_TOKENS[1:]))
+    with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
+def save_gpt2_tokenizer(out, block_size, enc, vocab=None):
     """GPT-2's tokenizer in out (tokenizer.json, tokenizer_config.json): transformers' own GPT-2 tokenizer class
     read from the vocab.json and merges.txt rebuilt from enc, the file names every transformers version reads
-    (so 4.x loads the export too: its tokenizer_class is GPT2Tokenizer)."""
+    (so 4.x loads the export too: its tokenizer_class is GPT2Tokenizer), then the reserved chat tokens (their ids
+    below vocab) as special tokens: added in order, they take 50257, 50258, ... as in enc."""
     import json
     transformers = import_transformers()
-    vocab, merges = gpt2_vocab_and_merges(enc)
+    vocab_json, merges = gpt2_vocab_and_merges(enc)
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(vocab, f, ensure_ascii=False)
+            json.dump(vocab_json, f, ensure_ascii=False)
         with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
         tok = transformers.GPT2TokenizerFast.from_pretrained(tmp, model_max_length=block_size)
+    chat = [name for name in SPECIAL_TOKENS[1:] if enc.encode_single_token(name) < (vocab or enc.n_vocab)]
+    tok.add_special_tokens({"additional_special_tokens": chat})
+    assert [tok.convert_tokens_to_ids(name) for name in chat] == [enc.encode_single_token(name) for name in chat]
     tok.save_pretrained(out)
+    # transformers 5 writes the list as extra_special_tokens, which 4.x cannot load; both read this name
+    path = os.path.join(out, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["additional_special_tokens"] = config.pop("extra_special_tokens", chat)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -233,12 +250,12 @@ def save_tokenizer(out, block_size, enc):
 @torch.no_grad()
 def compare_logits(model, out, seqs=3):
     """Load out with AutoModelForCausalLM and return the largest |logit difference| relative to the largest
-    |logit| on `seqs` random sequences of up to 256 tokens (float32, CPU)."""
+    |logit| on `seqs` random sequences of up to 256 tokens of its vocabulary (float32, CPU)."""
     transformers = import_transformers()
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
-    T = min(model.config.block_size, 256)
-    idx = torch.randint(0, GPT2_VOCAB, (seqs, T), generator=torch.Generator().manual_seed(0))
-    ours = model.eval().float()(idx)[0][..., :GPT2_VOCAB]
+    T, V = min(model.config.block_size, 256), hf.config.vocab_size
+    idx = torch.randint(0, V, (seqs, T), generator=torch.Generator().manual_seed(0))
+    ours = model.eval().float()(idx)[0][..., :V]
     theirs = hf(idx).logits
     return ((ours - theirs).abs().max() / ours.abs().max().clamp(min=1.0)).item()
 
@@ -289,13 +306,16 @@ def staged(out, size):
 
 # -----------------------------------------------------------------------------
 
-def export(model, out, enc=None):
-    """Write model (multipliers merged) to the directory out as a transformers model with the GPT-2 tokenizer
-    (enc: tiktoken's GPT-2 encoding; None = get_tokenizer())."""
-    hf = to_hf(model)
+def export(model, out, tokenizer=GPT2):
+    """Write model (multipliers merged) to the directory out as a transformers model with its tokenizer (the record
+    its checkpoint carries), the padded vocabulary cut to the tokenizer's (a model made from HF GPT-2, of 50,257
+    rows, keeps those: no reserved chat tokens)."""
+    enc = get_tokenizer(tokenizer)
+    vocab = min(model.config.vocab_size, enc.n_vocab)
+    hf = to_hf(model, vocab, enc.eot_token)
     os.makedirs(out, exist_ok=True)
     hf.save_pretrained(out)  # safetensors; writes the tied tensor once
-    save_tokenizer(out, model.config.block_size, enc or get_tokenizer())
+    save_tokenizer(out, model.config.block_size, tokenizer, vocab)
 
 
 def check_export(model, out, path):
@@ -322,15 +342,18 @@ def main(argv):
     out = os.path.normpath(cfg.out or os.path.join(os.path.dirname(os.path.abspath(path)), "hf"))
     check_out_dir(out)
     import_transformers()  # first what no tokenizer can fix: transformers, then the model's architecture
-    model = model_from_checkpoint(load_checkpoint(path))
+    ckpt = load_checkpoint(path)
+    model, tokenizer = model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)
     arch = hf_architecture(model.config)
-    if model.config.vocab_size < GPT2_VOCAB:
-        raise DataError(f"{path} has vocab_size {model.config.vocab_size}: the export needs GPT-2's {GPT2_VOCAB} tokens")
-    enc = get_tokenizer()  # GPT2_TIKTOKEN_FILE, or tiktoken's own copy: all the tokenizer files are made from it
+    enc = get_tokenizer(tokenizer)  # GPT-2: GPT2_TIKTOKEN_FILE, or tiktoken's own copy (its files are made from it)
+    # a row for each token of text (GPT-2's reserved chat tokens are exported where the model has rows for them)
+    if model.config.vocab_size < (enc.eot_token + 1 if tokenizer["name"] == GPT2["name"] else enc.n_vocab):
+        raise DataError(f"{path} has vocab_size {model.config.vocab_size}: fewer than the tokens of its tokenizer "
+                        f"({enc.name}, {enc.n_vocab})")
     model.merge_multipliers(untie=True).eval()  # HF has no per-token embedding scale: untie to fold it
     size = 4 * sum(p.numel() for p in model.parameters()) + 4_000_000  # float32 weights + ~4 MB of tokenizer
     with staged(out, size) as tmp:
-        export(model, tmp, enc)
+        export(model, tmp, tokenizer)
         if cfg.check:
             check_export(model, tmp, path)
     print(f"exported {path} to {out} ({context_note(arch, model.config.block_size)})")

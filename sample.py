@@ -22,7 +22,7 @@ from smallgpt.checkpoint import check_which
 from smallgpt.config import parse_args
 from smallgpt.device import autocast
 from smallgpt.errors import ConfigError, DataError, run_main
-from smallgpt.generation import encode_prompt, generate_samples, open_for_generation, text_stream
+from smallgpt.generation import completion_vocab, encode_prompt, generate_samples, open_for_generation, text_stream
 
 
 @dataclass
@@ -89,7 +89,7 @@ def main(argv):
     print(stream(shown), end="", flush=True)
     t0 = time.time()
     with autocast(device, dtype):
-        samples, n_tokens = generate_samples(model, prompt, cfg, enc.n_vocab, eot if cfg.stop_at_eot else None,
+        samples, n_tokens = generate_samples(model, prompt, cfg, completion_vocab(enc), eot if cfg.stop_at_eot else None,
                                              on_token=lambda t: print(stream([t]), end="", flush=True))
     dt = time.time() - t0
     print(stream([], final=True))

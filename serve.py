@@ -36,7 +36,7 @@ from smallgpt.checkpoint import check_which
 from smallgpt.config import parse_args
 from smallgpt.device import autocast
 from smallgpt.errors import ConfigError, DataError, run_main
-from smallgpt.generation import Sampling, encode_prompt, open_for_generation, stream_tokens, text_stream
+from smallgpt.generation import Sampling, completion_vocab, encode_prompt, open_for_generation, stream_tokens, text_stream
 
 try:
     import h11
@@ -285,7 +285,8 @@ class Engine:
         """Generate the job's choices, sending text as it becomes final; returns the tokens generated."""
         choices = [Choice(self.enc, job.stops) for _ in range(job.sampling.num_samples)]
         with autocast(self.device, self.dtype):
-            for i, token in stream_tokens(self.model, job.prompt, job.sampling, self.enc.n_vocab, self.enc.eot_token):
+            for i, token in stream_tokens(self.model, job.prompt, job.sampling, completion_vocab(self.enc),
+                                          self.enc.eot_token):
                 if job.cancelled.is_set():
                     break  # leaving the loop closes the generator: no more forward passes
                 self.stats["tokens_generated"] += 1

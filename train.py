@@ -31,7 +31,7 @@ from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
 from smallgpt.checkpoint import (code_version, find_checkpoint, load_checkpoint, lock_run_dir, model_from_checkpoint,
                                  remove_stale_temporaries, save_checkpoint)
 from smallgpt.condensation import condensation_metrics
-from smallgpt.config import TrainConfig, load_train_config, model_args
+from smallgpt.config import TrainConfig, load_train_config, model_args, with_vocab_size
 from smallgpt.device import autocast, peak_flops, select_device, select_dtype, to_device
 from smallgpt.errors import ConfigError, DataError, run_main
 from smallgpt.evaluation import bits_per_byte, loss_sums, read_hellaswag, score_hellaswag, token_bytes
@@ -39,8 +39,10 @@ from smallgpt.metrics import MetricsLog, read_records, summarize
 from smallgpt.monitor import Clock, Health, compile_failure, count, duration, file_size, gpu_report, probe_compiled
 from smallgpt.optim import configure_optimizer
 from smallgpt.plan import choose_batch_size, plan_report, plan_summary
-from smallgpt.shards import open_split
-from smallgpt.tokens import TrainWindows, fixed_windows, get_tokenizer, stack_windows
+from smallgpt.shards import open_split, read_meta
+from smallgpt.tokenizer import (GPT2, GPT2_EOT, SPECIAL_TOKENS, check_same, checkpoint_tokenizer, get_tokenizer,
+                                open_tokenizer)
+from smallgpt.tokens import TrainWindows, fixed_windows, stack_windows
 
 # -----------------------------------------------------------------------------
 # Learning-rate schedule
@@ -94,7 +96,9 @@ def schedule_change(old_config, cfg, it):
 # -----------------------------------------------------------------------------
 # Model set-up: from scratch, from a checkpoint (ours or nanoGPT's) or from HF GPT-2
 
-def build_model(cfg, resume_ckpt):
+def build_model(cfg, resume_ckpt, tokenizer=GPT2):
+    """The model to train: resume_ckpt's, a new one, or one initialised from init_from (a checkpoint or HF GPT-2,
+    which must use the data's tokenizer)."""
     args = model_args(cfg)
     if resume_ckpt is not None:  # the architecture must be the checkpoint's; training-time options may change
         # a key the checkpoint lacks is newer than it: the checkpoint was made with that key's default
@@ -111,12 +115,15 @@ def build_model(cfg, resume_ckpt):
         return GPT(GPTConfig(**args))
     # a hub name, unless a file has that name
     if cfg.init_from.startswith("gpt2") and not os.path.exists(cfg.init_from):
+        check_same(tokenizer, GPT2, f"data_dir {cfg.data_dir}", f"init_from={cfg.init_from}")
         try:
             source = GPT.from_pretrained(cfg.init_from)
         except (ImportError, OSError) as e:  # no transformers, no network, an unknown name
             raise DataError(f"cannot load {cfg.init_from} from Hugging Face: {(str(e).splitlines() or [''])[0]}")
     else:  # a checkpoint file or directory: its architecture, this config's other options, fresh multipliers
-        source = model_from_checkpoint(load_checkpoint(find_checkpoint(cfg.init_from, "last")))
+        ckpt = load_checkpoint(find_checkpoint(cfg.init_from, "last"))
+        check_same(tokenizer, checkpoint_tokenizer(ckpt), f"data_dir {cfg.data_dir}", f"init_from={cfg.init_from}")
+        source = model_from_checkpoint(ckpt)
     tied = source.config.tie_embeddings
     source.merge_multipliers(untie=True)  # plain weights: the multipliers of this run start afresh at 1
     if tied and not source.config.tie_embeddings:
@@ -280,14 +287,31 @@ def setup_runtime(cfg):
                    cfg.gradient_accumulation_steps // world)
 
 
+def plan_vocab(data_dir):
+    """The data's vocabulary for --plan: its manifest's, else (no data prepared yet) GPT-2's and the chat tokens."""
+    try:
+        return read_meta(data_dir)["vocab_size"]
+    except DataError:
+        return GPT2_EOT + len(SPECIAL_TOKENS)
+
+
+def batch_ids(cfg, eot_token, data_vocab):
+    """The ids a batch may hold (a batch holding another stops with one line). The model needs a row for every id
+    of text; one made from HF GPT-2 has 50,257, none for the reserved chat tokens, and still trains on text."""
+    if eot_token >= cfg.vocab_size:
+        raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the data's vocabulary ({data_vocab})")
+    return min(data_vocab, cfg.vocab_size)
+
+
 RESUME_KEYS = ("optimizer", "scaler", "iter_num", "data_position", "best_val_loss", "rng")
 
 
-def read_resume_checkpoint(cfg):
+def read_resume_checkpoint(cfg, tokenizer):
     """The checkpoint to continue from with init_from=resume: the newer of last.pt and best.pt (both hold the full
-    training state; last.pt on a tie). best.pt is the newer one after a kill between the two writes (best.pt is
-    written first) and, with always_save_checkpoint=False, whenever the run improved since its last last.pt.
-    None for a new run, which refuses an out_dir that already holds a run's checkpoints."""
+    training state; last.pt on a tie), trained on the data's tokenizer. best.pt is the newer one after a kill
+    between the two writes (best.pt is written first) and, with always_save_checkpoint=False, whenever the run
+    improved since its last last.pt. None for a new run, which refuses an out_dir that already holds a run's
+    checkpoints."""
     # an untrained model's val loss is log(vocab): nothing to learn from
     if cfg.eval_only and cfg.init_from == "scratch":
         raise ConfigError("eval_only evaluates a trained model: set init_from=resume (out_dir/last.pt), a checkpoint "
@@ -316,6 +340,7 @@ def read_resume_checkpoint(cfg):
     if trained_with != cfg.optimizer and not cfg.eval_only:
         raise ConfigError(f"cannot resume a run trained with optimizer={trained_with} with optimizer={cfg.optimizer}: "
                           f"start a new run from its weights with --init_from={path}")
+    check_same(tokenizer, checkpoint_tokenizer(ckpt), f"data_dir {cfg.data_dir}", path)
     ckpt["path"] = path
     return ckpt
 
@@ -341,6 +366,7 @@ class Run:
     optimizer: object  # torch.optim.AdamW or optim.MuonAdamW
     scaler: torch.amp.GradScaler  # enabled for float16 only
     progress: Progress
+    tokenizer: dict  # the data's tokenizer record (with its text): every checkpoint carries it
     metrics: object = None  # MetricsLog on rank 0 of a training run; None elsewhere
 
 
@@ -368,6 +394,7 @@ def save(run, name):
         "format": "gpt-checkpoint", "version": 1, "code_version": code_version(), "model_args": asdict(run.raw_model.config),
         "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
         "config": asdict(cfg), **asdict(progress), "tokens_seen": progress.data_position * cfg.block_size, "rng": rng,
+        "tokenizer": run.tokenizer,  # so that sample.py, eval.py, export.py... need nothing but the checkpoint
     }, os.path.join(cfg.out_dir, name))
 
 
@@ -375,13 +402,14 @@ class Evaluator:
     """Mean CE over fixed validation windows (spread over ranks), bits per byte, HellaSwag (every
     hellaswag_interval) and the condensation scores."""
 
-    def __init__(self, cfg, val_tokens, meta, rt):
-        self.cfg, self.tokens, self.rt, self.vocab_size = cfg, val_tokens, rt, meta["vocab_size"]
+    def __init__(self, cfg, val_tokens, data_ids, rt, tokenizer):
+        """data_ids: a batch holding an id >= data_ids stops with one line; tokenizer: the data's record."""
+        self.cfg, self.tokens, self.rt, self.vocab_size = cfg, val_tokens, rt, data_ids
         # the same windows every time: evaluations compare
         self.starts = fixed_windows(val_tokens, cfg.eval_iters * cfg.batch_size, cfg.block_size)
         self.cond_len = min(512, cfg.block_size)  # the paper measures condensation on 512-token sequences
         self.cond_starts = fixed_windows(val_tokens, cfg.condensation_seqs, self.cond_len) if cfg.condensation_seqs else []
-        enc = get_tokenizer()  # bits per byte count each target token's bytes; HellaSwag encodes text
+        enc = get_tokenizer(tokenizer)  # bits per byte count each target token's bytes; HellaSwag encodes text
         self.token_bytes, self.encode = token_bytes(enc, cfg.vocab_size).to(rt.device), enc.encode_ordinary
         self.hellaswag = (read_hellaswag(cfg.hellaswag_file, limit=cfg.hellaswag_items, remedy="set hellaswag_file "
                                          "to a local copy, or hellaswag_interval=0")[1] if cfg.hellaswag_interval else None)
@@ -478,8 +506,8 @@ class StopRequest:
 
 def main(argv):
     cfg = load_train_config(argv)
-    if cfg.plan:  # memory and time from the config alone: no data opened, nothing allocated
-        print(plan_report(cfg))
+    if cfg.plan:  # memory and time from the config alone: no token read, nothing allocated
+        print(plan_report(with_vocab_size(cfg, plan_vocab(cfg.data_dir))))
         return
     rt = setup_runtime(cfg)
     if rt.master and rt.device_type == "cuda":  # before we allocate: does another process hold part of the card?
@@ -487,17 +515,18 @@ def main(argv):
     train_tokens, meta = open_split(cfg.data_dir, "train")  # opened first: a wrong data_dir fails before any model
     val_tokens, _ = open_split(cfg.data_dir, "val")
     lock = claim_out_dir(cfg, rt)  # held while this process lives
+    tok = open_tokenizer(cfg.data_dir)  # its record goes into every checkpoint; a resumed or init_from one must match
+    cfg = with_vocab_size(cfg, meta["vocab_size"])  # 0 = the data's tokenizer, padded to a multiple of 64
 
     # --- model, optimizer, and the state of a resumed run
-    ckpt = read_resume_checkpoint(cfg)
+    ckpt = read_resume_checkpoint(cfg, tok.record)
     if finished_already(ckpt, cfg, rt):
         return
-    raw_model = build_model(cfg, ckpt).to(rt.device)  # on CPU, then moved: one copy on the device
+    raw_model = build_model(cfg, ckpt, tok.record).to(rt.device)  # on CPU, then moved: one copy on the device
     cfg = source_architecture(cfg, raw_model, rt)
     cfg = choose_batch_size(cfg, raw_model, rt, ckpt["config"] if ckpt is not None else None)  # batch_size='auto'
     rt.accum = cfg.gradient_accumulation_steps // rt.world
-    if meta["vocab_size"] > cfg.vocab_size:
-        raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']})")
+    data_ids = batch_ids(cfg, tok.enc.eot_token, meta["vocab_size"])
     optimizer = configure_optimizer(raw_model, cfg, rt.device_type, rt.dtype)  # AdamW, or Muon + AdamW
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # a no-op unless float16
     progress = restore(ckpt, optimizer, scaler, rt) if ckpt is not None else Progress()
@@ -508,12 +537,12 @@ def main(argv):
     if rt.ddp:
         # all-reduces gradients in backward
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-    run = Run(cfg, rt, raw_model, model, optimizer, scaler, progress)
+    run = Run(cfg, rt, raw_model, model, optimizer, scaler, progress, tok.record)
 
     # --- what the loop reads and writes
     # a seeded permutation: each window once per epoch
-    windows = TrainWindows(train_tokens, cfg.block_size, cfg.seed, meta["vocab_size"])
-    evaluate = Evaluator(cfg, val_tokens, meta, rt)  # HellaSwag is read (or downloaded) here, before the first step
+    windows = TrainWindows(train_tokens, cfg.block_size, cfg.seed, data_ids)
+    evaluate = Evaluator(cfg, val_tokens, data_ids, rt, tok.record)  # reads (or downloads) HellaSwag before the first step
     flops_peak = peak_flops(rt.device, cfg.peak_flops)  # None when unknown: no MFU then
     if rt.master and not cfg.eval_only:  # eval_only prints its result and writes nothing
         os.makedirs(cfg.out_dir, exist_ok=True)

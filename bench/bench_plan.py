@@ -28,7 +28,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-from smallgpt.config import TrainConfig, parse_args, validate
+from bench.bench_train import GPT2_VOCAB
+from smallgpt.config import TrainConfig, parse_args, validate, with_vocab_size
 from smallgpt.device import autocast, select_device, select_dtype
 from smallgpt.errors import ConfigError, run_main
 from smallgpt.optim import configure_optimizer
@@ -160,7 +161,7 @@ def compare(cfg):
 
 
 def main(argv):
-    cfg = validate(parse_args(TrainConfig, argv))
+    cfg = with_vocab_size(validate(parse_args(TrainConfig, argv)), GPT2_VOCAB)  # vocab_size 0: GPT-2's, padded
     if cfg.batch_size == "auto":
         raise ConfigError("bench_plan measures a given micro-batch: set batch_size to a number")
     rows, where, device, dtype = compare(cfg)

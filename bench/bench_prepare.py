@@ -29,7 +29,7 @@ import time
 if not __package__:  # run as a file, the repository root is not on the path: say how to run it
     sys.exit(f"run it from the repository root as: python -m bench.{os.path.basename(__file__)[:-3]} ...")
 
-from smallgpt.tokens import seed_tiktoken_cache
+from smallgpt.tokenizer import seed_tiktoken_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREPARE = os.path.join(REPO, "data", "fineweb", "prepare.py")

@@ -32,7 +32,7 @@ if not __package__:  # run as a file, the repository root is not on the path: sa
 
 import torch
 
-from smallgpt.config import TrainConfig, parse_args, validate
+from smallgpt.config import TrainConfig, parse_args, validate, with_vocab_size
 from smallgpt.device import autocast, peak_flops, select_device, select_dtype, to_device
 from smallgpt.errors import ConfigError, run_main
 from smallgpt.optim import configure_optimizer
@@ -48,6 +48,7 @@ VARIANTS = {  # name -> the overlay (config files and --key=value) that turns it
     "muon": ["--optimizer=muon"],  # Muon on the blocks' matrices (Newton-Schulz every step) instead of AdamW
 }
 GB = 2 ** 30  # memory figures are in GiB (an "RTX 4070 12 GB" has 12 GiB)
+GPT2_VOCAB = 50257  # the batches are random ids of GPT-2's vocabulary
 
 
 @dataclass
@@ -72,7 +73,12 @@ def variant_config(argv, item):
         overlay = [f"--{item}"]
     else:
         raise ConfigError(f"unknown variant {item!r} in --compare: use {', '.join(VARIANTS)}, a config file or key=value")
-    return validate(parse_args(BenchConfig, list(argv) + overlay))
+    return bench_config(list(argv) + overlay)
+
+
+def bench_config(argv):
+    """A BenchConfig, checked; vocab_size 0 = GPT-2's vocabulary padded, as train.py makes it for GPT-2 tokens."""
+    return with_vocab_size(validate(parse_args(BenchConfig, argv)), GPT2_VOCAB)
 
 
 # -----------------------------------------------------------------------------
@@ -91,7 +97,7 @@ class Variant:
         self.ctx = autocast(device, dtype)
         self.clip_params = self.raw_model.parameters_to_clip()
         gen = torch.Generator().manual_seed(cfg.seed)
-        vocab = min(cfg.vocab_size, 50257)  # real GPT-2 ids only, like the token files
+        vocab = min(cfg.vocab_size, GPT2_VOCAB)  # real GPT-2 ids only, like the token files
         self.windows = [torch.randint(vocab, (cfg.batch_size, cfg.block_size + 1), generator=gen)
                         for _ in range(cfg.gradient_accumulation_steps)]
         self.flops_per_token, self.params = self.raw_model.flops_per_token(), self.raw_model.num_params()
@@ -288,7 +294,7 @@ def device_name(device):
 
 
 def main(argv):
-    cfg = validate(parse_args(BenchConfig, argv))
+    cfg = bench_config(argv)
     if cfg.warmup < 0 or cfg.steps < 1 or cfg.rounds < 1:
         raise ConfigError("bench needs warmup >= 0, steps >= 1 and rounds >= 1")
     if cfg.batch_size == "auto":

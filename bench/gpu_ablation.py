@@ -47,13 +47,14 @@ import torch
 from ablate import late_mean_cosine, mean_spread
 from bench.bench_train import GB, Variant, device_name, out_of_memory
 from bench.gpu_suite import INT, PCT, Table
-from smallgpt.config import load_train_config, parse_args
+from smallgpt.config import load_train_config, parse_args, with_vocab_size
 from smallgpt.device import peak_flops, select_device, select_dtype, to_device
 from smallgpt.errors import ConfigError, DataError, run_main
 from smallgpt.monitor import compile_failure, probe_compiled
 from smallgpt.optim import configure_optimizer
 from smallgpt.shards import open_split, read_meta
-from smallgpt.tokens import TrainWindows, seed_tiktoken_cache
+from smallgpt.tokenizer import open_tokenizer, seed_tiktoken_cache
+from smallgpt.tokens import TrainWindows
 from train import Evaluator, Runtime, get_lr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -438,18 +439,17 @@ def start_runs(report, names, seeds, device, dtype):
     train_tokens, meta = open_split(data_dir, "train")
     val_tokens, _ = open_split(data_dir, "val")
     report.train_tokens = len(train_tokens)
-    configs = {(name, seed): run_config(VARIANTS[name], seed, cfg, device, dtype) for seed in seeds for name in names}
+    configs = {(name, seed): with_vocab_size(run_config(VARIANTS[name], seed, cfg, device, dtype), meta["vocab_size"])
+               for seed in seeds for name in names}  # vocab_size: the data's, padded, as train.py has it
     first = configs[names[0], seeds[0]]
-    if meta["vocab_size"] > first.vocab_size:
-        raise DataError(f"{data_dir}: a vocabulary of {meta['vocab_size']} ids, more than the configs' "
-                        f"{first.vocab_size}")
     # one window order per seed, shared by its variants: the same tokens in the same order
     windows = {seed: TrainWindows(train_tokens, first.block_size, seed, meta["vocab_size"]) for seed in seeds}
     report.runs = [Run(name, c, device, dtype, windows[seed]) for (name, seed), c in configs.items()]
     # no val window twice: a small val split (the sample's 381k tokens) gets fewer batches
     fits = max(1, (len(val_tokens) - 1) // (first.batch_size * first.block_size))
     eval_cfg = replace(first, eval_iters=min(first.eval_iters, fits), hellaswag_interval=0)
-    report.evaluator = Evaluator(eval_cfg, val_tokens, meta, Runtime(False, 0, 0, 1, device, dtype, cfg.accum))
+    report.evaluator = Evaluator(eval_cfg, val_tokens, meta["vocab_size"], Runtime(False, 0, 0, 1, device, dtype, cfg.accum),
+                                 open_tokenizer(data_dir).record)
 
 
 def run_ablation(report, end, json_out):

@@ -43,10 +43,10 @@ if not __package__:  # run as a file, the repository root is not on the path: sa
 import torch
 
 from bench.bench_plan import MAX_MICRO_BATCHES, compare
-from bench.bench_train import (GB, BenchConfig, Variant, cap_memory, device_name, fits, free_device_memory,
-                               largest_fitting, out_of_memory, run_alone, summarize, variant_config)
+from bench.bench_train import (GB, GPT2_VOCAB, BenchConfig, Variant, bench_config, cap_memory, device_name, fits,
+                               free_device_memory, largest_fitting, out_of_memory, run_alone, summarize, variant_config)
 from model import GPT, GPTConfig
-from smallgpt.config import model_args, parse_args, validate
+from smallgpt.config import model_args, parse_args
 from smallgpt.device import GPU_PEAK_FLOPS, autocast, peak_flops, select_device, select_dtype
 from smallgpt.errors import ConfigError, run_main
 from smallgpt.generation import generate_samples
@@ -124,7 +124,7 @@ class Suite:
 
     def config(self, argv, variant=None):
         """The config of argv, or of argv plus one bench/bench_train.py variant (dispersion, plain_ce, key=value...)."""
-        return variant_config(argv, variant) if variant else validate(parse_args(BenchConfig, argv))
+        return variant_config(argv, variant) if variant else bench_config(argv)
 
     def measure(self, name, cfg):
         """One variant alone on the device, after a dynamo reset (many models in one process would otherwise
@@ -330,7 +330,7 @@ def part_sample(suite, table):
     cfg = suite.config(suite.argv("config/train_fineweb_40m.py"))
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**model_args(cfg))).to(suite.device).eval()
-    vocab = min(cfg.vocab_size, 50257)
+    vocab = min(cfg.vocab_size, GPT2_VOCAB)
     prompt = torch.randint(vocab, (4 if suite.dry_run else SAMPLE_PROMPT,)).tolist()
     new = DRY_RUN_NEW_TOKENS if suite.dry_run else SAMPLE_NEW_TOKENS
     table.set_columns(("mode", "mode", "{}"), ("batch", "batch", "{}"), ("tokens_per_s", "tokens/s (all samples)", MS),

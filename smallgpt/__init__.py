@@ -9,7 +9,8 @@ torch, so it remains the one file to copy elsewhere. The modules sit in layers, 
     flags.py         the one flag dialect: a dataclass of keys, config files, --key=value, --help (standard library)
     shards.py        the token data directory: manifest.json and its shards (or train.bin/val.bin), one stream a split
     sources.py       prepare.py's inputs: parquet, jsonl(.gz), txt, folders, hf: (HfFileSystem) and http(s) files
-    tokens.py        the GPT-2 tokenizer, training and validation windows (numpy only)
+    tokenizer.py     the tokenizer: GPT-2's or a trained BPE (tokenizer.json) as one tiktoken interface, its records
+    tokens.py        training and validation windows of a token stream (numpy only)
     metrics.py       metrics.jsonl: its writer (MetricsLog, with wandb) and its one reader
     monitor.py       what a run watches: ETA clock, loss and gradient-norm spikes, GPU memory, the compile probe
     condensation.py  the dispersion paper's condensation statistics, logged at every evaluation

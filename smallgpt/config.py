@@ -9,7 +9,7 @@ Files are applied in order, then --key=value overrides. An unknown key or a valu
 the run at start-up with one line naming the key. `python train.py --help` lists every key.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from model import GPTConfig
 from .errors import ConfigError
@@ -21,6 +21,7 @@ class TrainConfig(GPTConfig):
     # keys that also take the string 'auto' (resolved at start by smallgpt/plan.py) -> the key that keeps their
     # product: batch_size='auto' keeps the tokens per step of the micro-batch it replaced (smallgpt/flags.py)
     AUTO_KEYS = {"batch_size": "gradient_accumulation_steps"}
+    vocab_size: int = 0  # model vocabulary; 0 = the data's tokenizer padded up to a multiple of 64 (GPT-2: 50257 -> 50304)
     # --- input / output
     out_dir: str = "out"  # checkpoints (last.pt, best.pt), metrics.jsonl and config.json go here
     data_dir: str = "data/fineweb"  # token data written by data/fineweb/prepare.py (manifest.json and its shards)
@@ -83,6 +84,10 @@ class TrainConfig(GPTConfig):
     plan: bool = False  # print the memory and time plan of this config and exit: no data, no GPU memory used
     gpu_memory_gb: float = 0.0  # the memory budget of --plan and batch_size='auto', GiB; 0 = the detected GPU's, else 12
 
+    def __post_init__(self):
+        """GPTConfig's checks of the model keys; vocab_size 0 (the data's, resolved by with_vocab_size) passes them."""
+        GPTConfig(**{**model_args(self), "vocab_size": self.vocab_size or 1})
+
 
 CHOICES = {
     "lr_schedule": ("cosine", "wsd"),
@@ -133,6 +138,17 @@ def validate(config):
 
 def load_train_config(argv):
     return validate(parse_args(TrainConfig, argv))
+
+
+def with_vocab_size(config, data_vocab):
+    """config for data of data_vocab token ids: vocab_size 0 (the default) becomes data_vocab padded up to a multiple
+    of 64 (fast matmuls; the padded ids are never targets); an explicit vocab_size must hold the data's ids."""
+    if config.vocab_size == 0:
+        return replace(config, vocab_size=-(-data_vocab // 64) * 64)
+    if config.vocab_size < data_vocab:
+        raise ConfigError(f"vocab_size {config.vocab_size} is smaller than the data's vocabulary ({data_vocab}); "
+                          f"0 = the data's, padded")
+    return config
 
 
 def model_args(config):

@@ -13,7 +13,7 @@ import torch
 from .checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from .device import select_device, select_dtype
 from .errors import DataError
-from .tokens import get_tokenizer
+from .tokenizer import open_tokenizer
 
 
 @dataclass
@@ -29,33 +29,41 @@ class Sampling:
 
 
 def open_for_generation(cfg):
-    """What sample.py and serve.py start from: the device and dtype (cfg.device, cfg.dtype), the GPT-2 tokenizer
-    and the checkpoint's model (load_model), with one line on stderr saying what was loaded."""
+    """What sample.py and serve.py start from: the device and dtype (cfg.device, cfg.dtype), the checkpoint's model
+    and the tokenizer it was trained with (load_model), with one line on stderr saying what was loaded."""
     device = select_device(cfg.device)
     dtype = select_dtype(cfg.dtype, device)
-    enc = get_tokenizer()
-    model, info = load_model(cfg, device, enc.n_vocab)
+    model, enc, info = load_model(cfg, device)
     print(f"{info}; {model.num_params() / 1e6:.1f}M parameters on {device} in {dtype}", file=sys.stderr)
     return model, enc, device, dtype
 
 
-def load_model(cfg, device, n_vocab):
+def load_model(cfg, device):
     """The checkpoint's model (cfg.out_dir, cfg.which) on device, multipliers merged, in eval mode, its trunk
-    compiled when cfg.compile; plus a line describing it."""
+    compiled when cfg.compile; the tokenizer it carries (GPT-2 for older checkpoints); a line describing them."""
     path = find_checkpoint(cfg.out_dir, cfg.which)
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt)
-    if model.config.vocab_size < n_vocab:
-        raise DataError(f"{path} has vocab_size {model.config.vocab_size}, fewer than the GPT-2 tokenizer's {n_vocab} "
-                        f"tokens: it was trained with another tokenizer, which sample.py and serve.py do not support")
+    enc = open_tokenizer(ckpt=ckpt).enc
+    # every id of text needs a row (a model from HF GPT-2 has none for the reserved chat tokens: never sampled)
+    if model.config.vocab_size <= enc.eot_token:  # e.g. a nanoGPT checkpoint of characters
+        raise DataError(f"{path} has vocab_size {model.config.vocab_size}, fewer than the {enc.eot_token + 1} tokens of "
+                        f"its tokenizer ({enc.name}): it was trained with a tokenizer that sample.py and serve.py do not know")
     model.merge_multipliers()  # the same function, as plain weights: no multiplier work per token
     val = ckpt.get("best_val_loss")
-    info = f"{path}: iter {ckpt.get('iter_num', '?')}" + (f", best val loss {float(val):.4f}" if val is not None else "")
+    info = (f"{path}: iter {ckpt.get('iter_num', '?')}" + (f", best val loss {float(val):.4f}" if val is not None else "")
+            + f", tokenizer {enc.name}")
     del ckpt
     model = model.to(device).eval()
     if cfg.compile:
         model.hidden_states = torch.compile(model.hidden_states)  # generate() runs the trunk through this
-    return model, info
+    return model, enc, info
+
+
+def completion_vocab(enc):
+    """How many ids a completion samples from: every token of text and <|endoftext|>, never the padded ids or the
+    reserved chat markers (the ids after <|endoftext|>, for GPT-2's tokenizer and a trained one alike)."""
+    return enc.eot_token + 1
 
 
 def encode_prompt(enc, text, block_size):
@@ -69,7 +77,7 @@ def encode_prompt(enc, text, block_size):
 
 
 def text_stream(enc):
-    """A function from tokens to the text they complete. GPT-2 tokens are byte sequences and one UTF-8 character
+    """A function from tokens to the text they complete. Byte-level BPE tokens are byte sequences and one UTF-8 character
     may be split across two tokens: its bytes are held back until it is complete, so nothing half-printed."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tiktoken's decode uses errors="replace"
     return lambda tokens, final=False: decoder.decode(b"".join(enc.decode_single_token_bytes(t) for t in tokens), final)

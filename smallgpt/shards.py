@@ -139,11 +139,15 @@ class TokenStream:
 
 
 def write_json_atomically(path, obj):
-    """Write obj to path so that a reader (or a kill at any moment) sees the old file or the new one, never a mix:
+    write_atomically(path, json.dumps(obj, indent=1))
+
+
+def write_atomically(path, text):
+    """Write text to path so that a reader (or a kill at any moment) sees the old file or the new one, never a mix:
     a temporary file, flushed to disk, renamed over path, and the rename itself made durable."""
     tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

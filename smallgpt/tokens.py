@@ -1,74 +1,11 @@
 """
-Tokens: the GPT-2 tokenizer, and the windows train.py, condensation.py and the benchmarks cut from a split's
-token stream (shards.py reads the directory): training windows visited without replacement, and fixed, evenly
-spaced validation windows.
-numpy only at import: prepare.py uses this module and must not pay ~1.5 s and ~220 MB for importing torch.
+Token windows: what train.py, eval.py, condensation.py and the benchmarks cut from a split's token stream
+(shards.py reads the directory): training windows visited without replacement, and fixed, evenly spaced
+validation windows. (The tokenizer itself is tokenizer.py.) numpy only at import.
 """
-import os
-
 import numpy as np
 
 from .errors import DataError
-
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-# tiktoken's cache names each file by the sha1 of its download URL (see ../shared/README.md)
-TIKTOKEN_CACHE_NAMES = {"vocab.bpe": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
-                        "encoder.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",
-                        "gpt2.tiktoken": "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"}
-
-
-def seed_tiktoken_cache(files_dir):
-    """Offline machines (the tests, the benchmarks here): copy GPT-2's BPE files from files_dir into a cache
-    directory under the names tiktoken looks for, and point TIKTOKEN_CACHE_DIR there (unless already set)."""
-    if "TIKTOKEN_CACHE_DIR" in os.environ:
-        return
-    import shutil
-    import tempfile
-    cache = os.path.join(tempfile.gettempdir(), f"tiktoken-cache-{os.getuid()}")
-    os.makedirs(cache, exist_ok=True)
-    for name, cached_name in TIKTOKEN_CACHE_NAMES.items():
-        target = os.path.join(cache, cached_name)
-        if not os.path.exists(target) and os.path.exists(os.path.join(files_dir, name)):
-            shutil.copyfile(os.path.join(files_dir, name), target)
-    os.environ["TIKTOKEN_CACHE_DIR"] = cache
-
-
-GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # = r50k_base.tiktoken
-
-
-def get_tokenizer():
-    """GPT-2 BPE via tiktoken: from the file named by the environment variable GPT2_TIKTOKEN_FILE when set (offline
-    machines), else tiktoken's own (downloaded once into its cache, or found in TIKTOKEN_CACHE_DIR)."""
-    import tiktoken
-    if os.environ.get("GPT2_TIKTOKEN_FILE"):
-        return tokenizer_from_file(os.environ["GPT2_TIKTOKEN_FILE"])
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # no network and no cached files: one line, not a requests traceback
-        raise DataError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads it once; offline, "
-                        f"set GPT2_TIKTOKEN_FILE to a copy of gpt2.tiktoken (also published as r50k_base.tiktoken; "
-                        f"sha256 {GPT2_TIKTOKEN_SHA256[:12]}...)") from e
-
-
-def tokenizer_from_file(path):
-    """tiktoken's GPT-2 encoding built from a local gpt2.tiktoken (lines of base64 token and rank), checked by its
-    sha256. The same ranks, pattern and end-of-text token as tiktoken.get_encoding("gpt2"), without its cache."""
-    import base64
-    import hashlib
-    import tiktoken
-    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f"GPT2_TIKTOKEN_FILE={path}: {e.strerror}")
-    if hashlib.sha256(data).hexdigest() != GPT2_TIKTOKEN_SHA256:
-        raise DataError(f"GPT2_TIKTOKEN_FILE={path} is not gpt2.tiktoken (its sha256 is not {GPT2_TIKTOKEN_SHA256[:12]}...)")
-    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256},
-                             explicit_n_vocab=50257)
 
 
 # -----------------------------------------------------------------------------
@@ -121,7 +58,7 @@ def check_token_ids(rows, tokens, starts, vocab_size):
     # the file holding the token and the token's place in it (a TokenStream of shards knows; a plain array is itself)
     name, offset = tokens.where(position) if hasattr(tokens, "where") else (getattr(tokens, "filename", "token data"), position)
     raise DataError(f"{name}: token id {int(tokens[position])} at position {offset:,} is outside the vocabulary "
-                    f"(the data's vocab_size is {vocab_size}): the file is corrupt or was made with another tokenizer; "
+                    f"(vocab_size {vocab_size}): the file is corrupt or was made with another tokenizer; "
                     f"re-run prepare.py")
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 
 def pytest_configure(config):
-    from smallgpt.tokens import seed_tiktoken_cache
+    from smallgpt.tokenizer import seed_tiktoken_cache
     seed_tiktoken_cache(SHARED_DATA)
 
 
@@ -42,10 +42,10 @@ def sample_parquet():
 
 @pytest.fixture(scope="session")
 def enc():
-    """The GPT-2 tokenizer, as the scripts load it (smallgpt.tokens.get_tokenizer); skips the test when it cannot
+    """The GPT-2 tokenizer, as the scripts load it (smallgpt.tokenizer.get_tokenizer); skips the test when it cannot
     be loaded (offline, with no ../shared to seed tiktoken's cache from and no GPT2_TIKTOKEN_FILE)."""
     from smallgpt.errors import DataError
-    from smallgpt.tokens import get_tokenizer
+    from smallgpt.tokenizer import get_tokenizer
     try:
         return get_tokenizer()
     except DataError as e:

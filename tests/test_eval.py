@@ -277,6 +277,29 @@ def test_eval_entry_point_on_an_export(tiny_run, short_val_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_of_gpt2s_50257_rows_reads_gpt2_data(short_val_dir, tmp_path):
+    """HF GPT-2 has rows for GPT-2's 50,257 tokens, none for the reserved chat tokens that a GPT-2 data directory
+    now counts (vocab_size 50,267): text data evaluates; data holding a chat token is one line naming it."""
+    import shutil
+    import numpy as np
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    common = [f"--model={tmp_path / 'hf'}", "--hellaswag_items=0", "--batch_size=64", "--device=cpu",
+              "--log_metrics=False"]
+    assert "| val       | bpb      |" in run_script("eval.py", *common, f"--data_dir={short_val_dir}").stdout
+    chat = tmp_path / "chat"
+    shutil.copytree(short_val_dir, chat)
+    val = np.memmap(chat / "val_000000.bin", dtype=np.uint16, mode="r+")
+    val[100] = 50259  # <|user_start|>
+    val.flush()
+    result = run_script("eval.py", *common, f"--data_dir={chat}", check=False)  # after the val bar's first line
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"eval.py: error: {chat / 'val_000000.bin'}: token id "
+                                                             f"50259 at position 100 is outside the vocabulary (vocab_size 50257)")
+
+
+@pytest.mark.slow
 def test_eval_user_mistakes_are_one_line(tmp_path):
     one_line_error(run_script("eval.py", f"--model={tmp_path}", f"--hellaswag={tmp_path / 'none.jsonl'}", check=False),
                    "no HellaSwag file at")
@@ -348,7 +371,7 @@ def test_a_full_disk_appending_the_results_names_the_file(tmp_path, monkeypatch)
     def full_disk(path, *args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(eval_script, "open", full_disk, raising=False)
-    loaded = eval_script.Loaded(None, 16, 50304, "run", run_dir=str(tmp_path))
+    loaded = eval_script.Loaded(None, 16, 50304, "run", eval_script.GPT2, run_dir=str(tmp_path))
     with pytest.raises(DataError, match=f"cannot append the results to {tmp_path}/metrics.jsonl: No space left"):
         eval_script.log_results(loaded, {"val": {"val_loss": 1.0}})
 
@@ -361,14 +384,15 @@ def test_train_evaluator_is_the_mean_over_its_windows(enc, token_dir):
     from smallgpt.tokens import fixed_windows, stack_windows
     from train import Evaluator, Runtime
     from smallgpt import config
-    cfg = config.TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=3, eval_iters=2,
-                             condensation_seqs=0, loss_chunk_size=20)
+    from smallgpt.tokenizer import open_tokenizer
     tokens, meta = open_split(token_dir, "val")
+    cfg = config.with_vocab_size(config.TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=3,
+                                                    eval_iters=2, condensation_seqs=0, loss_chunk_size=20), meta["vocab_size"])
     rt = Runtime(ddp=False, rank=0, local_rank=0, world=1, device="cpu", dtype="float32", accum=1)
     model = tiny(block_size=32, loss_chunk_size=20)
     calls = []
     model.register_forward_hook(lambda module, args, output: calls.append(1))
-    result = Evaluator(cfg, tokens, meta, rt)(model, model, 0)
+    result = Evaluator(cfg, tokens, meta["vocab_size"], rt, open_tokenizer(token_dir).record)(model, model, 0)
     assert len(calls) == cfg.eval_iters  # one forward per batch, both numbers from it
     x, y = stack_windows(tokens, fixed_windows(tokens, 6, 32), 32)
     with torch.no_grad():

@@ -12,9 +12,9 @@ transformers = pytest.importorskip("transformers")
 import export
 from model import GPTConfig
 from smallgpt.errors import ConfigError, DataError
-from smallgpt.tokens import get_tokenizer
+from smallgpt.tokenizer import get_tokenizer
 
-V = export.GPT2_VOCAB
+V, EOT = 50267, 50256  # GPT-2's tokens and the reserved chat tokens (the padded ids above are cut); <|endoftext|>
 
 
 def tiny(**overrides):
@@ -60,7 +60,7 @@ def test_a_wrong_gelu_is_caught(tmp_path, monkeypatch):
     GELUs differ by at most ~5e-4 near |x| = 2, so the margin is small; the right one gives ~1e-7)."""
     model = tiny(gelu_approximate="none")
     wrong = export.gpt2_config
-    monkeypatch.setattr(export, "gpt2_config", lambda cfg: wrong(GPTConfig(**{**cfg.__dict__, "gelu_approximate": "tanh"})))
+    monkeypatch.setattr(export, "gpt2_config", lambda cfg, *args: wrong(GPTConfig(**{**cfg.__dict__, "gelu_approximate": "tanh"}), *args))
     export_and_load(model, tmp_path)
     assert export.compare_logits(model, str(tmp_path)) > 1e-4
 
@@ -71,7 +71,7 @@ def test_generate_runs_on_the_export_and_matches_ours(tmp_path):
     hf = export_and_load(model, tmp_path)
     prompt = torch.tensor([[464, 3290, 318]])
     with torch.no_grad():
-        theirs = hf.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=export.EOT)[0, 3:]
+        theirs = hf.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=EOT)[0, 3:]
     ours = torch.cat(list(model.generate(prompt, 10, temperature=0, vocab_limit=V)))
     assert theirs.tolist() == ours.tolist()
 
@@ -94,12 +94,19 @@ def assert_encodes_like_tiktoken(tok, enc, texts):
 
 
 def test_tokenizer_of_the_export_encodes_like_tiktoken(tmp_path, enc):
-    export.save_tokenizer(str(tmp_path), 16, enc)
+    export.save_tokenizer(str(tmp_path), 16)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert_encodes_like_tiktoken(tok, enc, HARD_TEXTS)
-    assert tok.eos_token_id == tok.bos_token_id == export.EOT and len(tok) == V and tok.model_max_length == 16
-    assert tok("<|endoftext|>")["input_ids"] == [export.EOT]  # the special token itself, when not split
-    assert json.load(open(tmp_path / "tokenizer_config.json"))["tokenizer_class"] == "GPT2Tokenizer"  # 4.x reads it
+    assert tok.eos_token_id == tok.bos_token_id == EOT and len(tok) == V and tok.model_max_length == 16
+    assert tok("<|endoftext|>")["input_ids"] == [EOT]  # the special token itself, when not split
+    # the reserved chat tokens at our ids, as special tokens
+    assert tok("a<|user_start|>b<|output_end|>")["input_ids"] == enc.encode("a<|user_start|>b<|output_end|>",
+                                                                             allowed_special="all")
+    assert tok.all_special_ids == list(range(EOT, V))
+    config = json.load(open(tmp_path / "tokenizer_config.json"))
+    assert config["tokenizer_class"] == "GPT2Tokenizer" and "extra_special_tokens" not in config  # 4.x reads it
+    export.save_tokenizer(str(tmp_path), 16, vocab=50257)  # a model from HF GPT-2: no rows for the chat tokens
+    assert len(transformers.AutoTokenizer.from_pretrained(str(tmp_path))) == 50257
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "vocab.bpe").exists(), reason=f"no GPT-2 vocab.bpe in {SHARED_DATA}")
@@ -148,8 +155,8 @@ def test_export_entry_point_with_check(tmp_path):
 def test_a_mismatch_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
     model = tiny()
     torch.save(checkpoint(model), tmp_path / "best.pt")
-    monkeypatch.setattr(export, "gpt2_state_dict", lambda m, f=export.gpt2_state_dict: {
-        k: (v.t().contiguous() if k.endswith("attn.c_proj.weight") else v) for k, v in f(m).items()})  # a transpose forgotten
+    monkeypatch.setattr(export, "gpt2_state_dict", lambda m, vocab, f=export.gpt2_state_dict: {
+        k: (v.t().contiguous() if k.endswith("attn.c_proj.weight") else v) for k, v in f(m, vocab).items()})  # a transpose forgotten
     with pytest.raises(DataError, match="does NOT reproduce.*nothing was written"):
         export.main([f"--model={tmp_path}", f"--out={tmp_path / 'hf'}"])
     assert sorted(os.listdir(tmp_path)) == ["best.pt"]  # neither hf nor hf.partial

@@ -15,6 +15,7 @@ from bench import gpu_ablation
 from conftest import REPO, needs_tokenizer, run_script
 from smallgpt.config import load_train_config
 from smallgpt.errors import ConfigError, DataError
+from smallgpt.config import with_vocab_size
 from smallgpt.tokens import TrainWindows
 
 
@@ -123,8 +124,9 @@ def test_every_variant_of_a_seed_reads_train_pys_windows():
     tokens = np.random.default_rng(0).integers(50257, size=20_000).astype(np.uint16)
     cfg = gpu_ablation.AblationConfig(dry_run=True, **gpu_ablation.DRY_RUN_KEYS)
     windows = TrainWindows(tokens, 32, seed=3, vocab_size=50257)
-    runs = [gpu_ablation.Run(name, gpu_ablation.run_config(gpu_ablation.VARIANTS[name], 3, cfg, "cpu", "float32"),
-                             "cpu", "float32", windows) for name in ("baseline", "modern")]
+    configs = [with_vocab_size(gpu_ablation.run_config(gpu_ablation.VARIANTS[name], 3, cfg, "cpu", "float32"), 50257)
+               for name in ("baseline", "modern")]  # as start_runs has them for GPT-2 data
+    runs = [gpu_ablation.Run(name, c, "cpu", "float32", windows) for name, c in zip(("baseline", "modern"), configs)]
     reference = TrainWindows(tokens, 32, seed=3, vocab_size=50257)
     for step in range(3):
         for micro in range(cfg.accum):

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from bench.bench_plan import LiveTensors
 from model import GPT, MULTIPLIER_SUFFIX, GPTConfig, RMSNorm, apply_rope, cross_entropy, rope_cos_sin
 from smallgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from smallgpt.config import ConfigError, load_train_config
+from smallgpt.config import ConfigError, load_train_config, with_vocab_size
 from conftest import run_script
 from test_model import nanogpt_layout
 
@@ -354,7 +354,7 @@ def test_bad_combination_is_one_line_from_train_py():
                                            ("config/train_fineweb_124m_modern.py", 123.6)])
 def test_modern_configs_are_qwen3(path, millions):
     """The shipped modern configs are the exportable Qwen3 block, with the parameter count their comment gives."""
-    cfg = load_train_config([path])
+    cfg = with_vocab_size(load_train_config([path]), 50257)  # GPT-2's tokens, as train.py resolves vocab_size=0
     assert (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.qk_norm, cfg.bias, cfg.tie_embeddings, cfg.logit_softcap) == \
         ("rope", "rmsnorm", "swiglu", True, False, True, 0.0)
     with torch.device("meta"):  # shapes only: no memory, no init

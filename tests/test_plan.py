@@ -20,7 +20,7 @@ from bench.bench_plan import LiveTensors, Trainer, compare, storage_bytes
 from conftest import REPO, run_script
 from model import GPT, GPTConfig, cross_entropy
 from smallgpt import plan
-from smallgpt.config import TrainConfig, load_train_config, model_args
+from smallgpt.config import TrainConfig, load_train_config, model_args, with_vocab_size
 from smallgpt.errors import ConfigError
 
 CONFIGS = sorted(p.name for p in (REPO / "config").glob("*.py"))
@@ -31,7 +31,13 @@ TOLERANCE = 0.05  # the acceptance asks 15 %; the formulas are exact to ~0.1 % o
 
 
 def train_config(**kw):
-    return TrainConfig(**{**dict(device="cpu", dtype="float32", compile=False, gradient_accumulation_steps=2), **kw})
+    return TrainConfig(**{**dict(device="cpu", dtype="float32", compile=False, gradient_accumulation_steps=2,
+                                 vocab_size=50304), **kw})
+
+
+def load_config(argv):
+    """A config of argv for GPT-2 data: vocab_size resolved as train.py resolves it (0 = the data's, padded)."""
+    return with_vocab_size(load_train_config(argv), 50257)
 
 
 # -----------------------------------------------------------------------------
@@ -142,7 +148,7 @@ def test_activations_40m_shape(block, checkpointing, batch_size):
 # The verdict
 
 def test_largest_micro_batch_is_the_edge_of_the_budget():
-    cfg = load_train_config([str(REPO / "config/train_fineweb_40m.py")])
+    cfg = load_config([str(REPO / "config/train_fineweb_40m.py")])
     budget = 4 * plan.GIB
     for ckpt in (False, True):
         b = plan.largest_micro_batch(cfg, budget, ckpt)
@@ -161,7 +167,7 @@ def test_keep_tokens_per_step():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_plan_of_every_shipped_config(name):
-    cfg = load_train_config([str(REPO / "config" / name), "--gpu_memory_gb=12"])
+    cfg = load_config([str(REPO / "config" / name), "--gpu_memory_gb=12"])
     report = plan.plan_report(cfg)
     verdict = next(line for line in report.splitlines() if line.strip().startswith("needed"))
     assert verdict.endswith((": fits", ": does NOT fit")) and "RTX 4070" in report and "tokens per parameter" in report
@@ -187,7 +193,7 @@ def runtime(world=1):
 
 
 def auto_config(*args):
-    return load_train_config([str(REPO / "config/train_fineweb_40m.py"), "--batch_size=auto", *args])  # 16 x 32
+    return load_config([str(REPO / "config/train_fineweb_40m.py"), "--batch_size=auto", *args])  # 16 x 32
 
 
 def test_auto_batch_backs_off_under_a_fake_memory_limit():
@@ -244,7 +250,7 @@ def test_train_py_auto_batch_is_recorded_and_kept_on_resume(token_dir, tmp_path)
     args = ["config/train_tiny.py", f"--data_dir={token_dir}", f"--out_dir={tmp_path}", "--batch_size=auto",
             "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu"]
     budget = 0.8  # GiB: the plan fits 6 sequences of the tiny model; 4 divides its 8 x 2 = 16 per step
-    assert plan.largest_micro_batch(load_train_config(args[:1] + ["--batch_size=auto"]), budget * plan.GIB, False) == 6
+    assert plan.largest_micro_batch(load_config(args[:1] + ["--batch_size=auto"]), budget * plan.GIB, False) == 6
     out = run_script("train.py", *args, f"--gpu_memory_gb={budget}").stdout
     assert "micro-batch 4 x 4 accumulation = 1,024 tokens per step" in out
     saved = json.loads((tmp_path / "config.json").read_text())

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from smallgpt.errors import run_main as run_script_main  # noqa: E402
 from smallgpt.shards import open_split, read_meta  # noqa: E402
-from smallgpt.tokens import get_tokenizer  # noqa: E402
+from smallgpt.tokenizer import get_tokenizer  # noqa: E402
 from conftest import needs_tokenizer  # noqa: E402
 
 PREPARE = REPO / "data" / "fineweb" / "prepare.py"
@@ -104,7 +104,7 @@ def test_entry_point_round_trip(sample_parquet, tmp_path):
     assert decode_split(out, "val") == val
     meta = read_meta(out)
     assert meta["dtype"] == "uint16" and meta["tokenizer"]["name"] == "gpt2"
-    assert meta["vocab_size"] == 50257 and meta["eot_token"] == EOT
+    assert meta["vocab_size"] == 50267 and meta["eot_token"] == EOT  # GPT-2's 50,257 and the reserved chat tokens
     for split, docs in (("train", train), ("val", val)):
         s = meta["splits"][split]
         assert s["documents"] == len(docs)
@@ -591,16 +591,20 @@ def test_tokenizer_from_a_local_file(sample_parquet, tmp_path, monkeypatch):
     error names it."""
     import tiktoken
     from smallgpt.errors import DataError
-    from smallgpt.tokens import tokenizer_from_file
+    from smallgpt.tokenizer import get_tokenizer
     from conftest import SHARED_DATA
     texts = pq.ParquetFile(sample_parquet).read_row_group(0, columns=["text"]).column(0).to_pylist()[:200]
-    local = tokenizer_from_file(str(SHARED_DATA / "gpt2.tiktoken"))
+    monkeypatch.setenv("GPT2_TIKTOKEN_FILE", str(SHARED_DATA / "gpt2.tiktoken"))
+    local = get_tokenizer()
     reference = tiktoken.get_encoding("gpt2")
     for text in texts + ["<|endoftext|> héllo 🙂\n\n  x"]:
-        assert local.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
-    assert (local.n_vocab, local.eot_token) == (reference.n_vocab, reference.eot_token) == (50257, EOT)
+        assert local.encode(text, allowed_special={"<|endoftext|>"}) == reference.encode(text, allowed_special="all")
+    assert local.eot_token == reference.eot_token == EOT and reference.n_vocab == 50257
+    assert local.n_vocab == 50267  # and the reserved chat tokens after <|endoftext|>
+    monkeypatch.setenv("GPT2_TIKTOKEN_FILE", str(SHARED_DATA / "vocab.bpe"))
     with pytest.raises(DataError, match="is not gpt2.tiktoken"):
-        tokenizer_from_file(str(SHARED_DATA / "vocab.bpe"))
+        get_tokenizer()
+    monkeypatch.delenv("GPT2_TIKTOKEN_FILE")
 
     src = write_parquet(tmp_path / "s.parquet", texts)
     assert run_main(src, f"--out_dir={tmp_path / 'reference'}", "--num_proc=1") is None

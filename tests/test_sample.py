@@ -15,7 +15,7 @@ from smallgpt.errors import DataError
 from smallgpt.config import ConfigError
 from conftest import REPO, needs_tokenizer, run_script
 import sample
-from sample import SampleConfig, generate_samples, text_stream
+from sample import SampleConfig, completion_vocab, generate_samples, text_stream
 
 EOT = 50256
 
@@ -242,7 +242,7 @@ def test_sample_script_batch_seeds_and_streaming(tmp_path, enc):
     # the streamed first sample is exactly the decoded tokens the same options give in-process
     cfg = SampleConfig(num_samples=3, max_new_tokens=12, temperature=1.0, seed=5)
     prompt = enc.encode("Once upon a time")
-    expected, _ = generate_samples(model, prompt, cfg, vocab_limit=enc.n_vocab, stop=EOT)
+    expected, _ = generate_samples(model, prompt, cfg, vocab_limit=completion_vocab(enc), stop=EOT)
     assert texts[0] == enc.decode(prompt + expected[0])
     assert "best.pt: iter 7, best val loss 5.2500" in batch.stderr and "tokens/s" in batch.stderr
 
@@ -289,7 +289,7 @@ def test_sample_script_merges_multipliers_and_reads_nanogpt_checkpoints(tmp_path
             p.uniform_(0.5, 1.5)
     (tmp_path / "mult").mkdir()
     save(tmp_path / "mult" / "best.pt", mult)
-    expected, _ = generate_samples(mult, prompt, cfg, vocab_limit=enc.n_vocab, stop=EOT)
+    expected, _ = generate_samples(mult, prompt, cfg, vocab_limit=completion_vocab(enc), stop=EOT)
     # a nanoGPT ckpt.pt: its model_args keys, torch.compile's prefixes, its causal-mask buffers
     plain = gpt2_vocab_model(seed=1, bias=True)
     state = {f"_orig_mod.{k}": v for k, v in plain.state_dict().items()}
@@ -299,7 +299,7 @@ def test_sample_script_merges_multipliers_and_reads_nanogpt_checkpoints(tmp_path
                                    dropout=0.0),
                 "model": state, "iter_num": 500, "best_val_loss": torch.tensor(3.5), "config": {"dataset": "owt"}},
                tmp_path / "nano" / "ckpt.pt")
-    expected_nano, _ = generate_samples(plain, prompt, cfg, vocab_limit=enc.n_vocab, stop=EOT)
+    expected_nano, _ = generate_samples(plain, prompt, cfg, vocab_limit=completion_vocab(enc), stop=EOT)
     for name, tokens in (("mult", expected), ("nano", expected_nano)):
         result = run_script("sample.py", f"--out_dir={tmp_path / name}", "--start=The cat", "--max_new_tokens=8",
                             "--temperature=0")
@@ -322,7 +322,7 @@ def test_sample_script_errors_are_one_line(tmp_path):
         ([f"--out_dir={tmp_path / 'empty'}"], "no checkpoint (best.pt, last.pt or ckpt.pt)"),
         ([f"--out_dir={tmp_path / 'unknown_key'}"], "model settings this code does not know: rotary"),
         ([f"--out_dir={tmp_path / 'wrong_shape'}"], "does not match its model settings"),
-        ([f"--out_dir={tmp_path / 'char_level'}"], "vocab_size 65, fewer than the GPT-2 tokenizer's 50257"),
+        ([f"--out_dir={tmp_path / 'char_level'}"], "vocab_size 65, fewer than the 50257 tokens of its tokenizer (gpt2)"),
         ([f"--out_dir={tmp_path / 'char_level'}", "--which=worst"], "which must be best or last"),
         ([f"--start=FILE:{tmp_path / 'nothing.txt'}"], "cannot read prompt file"),
         ([f"--out_dir={tmp_path / 'char_level'}", f"--start=FILE:{tmp_path / 'latin1.txt'}"], "not UTF-8 text"),

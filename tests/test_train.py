@@ -335,7 +335,7 @@ def test_token_ids_outside_the_vocabulary_are_one_clear_error(tmp_path, token_di
         assert "\n" not in line and line.startswith(f"train.py: error: {data / split}_000000.bin: token id 60000 at position ")
         position = int(line.split(" at position ")[1].split()[0].replace(",", ""))
         assert position in positions and (split == "train" or position == 5)
-        assert "outside the vocabulary (the data's vocab_size is 50257)" in line
+        assert "outside the vocabulary (vocab_size 50267)" in line
         assert ("eval 0: val loss" in result.stdout) == (split == "train")  # val was clean: evaluated first
 
 

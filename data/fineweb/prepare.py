@@ -17,6 +17,7 @@ Commands:
   python data/fineweb/prepare.py hf:sample/10BT/001_00000.parquet   # later: adds a second file to data/fineweb
   python data/fineweb/prepare.py --max_docs=5000 --val_docs=200 --out_dir=data/sample   # reads the first row groups
   python data/fineweb/prepare.py my_texts/ --txt_document=line --out_dir=data/mine      # .txt/.jsonl/.parquet files
+  python data/fineweb/prepare.py my_texts/ --vocab_size=16384 --out_dir=data/mine16k  # its own BPE (docs/tokenizer.md)
 hf: files are read in place through huggingface_hub's HfFileSystem: the footer, then only the row groups needed.
 Inputs and how each is read: smallgpt/sources.py. The output format (manifest.json and the shards):
 smallgpt/shards.py and docs/data.md. The train/val rule: val documents come only from the inputs of the first
@@ -42,9 +43,10 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 from smallgpt.errors import ConfigError, DataError, run_main  # noqa: E402
 from smallgpt.flags import parse_args as parse_flags  # noqa: E402
 from smallgpt.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, SPLITS, TOKEN_DTYPE, read_meta,  # noqa: E402
-                             shard_name, sync_directory, write_json_atomically)
+                             shard_name, sync_directory, write_atomically, write_json_atomically)
 from smallgpt.sources import check_input, count_rows, read_batches, resolve_inputs  # noqa: E402
-from smallgpt.tokens import GPT2_TIKTOKEN_SHA256, get_tokenizer  # noqa: E402
+from smallgpt.tokenizer import (GPT2, MAX_VOCAB, SPECIAL_TOKENS, TOKENIZER_FILE, bpe_record, check_same,  # noqa: E402
+                                data_tokenizer, get_tokenizer, read_tokenizer, train_bpe)
 
 DEFAULT_INPUT = "hf:sample/10BT/000_00000.parquet"
 NUM_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -66,6 +68,9 @@ class PrepareConfig:
     shard_tokens: int = 100_000_000  # a shard is complete at this many train tokens (200 MB); a killed run resumes there
     num_proc: int = NUM_CPUS  # tokenizer processes; 1 = tokenize in this process
     cache_dir: str = ""  # download cache of http(s) inputs; '' = ~/.cache/gpt-prepare
+    tokenizer: str = ""  # 'gpt2', a tokenizer.json or a directory holding one (a data directory); '' = the directory's own, GPT-2 for a new one
+    vocab_size: int = 0  # > 0: a new directory gets its own byte-level BPE of this many tokens (at most 65,536), trained on its train documents
+    tokenizer_bytes: int = 1_000_000_000  # with vocab_size: the BPE learns from the first this many bytes of train documents
 
 
 USAGE = """usage: python data/fineweb/prepare.py [INPUT ...] [--key=value ...]
@@ -83,15 +88,22 @@ def parse_args(argv=None):
             raise ConfigError(f"{name} must be at least {low}, not {getattr(opts, name)}")
     if opts.txt_document not in ("file", "line"):
         raise ConfigError(f"txt_document must be 'file' or 'line', not {opts.txt_document!r}")
+    if opts.vocab_size and not len(SPECIAL_TOKENS) + 256 < opts.vocab_size <= MAX_VOCAB:
+        raise ConfigError(f"vocab_size must be above {len(SPECIAL_TOKENS) + 256} (the 256 bytes and {len(SPECIAL_TOKENS)} "
+                          f"special tokens) and at most {MAX_VOCAB:,} (token files are uint16), not {opts.vocab_size}")
+    if opts.vocab_size and opts.tokenizer:
+        raise ConfigError("give --tokenizer (use that one) or --vocab_size (train one), not both")
+    if opts.tokenizer_bytes < 1:
+        raise ConfigError(f"tokenizer_bytes must be at least 1, not {opts.tokenizer_bytes}")
     return opts
 
 
 # -----------------------------------------------------------------------------
 # The manifest: created with the split rule, then every input registered before any of it is read
 
-def new_manifest(opts, enc):
-    return dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype="uint16",
-                tokenizer=dict(name="gpt2", sha256=GPT2_TIKTOKEN_SHA256), vocab_size=enc.n_vocab, eot_token=enc.eot_token,
+def new_manifest(opts):
+    """A new directory's manifest; its tokenizer fields are set once the tokenizer is known (set_tokenizer)."""
+    return dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype="uint16", tokenizer=None, vocab_size=None, eot_token=None,
                 split=dict(seed=opts.seed, val_docs=opts.val_docs, val_fraction=0.0 if opts.val_docs is not None
                            else opts.val_fraction, population_inputs=0, population_rows=None),
                 splits={s: dict(documents=0, tokens=0, bytes=0) for s in SPLITS},
@@ -107,8 +119,6 @@ def open_manifest(opts, given):
         return None
     manifest = read_meta(opts.out_dir)
     manifest.pop("files")  # derived by read_meta, not stored
-    if manifest["tokenizer"] != dict(name="gpt2", sha256=GPT2_TIKTOKEN_SHA256):
-        raise DataError(f"{opts.out_dir} was made with the tokenizer {manifest['tokenizer']}, not GPT-2's")
     split = manifest["split"]
     wanted = dict(seed=opts.seed, val_docs=opts.val_docs, val_fraction=opts.val_fraction)
     for key in SPLIT_KEYS:
@@ -118,11 +128,11 @@ def open_manifest(opts, given):
     return manifest
 
 
-def register_inputs(manifest, inputs, opts, enc):
+def register_inputs(manifest, inputs, opts):
     """Match the inputs against the manifest: known ones are skipped (complete) or continued (a stopped run);
     new ones are appended, in order. Creates the manifest (and fixes the val rows) for a new directory."""
     creating = manifest is None
-    manifest = manifest or new_manifest(opts, enc)
+    manifest = manifest or new_manifest(opts)
     known = {entry["source"]: entry for entry in manifest["inputs"]}
     need_score = opts.min_language_score is not None
     for inp in inputs:
@@ -233,16 +243,79 @@ def document_batches(manifest, inputs, opts):
 
 
 # -----------------------------------------------------------------------------
+# The tokenizer: fixed when a directory is created (GPT-2, --tokenizer, or trained with --vocab_size) and kept
+# in it: the manifest records it, a trained one's tokenizer.json lies beside it (smallgpt/tokenizer.py)
+
+def choose_tokenizer(opts, manifest, given):
+    """This run's tokenizer record: an existing directory's own (--tokenizer or --vocab_size, given again, must name
+    it), else --tokenizer, else GPT-2. None: a new directory trains its own (--vocab_size)."""
+    wanted = read_tokenizer(opts.tokenizer) if opts.tokenizer else None
+    if manifest is None:
+        return None if opts.vocab_size else wanted or GPT2
+    own = data_tokenizer(opts.out_dir, manifest)
+    remedy = "a directory keeps the tokenizer it was created with (drop the flag, or prepare into another --out_dir)"
+    if wanted is not None:
+        check_same(own, wanted, opts.out_dir, f"--tokenizer={opts.tokenizer}", remedy)
+    trained = own.get("trained", {})
+    for key in ("vocab_size", "tokenizer_bytes"):
+        if key in given and getattr(opts, key) != trained.get(key):
+            raise DataError(f"{opts.out_dir} was made with the tokenizer {own['name']}, not one trained with "
+                            f"--{key}={getattr(opts, key)}: {remedy}")
+    return own
+
+
+def train_tokenizer(manifest, inputs, opts):
+    """--vocab_size: a byte-level BPE learned from the train documents of a new directory, in input order, up to
+    --tokenizer_bytes of text and --max_docs documents. It never sees a val document: val bits per byte stay a
+    fair measure."""
+    seen = dict(documents=0, bytes=0)
+
+    def train_texts():
+        read = 0  # documents read, val ones too: --max_docs counts both
+        for texts, info in document_batches(manifest, inputs, opts):
+            if info.get("end"):
+                continue
+            for text, nbytes, is_val in zip(texts, info["bytes"].tolist(), info["val"].tolist()):
+                if seen["bytes"] >= opts.tokenizer_bytes or read == opts.max_docs:
+                    return
+                read += 1
+                if not is_val:
+                    seen["documents"] += 1
+                    seen["bytes"] += nbytes
+                    yield text
+
+    print(f"training a {opts.vocab_size:,}-token BPE on the train documents (up to {opts.tokenizer_bytes:,} bytes)",
+          file=sys.stderr)
+    t0 = time.time()
+    record = bpe_record(train_bpe(train_texts(), opts.vocab_size), "the trained tokenizer")
+    print(f"trained {record['name']} on {seen['documents']:,} documents ({seen['bytes']:,} bytes) in "
+          f"{time.time() - t0:.1f} s", file=sys.stderr)
+    if record["name"] != f"bpe-{opts.vocab_size}":
+        print(f"warning: the text held pairs for only {record['name'][4:]} tokens, not {opts.vocab_size:,}",
+              file=sys.stderr)
+    return {**record, "trained": dict(vocab_size=opts.vocab_size, tokenizer_bytes=opts.tokenizer_bytes, **seen)}
+
+
+def set_tokenizer(manifest, record, enc, out_dir):
+    """A new directory's tokenizer fields (and a trained tokenizer's file, written before the manifest names it)."""
+    if "json" in record:
+        write_atomically(os.path.join(out_dir, TOKENIZER_FILE), record["json"])
+    manifest.update(tokenizer={k: v for k, v in record.items() if k != "json"}, vocab_size=enc.n_vocab,
+                    eot_token=enc.eot_token)
+
+
+# -----------------------------------------------------------------------------
 # Tokenizing: worker processes encode batches; the main process reads the inputs and writes the shards.
 
 _enc = None  # the tokenizer, one per process
 _lock_fd = None  # the out_dir lock, closed in the workers so that only the main process holds it
 
 
-def load_tokenizer():
+def load_tokenizer(record=None):
+    """The tiktoken Encoding of record (None: GPT-2), once per process."""
     global _enc
     if _enc is None:  # forked workers inherit the main process's tokenizer; spawned ones load it
-        _enc = get_tokenizer()  # a DataError with one clear line when offline without tiktoken's files
+        _enc = get_tokenizer(record)  # a DataError with one clear line when offline without tiktoken's files
         assert _enc.n_vocab <= np.iinfo(TOKEN_DTYPE).max + 1, "token ids must fit the token dtype"
     return _enc
 
@@ -254,7 +327,7 @@ def _exit_with_parent():
     os._exit(0)
 
 
-def _init_worker():
+def _init_worker(record):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and kill are handled once, by the main process,
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # which then terminates the workers
     # if the main process dies (kill -9), a worker's next result goes into a pipe nobody reads: die quietly there,
@@ -264,15 +337,15 @@ def _init_worker():
         os.close(_lock_fd)  # the lock stays the main process's: it ends with it, whatever the workers do
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked by start_pool
-    load_tokenizer()
+    load_tokenizer(record)
 
 
-def start_pool(num_proc):
+def start_pool(num_proc, record):
     """Fork the workers with SIGINT/SIGTERM blocked: a Ctrl-C landing during a fork is otherwise swallowed
     by CPython's at-fork hooks ("Exception ignored in _releaseLock") and the run goes on. Delivered after."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        return mp.Pool(num_proc, initializer=_init_worker)
+        return mp.Pool(num_proc, initializer=_init_worker, initargs=(record,))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
@@ -439,13 +512,18 @@ def prepare(opts, given):
     """Register the inputs, then tokenize what is still to do. Returns (manifest, what this run added, seconds)."""
     manifest = open_manifest(opts, given)
     remove_strays(opts.out_dir, manifest)
-    enc = load_tokenizer()
+    record = choose_tokenizer(opts, manifest, given)
+    if record is not None:  # loaded now: offline without GPT-2's file fails before any input is read
+        load_tokenizer(record)
     capped = opts.max_docs is not None or opts.max_tokens is not None  # remote parquet: read only what is needed
     inputs = resolve_inputs(opts.inputs, opts.cache_dir or None, stream=capped)
-    manifest = register_inputs(manifest, inputs, opts, enc)
+    manifest = register_inputs(manifest, inputs, opts)
+    if manifest["tokenizer"] is None:  # a new directory
+        record = record or train_tokenizer(manifest, inputs, opts)
+        set_tokenizer(manifest, record, load_tokenizer(record), opts.out_dir)
     write_json_atomically(os.path.join(opts.out_dir, MANIFEST), manifest)  # the inputs, before any of them is read
     writer, t0 = ShardWriter(opts.out_dir, manifest, opts), time.time()
-    pool = start_pool(opts.num_proc) if opts.num_proc > 1 else None  # 1: tokenize in this process
+    pool = start_pool(opts.num_proc, record) if opts.num_proc > 1 else None  # 1: tokenize in this process
     bar = tqdm(unit="doc", unit_scale=True, desc="tokenizing")
     try:
         for info, (tokens, lens) in encode_in_order(document_batches(manifest, inputs, opts), pool, 2 * opts.num_proc):
@@ -483,10 +561,13 @@ def remove_if_empty(out_dir, created):
     its manifest, not the directories it created."""
     path = os.path.join(out_dir, MANIFEST)
     try:
-        if os.path.exists(path) and not read_meta(out_dir)["shards"]:
-            os.remove(path)
+        meta = read_meta(out_dir) if os.path.exists(path) else None
     except DataError:  # not ours to judge: leave it
         return
+    if meta is not None and not meta["shards"]:
+        os.remove(path)
+        if meta["tokenizer"] not in (None, GPT2) and os.path.exists(os.path.join(out_dir, TOKENIZER_FILE)):
+            os.remove(os.path.join(out_dir, TOKENIZER_FILE))  # written for this manifest
     for directory in created:
         try:
             os.rmdir(directory)
