@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, randomized_tiny_gpt, run_script
+from conftest import REPO, chromium_page, randomized_tiny_gpt, run_script, serve_process
 
 from smallgpt.chat import ChatTokens, ConversationRows, read_conversations, special_ids, word_task
 from smallgpt.errors import DataError
@@ -296,27 +296,9 @@ def test_a_model_without_the_chat_markers_serves_completions_only():
 def chat_server(sft_run):
     """serve.py on the fine-tuned model, on a free port of 127.0.0.1: the port."""
     pytest.importorskip("fastapi")
-    import http.client
-    import socket
-    import time
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={sft_run['sft']}", "--which=last", "--device=cpu",
-                             f"--port={port}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while True:
-        try:
-            http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/health")
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"serve.py did not start:\n{proc.stdout.read()}")
-            time.sleep(0.2)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=10)
+    with serve_process(f"--out_dir={sft_run['sft']}", "--which=last", "--device=cpu",
+                       log=sft_run["sft"] / "serve.log") as (_, port):
+        yield port
 
 
 @pytest.mark.slow
@@ -341,14 +323,7 @@ def test_openai_client_chats_with_the_fine_tuned_model(chat_server):
 
 @pytest.mark.slow
 def test_chat_page_in_a_real_browser(chat_server, tmp_path):
-    import shutil
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no system chromium (Debian: apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1000, "height": 720})
+    with chromium_page() as (expect, page):
         page.goto(f"http://127.0.0.1:{chat_server}/")
         page.click("#chatMode")  # shown because /health says the model has the chat markers
         page.fill("#temperature", "0")
@@ -357,11 +332,10 @@ def test_chat_page_in_a_real_browser(chat_server, tmp_path):
                                                  ("reverse: red blue", "blue red")]):
             page.fill("#message", message)
             page.press("#message", "Enter") if i else page.click("#send")
-            sync_api.expect(page.locator(".turn.assistant").nth(i)).to_have_text(expected, timeout=60_000)
-            sync_api.expect(page.locator("#stats")).to_contain_text("(finish: stop)")
+            expect(page.locator(".turn.assistant").nth(i)).to_have_text(expected, timeout=60_000)
+            expect(page.locator("#stats")).to_contain_text("(finish: stop)")
         assert page.locator(".turn.user").all_inner_texts() == ["repeat: cat dog sun", "reverse: red blue"]
         page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
-        browser.close()
     assert (tmp_path / "chat.png").stat().st_size > 10_000
 
 
