@@ -9,11 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, chromium_page, randomized_tiny_gpt, run_script, serve_process
+from conftest import REPO, chromium_page, needs_tokenizer, randomized_tiny_gpt, run_script, serve_process
 
 from smallgpt.chat import ChatTokens, ConversationRows, read_conversations, special_ids, word_task
 from smallgpt.errors import DataError
 from smallgpt.tokens import get_tokenizer
+
+pytestmark = needs_tokenizer  # rendering, preparing, training and serving all tokenize
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
                 {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3 * 7?\n"},
@@ -21,8 +23,7 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 
 
 @pytest.fixture(scope="module")
-def chat():
-    enc = get_tokenizer()
+def chat(enc):
     return ChatTokens(enc, special_ids(enc))
 
 
