@@ -468,7 +468,7 @@ def conversation_data(cfg, meta, tok):
         return None
     if "chat" not in meta:
         raise ConfigError(f"sft=True needs conversations from data/chat/prepare.py; {cfg.data_dir} holds plain text")
-    chat = ChatTokens(tok.enc, tok.special)
+    chat = ChatTokens(tok.enc)
     if meta["chat"].get("special_tokens") != chat.ids:
         raise DataError(f"{cfg.data_dir} was rendered with other chat token ids than this tokenizer's: prepare it again")
     return chat

@@ -17,10 +17,6 @@ import numpy as np
 from .errors import DataError
 
 ROLES = ("system", "user", "assistant")
-# the tokenizer's reserved special tokens (issue 28), in its order: end-of-text, then the chat markers
-SPECIAL_TOKENS = ("<|endoftext|>", "<|system_start|>", "<|system_end|>", "<|user_start|>", "<|user_end|>",
-                  "<|assistant_start|>", "<|assistant_end|>", "<|python_start|>", "<|python_end|>",
-                  "<|output_start|>", "<|output_end|>")
 TEMPLATE_NAME = "smallgpt-chat-1"  # what a chat data directory's manifest records: the format its ids follow
 
 # The same format for transformers' apply_chat_template (export.py writes it into the exported tokenizer; the
@@ -41,23 +37,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def special_ids(enc):
-    """Special token -> id for a tiktoken Encoding: its own special tokens when it has them all (a trained BPE),
-    else GPT-2's layout: <|endoftext|> at 50256 and the chat markers after it, from 50257 on, in the padded part of
-    the 50,304-row embedding (rows GPT-2 never produced, trained by SFT)."""
-    if set(SPECIAL_TOKENS) <= enc.special_tokens_set:
-        return {token: enc.encode_single_token(token) for token in SPECIAL_TOKENS}
-    return {token: enc.eot_token + i for i, token in enumerate(SPECIAL_TOKENS)}
-
-
 class ChatTokens:
-    """The template's tokens: enc (a tiktoken Encoding) encodes the content, special (each special token -> its id,
-    the tokenizer's) gives bos (each conversation starts with <|endoftext|>), the turn markers, and the ids that end
-    a reply when generated (any special token: the turn end, end-of-text, or a marker the model should not have
-    produced)."""
+    """The template's tokens, from the tokenizer (enc: smallgpt/tokenizer.py's tiktoken Encoding, whose special
+    tokens are the reserved ones: for GPT-2's, the chat markers at 50257-50266, in the padded part of the 50,304-row
+    embedding): bos (each conversation starts with <|endoftext|>), the turn markers, and the ids that end a reply
+    when generated (any special token: the turn end, end-of-text, or a marker the model should not have produced)."""
 
-    def __init__(self, enc, special):
-        self.enc, self.ids = enc, dict(special)
+    def __init__(self, enc):
+        self.enc = enc
+        self.ids = dict(sorted(((name, enc.encode_single_token(name)) for name in enc.special_tokens_set),
+                               key=lambda item: item[1]))
         self.bos = self.ids["<|endoftext|>"]
         self.start = {role: self.ids[f"<|{role}_start|>"] for role in ROLES}
         self.end = {role: self.ids[f"<|{role}_end|>"] for role in ROLES}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .chat import ChatTokens, special_ids
+from .chat import ChatTokens
 from .checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from .device import select_device, select_dtype
 from .errors import DataError
@@ -118,7 +118,7 @@ def generate_samples(model, prompt, cfg, vocab_limit, stop=None, on_token=None):
 
 def chat_tokens(model, enc):
     """The chat template's ids for talking to model (ChatTokens); one line when its vocabulary lacks the markers."""
-    chat = ChatTokens(enc, special_ids(enc))
+    chat = ChatTokens(enc)
     if model.config.vocab_size < chat.vocab_size:
         raise DataError(f"this model's vocabulary ({model.config.vocab_size} tokens) lacks the chat markers (ids up to "
                         f"{chat.vocab_size - 1}): chat with a model fine-tuned by train.py with sft=True (docs/chat.md)")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import REPO, chromium_page, needs_tokenizer, randomized_tiny_gpt, run_script, serve_process
 
-from smallgpt.chat import ChatTokens, ConversationRows, read_conversations, special_ids, word_task
+from smallgpt.chat import ChatTokens, ConversationRows, read_conversations, word_task
 from smallgpt.errors import DataError
-from smallgpt.tokens import get_tokenizer
+from smallgpt.tokenizer import get_tokenizer
 
 pytestmark = needs_tokenizer  # rendering, preparing, training and serving all tokenize
 
@@ -24,7 +24,7 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 
 @pytest.fixture(scope="module")
 def chat(enc):
-    return ChatTokens(enc, special_ids(enc))
+    return ChatTokens(enc)
 
 
 def test_gpt2_markers_sit_in_the_padded_vocabulary(chat):
@@ -108,6 +108,25 @@ def test_changing_a_non_assistant_target_changes_nothing_and_an_assistant_target
         assert same != bool(mask[t]), f"position {t} (token {tokens[t]}, assistant's: {bool(mask[t])})"
         changed_assistant += bool(mask[t])
     assert changed_assistant == int(mask.sum())
+
+
+def test_the_export_applies_our_chat_template(tmp_path):
+    """transformers' apply_chat_template on the exported tokenizer (GPT-2's, and a trained BPE's) gives exactly our
+    ids: a system message, several turns, with and without the generation prompt; its assistant mask is ours."""
+    transformers = pytest.importorskip("transformers")
+    import export
+    from smallgpt.tokenizer import GPT2, bpe_record, train_bpe
+    texts = [m["content"] for m in CONVERSATION] * 20 + ["The quick brown fox jumps over the lazy dog."] * 20
+    for record in (GPT2, bpe_record(train_bpe(texts, 320), "a test BPE")):
+        out = tmp_path / record["name"]
+        out.mkdir()
+        export.save_tokenizer(str(out), 64, record)
+        tok, ours = transformers.AutoTokenizer.from_pretrained(str(out)), ChatTokens(get_tokenizer(record))
+        for messages, prompt in [(CONVERSATION, False), (CONVERSATION[:4], True), (CONVERSATION[1:3], False)]:
+            ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt, return_dict=False)
+            assert ids == ours.render(messages, prompt), record["name"]
+        mask = tok.apply_chat_template(CONVERSATION, return_dict=True, return_assistant_tokens_mask=True)["assistant_masks"]
+        assert mask == ours.assistant_mask(ours.render(CONVERSATION)).astype(int).tolist()
 
 
 # --- conversation files
@@ -210,9 +229,9 @@ def sft_run(tmp_path_factory, sample_parquet):
 def scores(out_dir, conversations):
     from types import SimpleNamespace
     from smallgpt.generation import Sampling, chat_tokens, load_model, reply_scores
-    model, _ = load_model(SimpleNamespace(out_dir=str(out_dir), which="last", compile=False), "cpu", 50257)
+    model, enc, _ = load_model(SimpleNamespace(out_dir=str(out_dir), which="last", compile=False), "cpu")
     greedy = Sampling(num_samples=1, max_new_tokens=12, temperature=0.0, top_k=0, top_p=1.0, seed=0)
-    return reply_scores(model, chat_tokens(model, get_tokenizer()), conversations, greedy)
+    return reply_scores(model, chat_tokens(model, enc), conversations, greedy)
 
 
 @pytest.mark.slow
@@ -396,8 +415,7 @@ def test_sft_mistakes_are_one_line(tmp_path):
     for args, message in [
         (["--sft=False"], "holds conversations: fine-tune on them with sft=True"),
         ([f"--data_dir={tmp_path / 'text'}"], "sft=True needs conversations from data/chat/prepare.py"),
-        ([f"--init_from={tmp_path / 'small.pt'}"], "vocab_size 50257 is smaller than the data's vocabulary (50267); "
-                                                   "the chat markers need the padded embedding rows"),
+        ([f"--init_from={tmp_path / 'small.pt'}"], "vocab_size 50257 has no rows for the chat markers"),
     ]:
         result = run_script("train.py", *SFT_TINY, f"--data_dir={tmp_path / 'words'}", f"--out_dir={tmp_path / 'out'}",
                             *args, check=False)

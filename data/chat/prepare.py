@@ -12,6 +12,7 @@ needs no file of its own. Commands:
 
   python data/chat/prepare.py conversations.jsonl --out_dir=data/chat --val_docs=200
   python data/chat/prepare.py train.jsonl --val_file=held_out.jsonl --out_dir=data/chat   # your own val set
+  python data/chat/prepare.py train.jsonl --tokenizer=data/mine16k --out_dir=data/chat16k   # the base's own BPE
   python data/chat/prepare.py --words=2000 --out_dir=data/chat_words   # the synthetic repeat/reverse task (docs/chat.md)
 
 A malformed line, an unknown role or a conversation without an assistant turn is one line naming file and line.
@@ -25,12 +26,12 @@ import numpy as np
 
 # run as a file (python data/chat/prepare.py, as the docs say): the repository root holds the package
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-from smallgpt.chat import TEMPLATE_NAME, ChatTokens, read_conversations, special_ids, word_task  # noqa: E402
+from smallgpt.chat import TEMPLATE_NAME, ChatTokens, read_conversations, word_task  # noqa: E402
 from smallgpt.errors import ConfigError, DataError, run_main  # noqa: E402
 from smallgpt.flags import parse_args  # noqa: E402
 from smallgpt.shards import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, shard_name,  # noqa: E402
-                             write_json_atomically)
-from smallgpt.tokens import GPT2_TIKTOKEN_SHA256, get_tokenizer  # noqa: E402
+                             write_atomically, write_json_atomically)
+from smallgpt.tokenizer import TOKENIZER_FILE, get_tokenizer, read_tokenizer  # noqa: E402
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ChatPrepareConfig:
     val_docs: int = 100  # conversations drawn at random (--seed) from the inputs for val, when no --val_file
     seed: int = 0  # seed of the train/val draw and of --words
     words: int = 0  # > 0: write this many synthetic repeat/reverse conversations (+ 10% held out) instead of inputs
+    tokenizer: str = "gpt2"  # 'gpt2', or the base model's own: a tokenizer.json or a directory holding one (its data)
 
 
 USAGE = "usage: python data/chat/prepare.py CONVERSATIONS.jsonl ... [--key=value ...]"
@@ -83,13 +85,16 @@ def main(argv):
         raise DataError(f"{cfg.out_dir} already holds token data: prepare into another --out_dir")
     t0 = time.time()
     splits = load_splits(cfg)
-    enc = get_tokenizer()
-    chat = ChatTokens(enc, special_ids(enc))
+    record = read_tokenizer(cfg.tokenizer)  # the base model's: train.py checks that they agree
+    enc = get_tokenizer(record)
+    chat = ChatTokens(enc)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if "json" in record:  # a trained tokenizer lies beside the manifest that names it (smallgpt/tokenizer.py)
+        write_atomically(os.path.join(cfg.out_dir, TOKENIZER_FILE), record["json"])
     shards = [write_split(cfg.out_dir, split, conversations, chat) for split, conversations in splits.items()]
     manifest = dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype="uint16",
-                    tokenizer=dict(name="gpt2", sha256=GPT2_TIKTOKEN_SHA256), vocab_size=chat.vocab_size,
-                    eot_token=chat.bos, chat=dict(template=TEMPLATE_NAME, special_tokens=chat.ids),
+                    tokenizer={k: v for k, v in record.items() if k != "json"}, vocab_size=enc.n_vocab,
+                    eot_token=enc.eot_token, chat=dict(template=TEMPLATE_NAME, special_tokens=chat.ids),
                     inputs=[dict(source=s) for s in cfg.inputs + ([cfg.val_file] if cfg.val_file else [])],
                     splits={s["split"]: {k: s[k] for k in ("documents", "tokens", "bytes")} for s in shards},
                     shards=[{k: s[k] for k in ("file", "split", "tokens")} for s in shards])
