@@ -421,3 +421,20 @@ def test_sft_mistakes_are_one_line(tmp_path):
                             *args, check=False)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_sft_with_a_trained_tokenizer(tmp_path):
+    """Conversations prepared with a base's own BPE (--tokenizer: its data directory): the markers are its last ids,
+    its tokenizer.json lies beside the manifest, and train.py fine-tunes on them."""
+    (tmp_path / "text.txt").write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n"
+                                               for i in range(400)))
+    run_script("data/fineweb/prepare.py", tmp_path / "text.txt", "--txt_document=line", "--val_docs=20",
+               "--vocab_size=400", f"--out_dir={tmp_path / 'text'}", "--num_proc=1")
+    run_script("data/chat/prepare.py", "--words=100", f"--tokenizer={tmp_path / 'text'}", f"--out_dir={tmp_path / 'words'}")
+    meta = json.loads((tmp_path / "words" / "manifest.json").read_text())
+    assert meta["vocab_size"] == 400 and meta["chat"]["special_tokens"]["<|assistant_end|>"] == 395
+    assert (tmp_path / "words" / "tokenizer.json").read_text() == (tmp_path / "text" / "tokenizer.json").read_text()
+    result = run_script("train.py", *SFT_TINY, f"--data_dir={tmp_path / 'words'}", f"--out_dir={tmp_path / 'out'}",
+                        "--max_iters=4")
+    assert "sft: 100 train conversations" in result.stdout
