@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from smallgpt.chat import CHAT_TEMPLATE
 from smallgpt.checkpoint import check_which, find_checkpoint, load_checkpoint, model_from_checkpoint
 from smallgpt.config import parse_args
 from smallgpt.errors import ConfigError, DataError, out_of_space, run_main
@@ -212,7 +213,8 @@ def save_trained_tokenizer(out, block_size, tokenizer):
     with open(os.path.join(out, TOKENIZER_FILE), "w", encoding="utf-8") as f:
         f.write(tokenizer["json"])
     config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=EOT, eos_token=EOT, model_max_length=block_size,
-                  clean_up_tokenization_spaces=False, additional_special_tokens=list(SPECIAL_TOKENS[1:]))
+                  clean_up_tokenization_spaces=False, additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+                  chat_template=CHAT_TEMPLATE)
     with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
 
@@ -240,6 +242,8 @@ def save_gpt2_tokenizer(out, block_size, enc, vocab=None):
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     config["additional_special_tokens"] = config.pop("extra_special_tokens", chat)
+    if len(chat) == len(SPECIAL_TOKENS) - 1:  # the model has rows for the chat markers: apply_chat_template works
+        config["chat_template"] = CHAT_TEMPLATE
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
 

@@ -1,11 +1,13 @@
 """
 Sample text from a trained GPT: a KV cache (one prefill of the prompt, then one token per step), temperature,
-top-k and top-p, a stop at end-of-text, and the text streamed to the terminal as it is generated.
+top-k and top-p, a stop at end-of-text, and the text streamed to the terminal as it is generated. With --chat, a
+conversation with a model fine-tuned on chats (docs/chat.md).
 
     python sample.py --out_dir=out/fineweb-40m --start="The meaning of life is" --max_new_tokens=200
     python sample.py --out_dir=out/fineweb-40m/last.pt --num_samples=3 --temperature=0.9 --top_p=0.95
     echo "Once upon a time" | python sample.py --out_dir=out --start=- --seed=7
     python sample.py --out_dir=out --start=FILE:prompt.txt --temperature=0   # greedy
+    python sample.py --out_dir=out/chat --chat --system="Be brief."        # talk to a fine-tuned model (docs/chat.md)
 
 Reads best.pt or last.pt (--which) from out_dir, or nanoGPT's ckpt.pt, or a checkpoint file given as out_dir.
 The text goes to stdout; everything else (checkpoint, speed, warnings) to stderr. With --num_samples > 1 the
@@ -22,7 +24,8 @@ from smallgpt.checkpoint import check_which
 from smallgpt.config import parse_args
 from smallgpt.device import autocast
 from smallgpt.errors import ConfigError, DataError, run_main
-from smallgpt.generation import completion_vocab, encode_prompt, generate_samples, open_for_generation, text_stream
+from smallgpt.generation import (chat_reply, chat_tokens, completion_vocab, encode_prompt, generate_samples,
+                                  open_for_generation, text_stream)
 
 
 @dataclass
@@ -40,6 +43,8 @@ class SampleConfig:
     device: str = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
     dtype: str = "auto"  # 'auto' (bfloat16 / float16 on GPUs, float32 on CPU) | 'float32' | 'bfloat16' | 'float16'
     compile: bool = False  # torch.compile the trunk: same tokens, faster steps, but tens of seconds of compiling first
+    chat: bool = False  # a conversation with a model fine-tuned on chats: type a message, read the reply
+    system: str = ""  # --chat: the system message the conversation starts with ('' = none)
 
 
 def validate(cfg):
@@ -54,6 +59,11 @@ def validate(cfg):
         raise ConfigError(f"top_p must be in (0, 1], not {cfg.top_p}")
     if not 0 <= cfg.seed < 2 ** 63 - cfg.num_samples:  # torch generators take 64-bit seeds
         raise ConfigError(f"seed must be in [0, 2**63 - num_samples), not {cfg.seed}")
+    if cfg.chat and (cfg.start or cfg.num_samples > 1):
+        raise ConfigError("--chat reads the messages from the terminal (or stdin), one reply each: drop --start and "
+                          "--num_samples")
+    if cfg.system and not cfg.chat:
+        raise ConfigError("--system is the system message of a --chat conversation: add --chat")
     return cfg
 
 
@@ -72,10 +82,39 @@ def read_prompt(start):
     return start
 
 
+def converse(cfg, model, enc, device, dtype):
+    """--chat: user turns from stdin (a line each; an empty line or end of input ends), each reply streamed. The
+    whole history is the prompt; its oldest turns drop out when it outgrows the context."""
+    chat = chat_tokens(model, enc)
+    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    print("chat: type a message and press Enter; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            text = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        messages.append({"role": "user", "content": text})
+        stream, reply = text_stream(enc), []
+        with autocast(device, dtype):
+            for token in chat_reply(model, chat, messages, cfg):
+                if token in chat.stops:  # the turn's end (special tokens are never printed)
+                    break
+                reply.append(token)
+                print(stream([token]), end="", flush=True)
+            else:
+                print(f"\n(reply cut at max_new_tokens={cfg.max_new_tokens})", end="", file=sys.stderr)
+        print(stream([], final=True), flush=True)
+        messages.append({"role": "assistant", "content": enc.decode(reply)})
+
+
 def main(argv):
     cfg = validate(parse_args(SampleConfig, argv))
     text = read_prompt(cfg.start)  # before the model: a wrong path fails at once
     model, enc, device, dtype = open_for_generation(cfg)
+    if cfg.chat:
+        return converse(cfg, model, enc, device, dtype)
     eot = enc.eot_token
 
     # --- the prompt: cropped to the model's context, as generation would see it anyway

@@ -36,7 +36,9 @@ from smallgpt.checkpoint import check_which
 from smallgpt.config import parse_args
 from smallgpt.device import autocast
 from smallgpt.errors import ConfigError, DataError, run_main
-from smallgpt.generation import Sampling, completion_vocab, encode_prompt, open_for_generation, stream_tokens, text_stream
+from smallgpt.chat import check_messages
+from smallgpt.generation import (Sampling, chat_tokens, completion_vocab, encode_prompt, open_for_generation,
+                                 stream_tokens, text_stream)
 
 try:
     import h11
@@ -94,9 +96,9 @@ def body_limit(cfg):
 # -----------------------------------------------------------------------------
 # Requests: OpenAI's completion parameters, checked strictly (a string where a number belongs is an error)
 
-class CompletionRequest(BaseModel):
+class SamplingRequest(BaseModel):
+    """What completions and chat completions share."""
     model_config = ConfigDict(extra="forbid", strict=True)
-    prompt: Union[str, list[str]] = ""  # a list holds exactly one prompt (some clients send lists)
     max_tokens: int = Field(16, ge=0)  # OpenAI's defaults: 16 tokens, temperature 1, no top-p
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -108,6 +110,23 @@ class CompletionRequest(BaseModel):
     stream_options: Optional[dict[str, bool]] = None  # {"include_usage": true}: a last chunk with the token counts
     model: Optional[str] = None  # accepted and ignored: there is one model
     user: Optional[str] = None  # accepted and ignored
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Union[str, list[str]] = ""  # a list holds exactly one prompt (some clients send lists)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: str  # checked by chat.check_messages: one error message for every way in
+    content: str
+    name: Optional[str] = None  # accepted and ignored
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[Message]
+    max_tokens: Optional[int] = Field(None, ge=0)  # OpenAI's chat API: no default (we take the server's max_tokens)
+    max_completion_tokens: Optional[int] = Field(None, ge=0)  # its newer name for max_tokens
 
 
 def error(status, message, param=None, kind="invalid_request_error", code=None, headers=None):
@@ -130,8 +149,8 @@ async def read_body(request, limit):
     return bytes(body)
 
 
-def parse_request(body, cfg):
-    """(the request, None) or (None, the 400 response saying what is wrong with it)."""
+def parse_request(body, cfg, kind=CompletionRequest):
+    """(the request, None) or (None, the 400 response saying what is wrong with it); kind: the request's model."""
     try:
         body = json.loads(body)
     except ValueError as e:  # bad JSON or not UTF-8
@@ -139,10 +158,11 @@ def parse_request(body, cfg):
     except RecursionError:  # json's parser recurses once per level of nesting: [[[[...]]]] runs out of stack
         return None, error(400, "the body is not a completion request: its JSON is nested too deeply")
     try:
-        req = CompletionRequest.model_validate(body)
+        req = kind.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
-        param = str(first["loc"][0]) if first["loc"] else None  # the field, not the part of a union
+        # the field, not the part of a union; messages.1.role for a message's
+        param = ".".join(str(part) for part in first["loc"][:3 if first["loc"][:1] == ("messages",) else 1]) or None
         message = "not supported by this server" if first["type"] == "extra_forbidden" else first["msg"]
         return None, error(400, f"{param}: {message}" if param else message, param)
     return req, check_limits(req, cfg)
@@ -150,11 +170,20 @@ def parse_request(body, cfg):
 
 def check_limits(req, cfg):
     """The server's own limits on a well-formed request: an error response, or None."""
-    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if isinstance(req, ChatRequest):
+        try:
+            check_messages([m.model_dump() for m in req.messages], "messages", need_assistant=False)
+        except DataError as e:
+            return error(400, str(e), "messages")
+        req.max_tokens = next((n for n in (req.max_completion_tokens, req.max_tokens) if n is not None), cfg.max_tokens)
+        prompts, field = ["".join(m.content for m in req.messages)], "messages"
+    else:
+        prompts, field = [req.prompt] if isinstance(req.prompt, str) else req.prompt, "prompt"
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     for ok, param, message in [
         (len(prompts) == 1, "prompt", "one prompt per request (a list must hold exactly one string)"),
-        (sum(map(len, prompts)) <= cfg.max_prompt_chars, "prompt", f"the prompt is longer than {cfg.max_prompt_chars} characters"),
+        (sum(map(len, prompts)) <= cfg.max_prompt_chars, field,
+         f"the {'messages are' if field == 'messages' else 'prompt is'} longer than {cfg.max_prompt_chars} characters"),
         (req.max_tokens <= cfg.max_tokens, "max_tokens", f"max_tokens is at most {cfg.max_tokens} on this server"),
         (req.n <= cfg.max_n, "n", f"n is at most {cfg.max_n} on this server"),
         (req.seed is None or req.seed < 2 ** 63 - req.n, "seed", "seed must be below 2**63 - n"),
@@ -174,15 +203,16 @@ class Choice:
     string. The last (longest stop string - 1) characters are held back until the next tokens show that they do
     not start a stop string, so no part of a stop string is ever sent."""
 
-    def __init__(self, enc, stops):
-        self.decode, self.stops, self.eot = text_stream(enc), stops, enc.eot_token
+    def __init__(self, enc, stops, ends=None):
+        self.decode, self.stops = text_stream(enc), stops
+        self.ends = {enc.eot_token} if ends is None else ends  # the tokens that end a sample (never decoded)
         self.hold = max(map(len, stops), default=1) - 1
         self.text, self.sent, self.tokens, self.finish_reason = "", 0, 0, None
 
     def add(self, token):
         """Take the sample's next token; return the text that is now final (often '')."""
         self.tokens += 1
-        if token == self.eot:
+        if token in self.ends:  # end-of-text; for a chat reply its turn end or another marker
             return self.end("stop")
         self.text += self.decode([token])
         return self._release(len(self.text) - self.hold)
@@ -208,8 +238,8 @@ class Job:
     asyncio queue: ('text', choice index, new text, finish_reason or None), then ('done', completion tokens) or
     ('error', message, HTTP status). Setting `cancelled` stops the worker at its next token."""
 
-    def __init__(self, prompt, sampling, stops):
-        self.prompt, self.sampling, self.stops = prompt, sampling, stops
+    def __init__(self, prompt, sampling, stops, chat=False):
+        self.prompt, self.sampling, self.stops, self.chat = prompt, sampling, stops, chat  # chat: the reply's turn
         self.loop, self.queue, self.cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
     def emit(self, *event):  # called from the worker thread
@@ -244,6 +274,10 @@ class Engine:
         self.pending = 0  # jobs submitted and not finished (running or waiting); changed on the event loop only
         self.jobs = set()  # those jobs, for cancel_all
         self.stats = {"busy": False, "completed": 0, "cancelled": 0, "failed": 0, "tokens_generated": 0}
+        try:  # /v1/chat/completions: the chat template's ids, when the vocabulary has them (chat_tokens)
+            self.chat = chat_tokens(model, enc)
+        except DataError as e:
+            self.chat, self.no_chat = None, str(e)
 
     def submit(self, job):
         """Queue the job; False when the queue is full."""
@@ -283,10 +317,12 @@ class Engine:
 
     def generate(self, job):
         """Generate the job's choices, sending text as it becomes final; returns the tokens generated."""
-        choices = [Choice(self.enc, job.stops) for _ in range(job.sampling.num_samples)]
+        # a chat reply ends at its turn end (or any other special token), its markers sit beyond the text tokens
+        ends, vocab_limit, stop = ((self.chat.stops, self.chat.vocab_size, self.chat.end["assistant"]) if job.chat else
+                                   ({self.enc.eot_token}, completion_vocab(self.enc), self.enc.eot_token))
+        choices = [Choice(self.enc, job.stops, ends) for _ in range(job.sampling.num_samples)]
         with autocast(self.device, self.dtype):
-            for i, token in stream_tokens(self.model, job.prompt, job.sampling, completion_vocab(self.enc),
-                                          self.enc.eot_token):
+            for i, token in stream_tokens(self.model, job.prompt, job.sampling, vocab_limit, stop):
                 if job.cancelled.is_set():
                     break  # leaving the loop closes the generator: no more forward passes
                 self.stats["tokens_generated"] += 1
@@ -306,21 +342,45 @@ class Engine:
 
 def new_job(req, engine):
     """The job for a valid request, and the note to send when its prompt was cropped (else None)."""
-    text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-    prompt, note = encode_prompt(engine.enc, text, engine.model.config.block_size)
+    block_size, chat = engine.model.config.block_size, isinstance(req, ChatRequest)
+    if chat:
+        prompt, note = chat_prompt(engine.chat, [m.model_dump() for m in req.messages], block_size, req.max_tokens)
+    else:
+        prompt, note = encode_prompt(engine.enc, req.prompt if isinstance(req.prompt, str) else req.prompt[0], block_size)
     seed = random.randrange(2 ** 62) if req.seed is None else req.seed
     sampling = Sampling(num_samples=req.n, max_new_tokens=req.max_tokens, temperature=req.temperature,
                         top_k=req.top_k, top_p=req.top_p, seed=seed)
-    return Job(prompt, sampling, [req.stop] if isinstance(req.stop, str) else req.stop or []), note
+    return Job(prompt, sampling, [req.stop] if isinstance(req.stop, str) else req.stop or [], chat), note
 
 
-async def sse(job, head, usage):
-    """A streamed completion: one server-sent event per piece of text, then the usage (if asked), then [DONE]."""
+def chat_prompt(chat, messages, block_size, max_tokens):
+    """A chat request's prompt (chat.prompt: its oldest turns dropped to leave room for the reply, at most half the
+    context) and a note when that or a crop to block_size changed what the model sees (else None)."""
+    prompt = chat.prompt(messages, block_size, min(max_tokens, block_size // 2))
+    if len(prompt) > block_size:
+        return prompt[-block_size:], (f"the conversation's last turn has {len(prompt)} tokens with the template, more "
+                                      f"than block_size {block_size}: only its last {block_size} are used")
+    dropped = len(prompt) < len(chat.render(messages, generation_prompt=True))
+    return prompt, "the oldest turns were left out: the conversation outgrew the context" if dropped else None
+
+
+def completion_choice(index, text, finish_reason, whole):
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_choice(index, text, finish_reason, whole):
+    """A chat completion's choice: the whole message, or (streamed) the part of it in this chunk."""
+    return {"index": index, ("message" if whole else "delta"): {"role": "assistant", "content": text},
+            "logprobs": None, "finish_reason": finish_reason}
+
+
+async def sse(job, head, usage, shape):
+    """A streamed completion: one server-sent event per piece of text, then the usage (if asked), then [DONE].
+    shape: completion_choice or chat_choice."""
     try:
         async for event in job.events():
             if event[0] == "text" and (event[2] or event[3]):
-                choice = {"index": event[1], "text": event[2], "logprobs": None, "finish_reason": event[3]}
-                yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+                yield f"data: {json.dumps({**head, 'choices': [shape(*event[1:], whole=False)]})}\n\n"
                 head.pop("warning", None)  # said once, in the first chunk
             elif event[0] == "done" and usage is not None:
                 usage.update(completion_tokens=event[1], total_tokens=usage["prompt_tokens"] + event[1])
@@ -332,7 +392,7 @@ async def sse(job, head, usage):
         job.cancelled.set()
 
 
-async def collect(job, head, usage, request):
+async def collect(job, head, usage, request, shape):
     """A plain completion: the whole text of every choice, once all is generated."""
     texts, reasons = [""] * job.sampling.num_samples, [None] * job.sampling.num_samples
     try:
@@ -346,8 +406,37 @@ async def collect(job, head, usage, request):
                 usage.update(completion_tokens=event[1], total_tokens=usage["prompt_tokens"] + event[1])
     finally:
         job.cancelled.set()  # a no-op unless the client left
-    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+    choices = [shape(i, t, r, whole=True) for i, (t, r) in enumerate(zip(texts, reasons))]
     return JSONResponse({**head, "choices": choices, "usage": usage})
+
+
+async def answer(request, kind, engine, cfg, model_name):
+    """A completion (kind=CompletionRequest) or a chat completion (ChatRequest): the same checks, queue, and
+    disconnect rules; only the request's fields and the shape of the choices differ."""
+    try:
+        body = await read_body(request, body_limit(cfg))
+    except ClientDisconnect:  # the client left, or was too slow and RequestDeadline closed its connection
+        return error(400, "the request body did not arrive whole")  # (sent nowhere: the connection is gone)
+    if body is None:
+        return error(413, f"the request body is larger than this server's limit of {body_limit(cfg):,} bytes")
+    req, problem = parse_request(body, cfg, kind)
+    if problem is not None:
+        return problem
+    job, note = new_job(req, engine)
+    if not engine.submit(job):
+        return error(429, f"the server is busy ({cfg.queue_size} requests queued): try again later",
+                     kind="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+    chat = kind is ChatRequest
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "object": ("chat.completion.chunk" if req.stream else "chat.completion") if chat else "text_completion",
+            "model": model_name, **({"warning": note} if note else {})}
+    usage = {"prompt_tokens": len(job.prompt), "completion_tokens": 0, "total_tokens": len(job.prompt)}
+    shape = chat_choice if chat else completion_choice
+    if req.stream:
+        include_usage = (req.stream_options or {}).get("include_usage", False)
+        return StreamingResponse(sse(job, head, usage if include_usage else None, shape),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await collect(job, head, usage, request, shape)
 
 
 def make_app(engine, cfg, model_name):
@@ -364,32 +453,13 @@ def make_app(engine, cfg, model_name):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        try:
-            body = await read_body(request, body_limit(cfg))
-        except ClientDisconnect:  # the client left, or was too slow and RequestDeadline closed its connection
-            return error(400, "the request body did not arrive whole")  # (sent nowhere: the connection is gone)
-        if body is None:
-            return error(413, f"the request body is larger than this server's limit of {body_limit(cfg):,} bytes")
-        req, problem = parse_request(body, cfg)
-        if problem is not None:
-            return problem
-        job, note = new_job(req, engine)
-        if not engine.submit(job):
-            return error(429, f"the server is busy ({cfg.queue_size} requests queued): try again later",
-                         kind="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"})
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name, **({"warning": note} if note else {})}
-        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": 0, "total_tokens": len(job.prompt)}
-        if req.stream:
-            include_usage = (req.stream_options or {}).get("include_usage", False)
-            return StreamingResponse(sse(job, head, usage if include_usage else None), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await collect(job, head, usage, request)
+        return await answer(request, CompletionRequest, engine, cfg, model_name)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions():  # clients try it first: say what is served instead of a bare 404
-        return error(404, "this server does completions only: POST /v1/completions with a prompt (the model is not "
-                          "a chat model; /v1/chat/completions is not served)")
+    async def chat_completions(request: Request):
+        if engine.chat is None:
+            return error(404, f"/v1/chat/completions is not served: {engine.no_chat}; POST /v1/completions instead")
+        return await answer(request, ChatRequest, engine, cfg, model_name)
 
     @app.get("/v1/models")
     async def models():
@@ -397,7 +467,7 @@ def make_app(engine, cfg, model_name):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "block_size": engine.model.config.block_size,
+        return {"status": "ok", "model": model_name, "block_size": engine.model.config.block_size, "chat": bool(engine.chat),
                 "pending": engine.pending, **engine.stats,
                 "limits": {k: getattr(cfg, k) for k in ("max_tokens", "max_n", "max_prompt_chars", "queue_size")}}
 

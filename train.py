@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
+from smallgpt.chat import ChatTokens, ConversationRows
 from smallgpt.checkpoint import (code_version, find_checkpoint, load_checkpoint, lock_run_dir, model_from_checkpoint,
                                  remove_stale_temporaries, save_checkpoint)
 from smallgpt.condensation import condensation_metrics
@@ -295,11 +296,16 @@ def plan_vocab(data_dir):
         return GPT2_EOT + len(SPECIAL_TOKENS)
 
 
-def batch_ids(cfg, eot_token, data_vocab):
+def batch_ids(cfg, eot_token, data_vocab, chat=None):
     """The ids a batch may hold (a batch holding another stops with one line). The model needs a row for every id
-    of text; one made from HF GPT-2 has 50,257, none for the reserved chat tokens, and still trains on text."""
+    of text; one made from HF GPT-2 has 50,257, none for the reserved chat tokens, and still trains on text.
+    Conversations (chat: ChatTokens) hold the chat markers: the model needs their rows too."""
     if eot_token >= cfg.vocab_size:
         raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the data's vocabulary ({data_vocab})")
+    if chat is not None and chat.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"vocab_size {cfg.vocab_size} has no rows for the chat markers (ids up to "
+                          f"{chat.vocab_size - 1}): fine-tune a model with the padded vocabulary (train.py's models "
+                          f"have it; HF GPT-2 has 50,257 rows)")
     return min(data_vocab, cfg.vocab_size)
 
 
@@ -402,11 +408,19 @@ class Evaluator:
     """Mean CE over fixed validation windows (spread over ranks), bits per byte, HellaSwag (every
     hellaswag_interval) and the condensation scores."""
 
-    def __init__(self, cfg, val_tokens, data_ids, rt, tokenizer):
-        """data_ids: a batch holding an id >= data_ids stops with one line; tokenizer: the data's record."""
+    def __init__(self, cfg, val_tokens, data_ids, rt, tokenizer, chat=None):
+        """data_ids: a batch holding an id >= data_ids stops with one line; tokenizer: the data's record; chat
+        (sft=True): the chat template's tokens."""
         self.cfg, self.tokens, self.rt, self.vocab_size = cfg, val_tokens, rt, data_ids
-        # the same windows every time: evaluations compare
-        self.starts = fixed_windows(val_tokens, cfg.eval_iters * cfg.batch_size, cfg.block_size)
+        # the same windows (sft: conversations, loss on the assistant's tokens) every time: evaluations compare
+        n, bs = cfg.eval_iters * cfg.batch_size, cfg.batch_size
+        if chat is not None:
+            rows = ConversationRows(val_tokens, cfg.block_size, cfg.seed, chat)
+            fixed = rows.fixed(n)
+            self.batch = lambda b: rows.rows(fixed[b * bs:(b + 1) * bs])
+        else:
+            starts = fixed_windows(val_tokens, n, cfg.block_size)
+            self.batch = lambda b: stack_windows(val_tokens, starts[b * bs:(b + 1) * bs], cfg.block_size, data_ids)
         self.cond_len = min(512, cfg.block_size)  # the paper measures condensation on 512-token sequences
         self.cond_starts = fixed_windows(val_tokens, cfg.condensation_seqs, self.cond_len) if cfg.condensation_seqs else []
         enc = get_tokenizer(tokenizer)  # bits per byte count each target token's bytes; HellaSwag encodes text
@@ -422,8 +436,7 @@ class Evaluator:
         # float64: sums over millions of targets keep their digits
         total = torch.zeros(4, device=rt.device, dtype=torch.float64)
         for b in range(rt.rank, cfg.eval_iters, rt.world):  # each rank takes every world-th batch; all_reduce sums them
-            x, y = stack_windows(self.tokens, self.starts[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.block_size,
-                                 self.vocab_size)
+            x, y = self.batch(b)
             x, y = to_device(x, rt.device), to_device(y, rt.device)  # pinned and non-blocking on CUDA
             with autocast(rt.device, rt.dtype):  # one forward: per-target CE, summed two ways
                 total += loss_sums(model(x, y, per_token=True)[1]["ce_tokens"], y, self.token_bytes)
@@ -443,6 +456,33 @@ class Evaluator:
             with autocast(rt.device, rt.dtype):
                 result.update(condensation_metrics(raw_model, to_device(x, rt.device)))
         return result
+
+
+def conversation_data(cfg, meta, tok):
+    """With sft=True: the chat template's tokens (ChatTokens of the data's tokenizer tok), checked against the ids
+    the data was rendered with; None for plain text. Conversation data without sft would train on every token:
+    refused."""
+    if not cfg.sft:
+        if "chat" in meta:
+            raise ConfigError(f"{cfg.data_dir} holds conversations: fine-tune on them with sft=True (docs/chat.md)")
+        return None
+    if "chat" not in meta:
+        raise ConfigError(f"sft=True needs conversations from data/chat/prepare.py; {cfg.data_dir} holds plain text")
+    chat = ChatTokens(tok.enc)
+    if meta["chat"].get("special_tokens") != chat.ids:
+        raise DataError(f"{cfg.data_dir} was rendered with other chat token ids than this tokenizer's: prepare it again")
+    return chat
+
+
+def training_order(cfg, rt, data_ids, train_tokens, chat):
+    """The training batches in a seeded order without replacement: windows of the token stream, each once per epoch;
+    with chat (sft=True), conversations, one a row, the loss on the assistant's tokens."""
+    if chat is None:
+        return TrainWindows(train_tokens, cfg.block_size, cfg.seed, data_ids)
+    rows = ConversationRows(train_tokens, cfg.block_size, cfg.seed, chat)
+    rt.log(f"sft: {rows.count:,} train conversations, {rows.too_long:,} of them longer than block_size + 1 (cut "
+           f"there); the loss on the assistant's tokens only")
+    return rows
 
 
 def compile_model(cfg, rt, raw_model):
@@ -516,6 +556,7 @@ def main(argv):
     val_tokens, _ = open_split(cfg.data_dir, "val")
     lock = claim_out_dir(cfg, rt)  # held while this process lives
     tok = open_tokenizer(cfg.data_dir)  # its record goes into every checkpoint; a resumed or init_from one must match
+    chat = conversation_data(cfg, meta, tok)  # sft=True: the chat template's tokens (and conversations, no text)
     cfg = with_vocab_size(cfg, meta["vocab_size"])  # 0 = the data's tokenizer, padded to a multiple of 64
 
     # --- model, optimizer, and the state of a resumed run
@@ -526,7 +567,7 @@ def main(argv):
     cfg = source_architecture(cfg, raw_model, rt)
     cfg = choose_batch_size(cfg, raw_model, rt, ckpt["config"] if ckpt is not None else None)  # batch_size='auto'
     rt.accum = cfg.gradient_accumulation_steps // rt.world
-    data_ids = batch_ids(cfg, tok.enc.eot_token, meta["vocab_size"])
+    data_ids = batch_ids(cfg, tok.enc.eot_token, meta["vocab_size"], chat)
     optimizer = configure_optimizer(raw_model, cfg, rt.device_type, rt.dtype)  # AdamW, or Muon + AdamW
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # a no-op unless float16
     progress = restore(ckpt, optimizer, scaler, rt) if ckpt is not None else Progress()
@@ -540,9 +581,8 @@ def main(argv):
     run = Run(cfg, rt, raw_model, model, optimizer, scaler, progress, tok.record)
 
     # --- what the loop reads and writes
-    # a seeded permutation: each window once per epoch
-    windows = TrainWindows(train_tokens, cfg.block_size, cfg.seed, data_ids)
-    evaluate = Evaluator(cfg, val_tokens, data_ids, rt, tok.record)  # reads (or downloads) HellaSwag before the first step
+    windows = training_order(cfg, rt, data_ids, train_tokens, chat)
+    evaluate = Evaluator(cfg, val_tokens, data_ids, rt, tok.record, chat)  # reads (or downloads) HellaSwag first
     flops_peak = peak_flops(rt.device, cfg.peak_flops)  # None when unknown: no MFU then
     if rt.master and not cfg.eval_only:  # eval_only prints its result and writes nothing
         os.makedirs(cfg.out_dir, exist_ok=True)

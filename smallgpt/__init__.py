@@ -11,6 +11,7 @@ torch, so it remains the one file to copy elsewhere. The modules sit in layers, 
     sources.py       prepare.py's inputs: parquet, jsonl(.gz), txt, folders, hf: (HfFileSystem) and http(s) files
     tokenizer.py     the tokenizer: GPT-2's or a trained BPE (tokenizer.json) as one tiktoken interface, its records
     tokens.py        training and validation windows of a token stream (numpy only)
+    chat.py          the chat format: conversations checked, rendered to ids, the assistant mask, SFT rows
     metrics.py       metrics.jsonl: its writer (MetricsLog, with wandb) and its one reader
     monitor.py       what a run watches: ETA clock, loss and gradient-norm spikes, GPU memory, the compile probe
     condensation.py  the dispersion paper's condensation statistics, logged at every evaluation
@@ -22,6 +23,6 @@ torch, so it remains the one file to copy elsewhere. The modules sit in layers, 
     checkpoint.py    atomic checkpoint writing, the one checkpoint loader, the run directory's lock, the code
                      version each run records
     --
-    generation.py    what sample.py and serve.py share: the model for inference, prompts, seeded samples
+    generation.py    what sample.py and serve.py share: the model for inference, prompts, seeded samples, chat replies
     plan.py          will it fit, how long will it take: memory by category, the largest micro-batch, step times
 """

@@ -27,6 +27,7 @@ class TrainConfig(GPTConfig):
     data_dir: str = "data/fineweb"  # token data written by data/fineweb/prepare.py (manifest.json and its shards)
     dataset: str = ""  # nanoGPT compatibility: when set, data_dir becomes data/<dataset>
     init_from: str = "scratch"  # 'scratch' | 'resume' (from out_dir/last.pt) | a checkpoint path | 'gpt2'...'gpt2-xl'
+    sft: bool = False  # fine-tune on conversations (data_dir from data/chat/prepare.py): loss on the assistant's tokens only
     # --- evaluation, logging, checkpoints
     eval_interval: int = 250  # iterations between evaluations (and checkpoints); the last iteration is always one
     eval_iters: int = 50  # validation micro-batches per evaluation, always the same held-out windows

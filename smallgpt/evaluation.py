@@ -37,12 +37,13 @@ def bits_per_byte(nats, n_bytes):
 
 
 def loss_sums(losses, targets, token_bytes):
-    """The CE of every target (any shape, as targets) -> float64 sums [nats of all targets, number of targets,
-    nats of byte-carrying targets, their bytes]: val loss = [0] / [1], bits per byte from [2] and [3]."""
-    losses = losses.flatten().double()
-    n_bytes = token_bytes.to(targets.device)[targets.flatten()]
-    return torch.stack([losses.sum(), torch.tensor(float(losses.numel()), dtype=torch.float64, device=losses.device),
-                        losses[n_bytes > 0].sum(), n_bytes.sum().double()])
+    """The CE of every target (any shape, as targets) -> float64 sums [nats of all targets, number of targets (-1,
+    ignored, not counted), nats of byte-carrying targets, their bytes]: val loss = [0] / [1], bits per byte from
+    [2] and [3]."""
+    losses, targets = losses.flatten().double(), targets.flatten()
+    counted = targets != -1  # -1: an ignored target (SFT's non-assistant tokens), which has a loss of 0
+    n_bytes = token_bytes.to(targets.device)[targets.clamp(min=0)] * counted
+    return torch.stack([losses.sum(), counted.sum().double(), losses[n_bytes > 0].sum(), n_bytes.sum().double()])
 
 
 # -----------------------------------------------------------------------------

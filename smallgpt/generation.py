@@ -1,15 +1,16 @@
 """
 Generation from a checkpoint, shared by sample.py (the terminal) and serve.py (the HTTP server), so that the same
 seed and settings give the same text in both: loading the model, the prompt (cropped to the context), the batch of
-seeded samples, and decoding tokens to whole characters as they arrive. The sampling itself (KV cache, temperature,
-top-k, top-p) is GPT.generate and sample_token in model.py.
+seeded samples, decoding tokens to whole characters as they arrive, and a chat model's reply (chat.py's template).
+The sampling itself (KV cache, temperature, top-k, top-p) is GPT.generate and sample_token in model.py.
 """
 import codecs
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .chat import ChatTokens
 from .checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from .device import select_device, select_dtype
 from .errors import DataError
@@ -113,3 +114,38 @@ def generate_samples(model, prompt, cfg, vocab_limit, stop=None, on_token=None):
         if i == 0 and on_token is not None:
             on_token(token)
     return samples, n_tokens
+
+
+def chat_tokens(model, enc):
+    """The chat template's ids for talking to model (ChatTokens); one line when its vocabulary lacks the markers."""
+    chat = ChatTokens(enc)
+    if model.config.vocab_size < chat.vocab_size:
+        raise DataError(f"this model's vocabulary ({model.config.vocab_size} tokens) lacks the chat markers (ids up to "
+                        f"{chat.vocab_size - 1}): chat with a model fine-tuned by train.py with sft=True (docs/chat.md)")
+    return chat
+
+
+def chat_reply(model, chat, messages, cfg, room=None):
+    """Yield the tokens of the assistant's next reply to messages (checked), one sample (cfg.num_samples is
+    ignored). The oldest turns are dropped when the conversation leaves less than `room` tokens of the context for
+    the reply (default: max_new_tokens, at most half the context). The last token yielded is in chat.stops when the
+    reply ended (its turn end, or any other special token), else the reply ran out of max_new_tokens."""
+    room = min(cfg.max_new_tokens, model.config.block_size // 2) if room is None else room
+    prompt = chat.prompt(messages, model.config.block_size, room)
+    # vocab_limit: the chat markers sit beyond the text tokens (chat.py); generation stops at any of them
+    for _, token in stream_tokens(model, prompt, replace(cfg, num_samples=1), chat.vocab_size, chat.end["assistant"]):
+        yield token
+        if token in chat.stops:
+            return
+
+
+def reply_scores(model, chat, conversations, cfg):
+    """Greedy replies to each conversation's messages before its last (an assistant turn): the share that equal
+    that turn exactly and end at the turn end, and the share that end at the turn end at all."""
+    exact = ended = 0
+    for messages in conversations:
+        tokens = list(chat_reply(model, chat, messages[:-1], replace(cfg, temperature=0.0)))
+        finished = bool(tokens) and tokens[-1] == chat.end["assistant"]
+        ended += finished
+        exact += finished and chat.enc.decode(tokens[:-1]) == messages[-1]["content"]
+    return exact / len(conversations), ended / len(conversations)

@@ -9,6 +9,7 @@ Shared test set-up. Everything runs on CPU with tiny models and the real data in
   what needs the GPT-2 tokenizer when tiktoken can neither find nor download it and GPT2_TIKTOKEN_FILE is
   unset (the enc fixture, or @needs_tokenizer on tests that only run scripts which tokenize).
 """
+import contextlib
 import sys
 from pathlib import Path
 
@@ -110,3 +111,53 @@ def run_with_fault(fault, script, *args, env=None, timeout=600):
     environ = {k: v for k, v in environ.items() if v is not None}
     return subprocess.run([sys.executable, "-c", code, str(REPO / script), *map(str, args)], cwd=REPO, env=environ,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def serve_process(*flags, log):
+    """serve.py started as a user starts it (flags: its --key=value options) on a free port of 127.0.0.1, its output
+    into the file log: yields (process, port) once /health answers; terminated at the end (if still running)."""
+    import http.client
+    import socket
+    import subprocess
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), *flags, f"--port={port}"], cwd=REPO, stdout=f,
+                                stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while True:
+        try:
+            http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/health")
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"serve.py did not start:\n{Path(log).read_text()}")
+            time.sleep(0.2)
+    try:
+        yield proc, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def chromium_page(width=1000, height=720):
+    """A page of the system's Chromium, headless, driven by Playwright: yields (expect, page); skips without them."""
+    import shutil
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no system chromium (Debian: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            yield sync_api.expect, browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()

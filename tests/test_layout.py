@@ -17,15 +17,15 @@ SCRIPTS = {"train", "sample", "serve", "eval", "export", "plot", "ablate", "cond
 # model.py, at the root, counts as layer 1: it imports torch only
 LAYERS = [
     {"errors"},  # one-line user errors: standard library only
-    {"flags", "shards", "sources", "tokens", "metrics", "monitor", "condensation", "evaluation", "device"},
-    # the flag dialect / the token data directory / prepare.py's inputs / token windows / metrics.jsonl /
-    # watching a run / the condensation statistics / bits per byte and HellaSwag / device and precision
+    {"flags", "shards", "sources", "tokens", "chat", "metrics", "monitor", "condensation", "evaluation", "device"},
+    # the flag dialect / the token data directory / prepare.py's inputs / token windows / the chat format /
+    # metrics.jsonl / watching a run / the condensation statistics / bits per byte and HellaSwag / device and precision
     {"config", "optim", "checkpoint", "tokenizer"},  # the training keys / the optimizer / checkpoint files (these
     # read model.py) / the tokenizer (of a data directory: reads shards.py)
     {"generation", "plan"},  # what sample.py and serve.py share / the memory and time planner (reads optim's groups)
 ]
 MAX_FUNCTION_LINES = 60
-PATH_SURGERY_ALLOWED = {"data/fineweb/prepare.py"}  # documented as `python data/fineweb/prepare.py`
+PATH_SURGERY_ALLOWED = {"data/fineweb/prepare.py", "data/chat/prepare.py"}  # documented as `python data/.../prepare.py`
 
 
 def python_files():

@@ -41,11 +41,13 @@ def python_invocations(command):
     return None
 
 
-def load_prepare():
-    spec = importlib.util.spec_from_file_location("prepare_for_docs", REPO / "data/fineweb/prepare.py")
+def load_script(path):
+    """A script that runs as a file (data/*/prepare.py), imported under another name: its main does not run."""
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3] + "_for_docs", REPO / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
 
 
 def check_arguments(script, args):
@@ -58,7 +60,10 @@ def check_arguments(script, args):
         import sample
         sample.validate(parse_args(sample.SampleConfig, args))
     elif script == "data/fineweb/prepare.py":
-        load_prepare().parse_args(args)
+        load_script("data/fineweb/prepare.py").parse_args(args)
+    elif script == "data/chat/prepare.py":
+        chat_prepare = load_script("data/chat/prepare.py")
+        parse_args(chat_prepare.ChatPrepareConfig, args, positional="inputs")
     elif script == "plot.py":
         import plot
         plot.options(args)
