@@ -12,7 +12,7 @@ import ast
 
 from conftest import REPO
 
-SCRIPTS = {"train", "sample", "serve", "eval", "export", "plot", "ablate", "condensation"}  # what a user runs
+SCRIPTS = {"train", "sample", "serve", "eval", "export", "plot", "ablate", "condensation", "consolidate"}  # what a user runs
 # each package module may import only modules of lower layers (the standard library and third-party packages aside);
 # model.py, at the root, counts as layer 1: it imports torch only
 LAYERS = [
@@ -21,7 +21,9 @@ LAYERS = [
     # dialect / the token data directory / prepare.py's inputs / the tokenizer and windows / metrics.jsonl /
     # watching a run / the condensation statistics / bits per byte and HellaSwag / device and precision
     {"config", "optim", "checkpoint"},  # the training keys / the optimizer / checkpoint files (all read model.py)
-    {"generation", "plan"},  # what sample.py and serve.py share / the memory and time planner (reads optim's groups)
+    # what sample.py and serve.py share / the memory and time planner (reads optim's groups) / FSDP: sharding,
+    # sharded checkpoints
+    {"generation", "plan", "parallel"},
 ]
 MAX_FUNCTION_LINES = 60
 PATH_SURGERY_ALLOWED = {"data/fineweb/prepare.py"}  # documented as `python data/fineweb/prepare.py`
