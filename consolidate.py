@@ -8,7 +8,7 @@ what sample.py, serve.py, eval.py and export.py read, and what one process or DD
 
 train.py does this itself at the end of an FSDP run (last.pt, best.pt); this command serves every other sharded
 checkpoint: a run that is still going or was stopped, the WSD run's stable one. One process, no GPU and no
-torchrun: the whole model and its optimizer state pass through CPU memory (for the 1B config, ~13 GB).
+torchrun: the whole model and its optimizer state pass through CPU memory (for the 1.2B config, ~15 GB).
 """
 import os
 from dataclasses import dataclass

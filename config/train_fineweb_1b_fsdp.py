@@ -1,27 +1,29 @@
-# A 1.0B model for 2 to 8 GPUs of 12 GB with FSDP: too big for DDP, which keeps a whole copy per card. Run it as
+# A 1.2B model for 2 to 8 GPUs of 12 GB with FSDP: too big for DDP, which keeps a whole copy per card. Run it as
 #   torchrun --standalone --nproc_per_node=4 train.py config/train_fineweb_1b_fsdp.py      (2, 4 or 8 GPUs)
 # The modern block with grouped-query attention (a Qwen3 architecture: exports to Qwen3ForCausalLM), Muon.
-# 20 layers x 2048 wide, 16 query heads of 128 sharing 4 key/value heads, SwiGLU hidden 5632 (~2.75 x 2048).
-# 1004.9M parameters: 901.9M in the blocks + 103.0M in the tied embedding (tests/test_fsdp.py counts them).
+# 24 layers x 2048 wide, 16 query heads of 128 sharing 4 key/value heads, SwiGLU hidden 5632 (2.75 x 2048).
+# 1185.3M parameters: 1082.2M in the blocks + 103.0M in the tied embedding (tests/test_fsdp.py counts them).
 #
 # Memory, by arithmetic (not measured: no multi-GPU machine has run it yet; the planner issue will give measured
-# numbers). Training state: float32 weights 4.0 GB + float32 gradients 4.0 GB + Muon's momentum on the block
-# matrices 3.6 GB + AdamW's two moments on the embedding 0.8 GB = 12.5 GB (11.6 GiB).
-# - DDP holds all of it on every card: more than a 12 GB card has before the first activation.
-# - FSDP holds 1/N of it: 5.8 GiB per card on 2 GPUs, 2.9 on 4, 1.5 on 8; plus, for a moment, the bf16 weights
-#   of the units being computed (the embedding unit 0.2 GiB, a block 0.08 GiB) and the embedding's float32
-#   gradient (0.4 GiB); plus activations: with activation checkpointing ~80 MiB per sequence for the 20 saved
-#   block inputs (bf16), ~0.1 GiB per sequence for the one block recomputed in backward and 0.2 GiB for a chunk
-#   of the loss's logits: ~1.7 GiB at micro-batch 8. On 2 cards: ~8.5 GiB, within 12.
+# numbers). Training state: float32 weights 4.7 GB + float32 gradients 4.7 GB + Muon's momentum on the block
+# matrices 4.3 GB + AdamW's two moments on the embedding 0.8 GB = 14.6 GB (13.6 GiB; tests/test_fsdp.py adds it up).
+# - DDP holds all of it on every card (and by default a second copy of the gradients in its buckets): more than a
+#   12 GB card (12 GiB) has before the first activation.
+# - FSDP holds 1/N of it: 6.8 GiB per card on 2 GPUs, 3.4 on 4, 1.7 on 8; plus, for a moment, the bf16 weights
+#   of the units being computed (the embedding unit 0.2 GiB, a block 0.08 GiB), the embedding's float32 gradient
+#   (0.4 GiB) and a block's gradients before their reduce-scatter (0.2 GiB); plus activations: with activation
+#   checkpointing ~96 MiB per sequence for the 24 saved block inputs (bf16), ~0.1 GiB per sequence for the one
+#   block recomputed in backward and 0.2 GiB for a chunk of the loss's logits: ~1.8 GiB at micro-batch 8.
+#   On 2 cards: ~9.5 GiB and the CUDA context, within 12.
 # - fsdp_sync_every_micro_batch: reduce-scatter after each micro-batch. Otherwise every card would keep a whole
-#   float32 gradient (3.7 GiB) between micro-batches, and 2 cards would no longer suffice.
+#   float32 gradient (4.4 GiB) between micro-batches, and 2 cards would no longer suffice.
 # Micro-batch 8 is an estimate from the arithmetic above; on the GPUs, check it with a short run first.
 out_dir = "out/fineweb-1b-fsdp"
 data_dir = "data/fineweb"
 parallel = "fsdp"
 fsdp_sync_every_micro_batch = True
 activation_checkpointing = True
-n_layer = 20
+n_layer = 24
 n_head = 16
 n_kv_head = 4
 n_embd = 2048
@@ -37,12 +39,12 @@ tie_embeddings = True
 batch_size = 8
 gradient_accumulation_steps = 64  # 8 batch * 1024 tokens * 64 accum = 524,288 tokens per step (over all GPUs:
 # 32 micro-batches per GPU on 2, 8 on 8)
-max_iters = 19073  # 10B tokens: one pass over FineWeb's sample/10BT (10 tokens per parameter, half Chinchilla's 20)
+max_iters = 19073  # 10B tokens: one pass over FineWeb's sample/10BT (8 tokens per parameter; Chinchilla's is 20)
 learning_rate = 3e-4  # the gains' lr and the schedule's peak; half the 124M run's (larger models take smaller)
 warmup_iters = 715
 lr_decay_iters = 19073
 min_lr = 3e-5
-eval_interval = 500  # each evaluation also writes the sharded last checkpoint (~12.5 GB)
+eval_interval = 500  # each evaluation also writes the sharded last checkpoint (~14.6 GB)
 eval_iters = 96  # 96 x 8 x 1024 = 786,432 validation tokens
 # Optimizer: Muon on the block matrices, AdamW on the tied embedding and the gains (docs/muon.md), with the
 # 124M modern run's settings: modded-nanogpt's values at 124M, untuned at 1B (an estimate, not a measurement).

@@ -29,7 +29,9 @@ from conftest import REPO, run_script
 from test_ddp import ARGS, evals, losses
 
 from smallgpt.checkpoint import SHARDED_DIR, find_checkpoint, load_checkpoint
+from smallgpt.config import load_train_config, model_args
 from smallgpt.errors import DataError
+from smallgpt.optim import split_parameters
 from smallgpt.parallel import consolidate, full_parameters, read_sharded, unused_name
 from model import GPT, GPTConfig
 
@@ -243,3 +245,20 @@ def test_without_sharded_checkpoints(tmp_path):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=16))
     with full_parameters(model):  # a model that is not sharded: nothing happens
         assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+
+
+def test_the_fsdp_config_needs_fsdp_on_12_gb_cards():
+    """config/train_fineweb_1b_fsdp.py: the parameters and the training-state arithmetic its comments give (float32
+    weights and gradients, Muon's momentum on the block matrices, AdamW's two moments on the rest)."""
+    cfg = load_train_config(["config/train_fineweb_1b_fsdp.py"])
+    assert cfg.parallel == "fsdp" and cfg.fsdp_sync_every_micro_batch and cfg.n_head % cfg.n_kv_head == 0
+    assert all(cfg.gradient_accumulation_steps % gpus == 0 for gpus in (2, 4, 8))
+    with torch.device("meta"):  # shapes only
+        model = GPT(GPTConfig(**model_args(cfg)))
+    params = sum(p.numel() for p in model.parameters())
+    assert round(params / 1e6, 1) == 1185.3
+    muon = sum(p.numel() for _, p in split_parameters(model)["muon"])
+    state = 4 * params + 4 * params + 4 * muon + 8 * (params - muon)  # bytes
+    assert round(state / 1e9, 1) == 14.6 and state / 2 ** 30 > 12  # more than a 12 GB card, before activations
+    assert round(state / 2 / 2 ** 30, 1) == 6.8 and round(state / 8 / 2 ** 30, 1) == 1.7  # per card on 2 and 8
+
