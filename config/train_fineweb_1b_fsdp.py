@@ -47,11 +47,6 @@ min_lr = 3e-5
 eval_interval = 500  # each evaluation also writes the sharded last checkpoint (~14.6 GB)
 eval_iters = 96  # 96 x 8 x 1024 = 786,432 validation tokens
 # Optimizer: Muon on the block matrices, AdamW on the tied embedding and the gains (docs/muon.md), with the
-# 124M modern run's settings: modded-nanogpt's values at 124M, untuned at 1B (an estimate, not a measurement).
+# defaults (muon_lr 0.02, momentum 0.85 -> 0.95 over 300 steps, adam_embed_lr 3.6e-3): modded-nanogpt's values at
+# 124M, as the 124M modern run uses them; untuned at 1.2B (an estimate, not a measurement).
 optimizer = "muon"
-muon_lr = 0.02
-muon_momentum = 0.95
-muon_momentum_start = 0.85
-muon_momentum_warmup = 300
-muon_weight_decay = 0.0
-adam_embed_lr = 3.6e-3
