@@ -109,6 +109,32 @@ def test_fsdp_matches_one_process(single, sharded):
 
 
 @pytest.mark.slow
+def test_reduce_scatter_after_every_micro_batch_is_the_same_run(tmp_path, token_dir, single):
+    """fsdp_sync_every_micro_batch (the 1.2B config's): the gradients of each micro-batch are reduce-scattered and
+    summed as shards, not whole: the same run within the tolerances (measured: losses 2e-7, weights 6e-6)."""
+    out = tmp_path / "every"
+    torchrun(*FSDP, f"--data_dir={token_dir}", f"--out_dir={out}", "--max_iters=8", "--fsdp_sync_every_micro_batch=True")
+    assert_same_run(single, out)
+
+
+@pytest.mark.slow
+def test_bfloat16_gathers_bf16_weights_and_reduces_in_float32(tmp_path, token_dir):
+    """dtype=bfloat16: FSDP's MixedPrecisionPolicy (bf16 weights gathered, float32 gradient reduction, float32
+    master weights) against one process's bf16 autocast. Not the same arithmetic: under the policy the residual
+    stream between blocks is bf16 too (docs/training.md). Measured over 8 steps: losses 7e-5 relative apart,
+    weights 8e-3; allowed: 5e-4 relative for the losses (a wrong gradient reduction is a wrong step: percents)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("train.py", *FSDP, f"--data_dir={token_dir}", f"--out_dir={one}", "--max_iters=8", "--dtype=bfloat16")
+    result = torchrun(*FSDP, f"--data_dir={token_dir}", f"--out_dir={two}", "--max_iters=8", "--dtype=bfloat16")
+    assert "dtype bfloat16, 2 process(es) (FSDP" in result.stdout
+    (train_one, val_one), (train_two, val_two) = losses(one), losses(two)
+    assert len(train_two) == 8 and train_two == pytest.approx(train_one, rel=5e-4)
+    assert val_two == pytest.approx(val_one, rel=5e-4)
+    master = load_checkpoint(str(two / "last.pt"))["model"]
+    assert all(t.dtype == torch.float32 for t in master.values())  # the master weights stay float32
+
+
+@pytest.mark.slow
 def test_modern_block_gqa_and_muon_match_one_process_and_export(tmp_path, token_dir):
     """Muon's Newton-Schulz on the whole matrices (FSDPMuon), the modern block, grouped-query attention; then the
     single-file checkpoint exports to a Llama with fewer key/value heads than query heads, logits checked."""
