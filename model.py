@@ -27,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 MULTIPLIER_SUFFIX = "_mult"  # every learnable multiplier's parameter name ends with this
 DISPERSION_VARIANTS = ("angular_spread", "decorrelation", "l2_repel", "orthogonal")
 # the keys that define the weights' shapes and meaning: fixed for a checkpoint, unlike training-time options
-ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "bias", "gelu_approximate", "multipliers",
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "bias", "gelu_approximate",
+             "multipliers",
              "token_multipliers",
              "pos_emb", "rope_theta", "norm", "qk_norm", "mlp", "mlp_hidden", "tie_embeddings", "logit_softcap")
 KEY_CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"),
@@ -270,7 +271,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.n_kv_head, self.n_embd, self.dropout = config.n_head, config.kv_heads, config.n_embd, config.dropout
+        self.n_head, self.n_kv_head, self.n_embd = config.n_head, config.kv_heads, config.n_embd
+        self.dropout = config.dropout
         head_dim = config.n_embd // config.n_head
         kv_dim = self.n_kv_head * head_dim  # n_embd, or less with grouped-query attention
         # Q, K and V are three Linear layers (keys attn.c_q / c_k / c_v): Muon orthogonalises each matrix on its
@@ -312,7 +314,8 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0  # SDPA's dropout_p ignores eval(): switch it off here
         # grouped-query attention: query head h reads key/value head h // (nh / n_kv), as HF Llama's repeat_kv
         gqa = self.n_kv_head != self.n_head
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal, enable_gqa=gqa)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal,
+                                           enable_gqa=gqa)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again: (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 

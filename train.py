@@ -6,7 +6,7 @@ AdamW, gradient accumulation, exact resume, and the same script under torchrun f
     python train.py config/train_fineweb_40m.py --batch_size=8  # a config file plus overrides
     python train.py config/train_tiny.py --init_from=resume     # continue exactly where last.pt stopped
     torchrun --standalone --nproc_per_node=4 train.py config/train_fineweb.py
-    torchrun --standalone --nproc_per_node=4 train.py config/train_fineweb_1b_fsdp.py   # FSDP: a model too big for one card
+    torchrun --standalone --nproc_per_node=4 train.py config/train_fineweb_1b_fsdp.py  # FSDP: too big for one card
 
 Writes to out_dir: last.pt and best.pt (best val loss), metrics.jsonl, config.json, and with lr_schedule='wsd'
 stable.pt when the decay starts (extend a finished run from it: docs/monitoring.md). With parallel='fsdp' the

@@ -354,8 +354,9 @@ def part_fsdp(suite, table):
                   if suite.dtype != "float32" else "computes what the others compute"))
     gpus = torch.cuda.device_count() if suite.cuda else 1
     if gpus > 1:
-        table.note(f"{gpus} GPUs here: time DDP and FSDP across them with `torchrun --standalone --nproc_per_node={gpus} "
-                   f"train.py config/train_fineweb_40m.py --parallel=fsdp --max_iters=50` (and --parallel=ddp)")
+        table.note(f"{gpus} GPUs here: time DDP and FSDP across them with `torchrun --standalone "
+                   f"--nproc_per_node={gpus} train.py config/train_fineweb_40m.py --parallel=fsdp --max_iters=50` "
+                   f"(and --parallel=ddp)")
 
 
 def part_sample(suite, table):

@@ -1,7 +1,7 @@
 """
 What the scripts at the repository root share, one job per module. The scripts (train.py, sample.py, serve.py,
-eval.py, export.py, plot.py, ablate.py, condensation.py, consolidate.py) and model.py stay at the root; model.py imports only
-torch, so it remains the one file to copy elsewhere. The modules sit in layers, each importing only lower ones
+eval.py, export.py, plot.py, ablate.py, condensation.py, consolidate.py) and model.py stay at the root; model.py
+imports only torch, so it remains the one file to copy elsewhere. The modules sit in layers, each importing only lower ones
 (tests/test_layout.py checks it):
 
     errors.py        the user-mistake errors and run_main: one line on stderr, never a traceback

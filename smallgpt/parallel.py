@@ -115,7 +115,8 @@ def save_sharded(out_dir, names, model, optimizer, contents):
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
     if master:
         # the optimizer's own counter (MuonAdamW's momentum warm-up) is not in the torch optimizers' state
-        save_checkpoint({**contents, "optimizer_steps": getattr(optimizer, "steps", None)}, os.path.join(tmp, "state.pt"))
+        steps = getattr(optimizer, "steps", None)
+        save_checkpoint({**contents, "optimizer_steps": steps}, os.path.join(tmp, "state.pt"))
         name = unused_name(root, f"iter-{contents['iter_num']:06d}")
         os.replace(tmp, os.path.join(root, name))  # complete now: a directory rename is atomic
         for pointer in names:
@@ -189,7 +190,8 @@ def shard_optimizer_state(state, optimizer):
     """A single-file checkpoint's optimizer state (whole tensors) for an optimizer over FSDP's sharded parameters:
     every tensor shaped like its parameter becomes this rank's part of it, split as the parameter is (no
     communication: every rank read the file). Plain parameters (one process, DDP): unchanged."""
-    parts = zip((state["muon"], state["adamw"]), optimizer.optimizers) if isinstance(optimizer, MuonAdamW) else [(state, optimizer)]
+    muon_adamw = isinstance(optimizer, MuonAdamW)
+    parts = zip((state["muon"], state["adamw"]), optimizer.optimizers) if muon_adamw else [(state, optimizer)]
     for part, torch_optimizer in parts:
         params = [p for group in torch_optimizer.param_groups for p in group["params"]]  # torch numbers them so
         for i, tensors in part["state"].items():

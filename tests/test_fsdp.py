@@ -104,7 +104,8 @@ def test_fsdp_matches_one_process(single, sharded):
         assert '"mult/h1.qk_ratio"' in f.read()
     # sharded checkpoints while training, and at the end the single files of the usual kind
     assert sorted(os.listdir(full / SHARDED_DIR)) == ["best", "iter-000008", "last"]
-    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"} <= set(os.listdir(full / SHARDED_DIR / "iter-000008"))
+    files = set(os.listdir(full / SHARDED_DIR / "iter-000008"))
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"} <= files
     assert load_checkpoint(str(full / "best.pt"))["iter_num"] == 8
 
 
@@ -113,7 +114,8 @@ def test_reduce_scatter_after_every_micro_batch_is_the_same_run(tmp_path, token_
     """fsdp_sync_every_micro_batch (the 1.2B config's): the gradients of each micro-batch are reduce-scattered and
     summed as shards, not whole: the same run within the tolerances (measured: losses 2e-7, weights 6e-6)."""
     out = tmp_path / "every"
-    torchrun(*FSDP, f"--data_dir={token_dir}", f"--out_dir={out}", "--max_iters=8", "--fsdp_sync_every_micro_batch=True")
+    torchrun(*FSDP, f"--data_dir={token_dir}", f"--out_dir={out}", "--max_iters=8",
+             "--fsdp_sync_every_micro_batch=True")
     assert_same_run(single, out)
 
 
