@@ -16,8 +16,9 @@ tests/test_plan.py; `python -m bench.bench_plan` measures any config. They model
 usually saves less (unverified on a GPU), so on a GPU the figures are meant as an upper bound. Not modelled:
 dropout, the dispersion loss, learnable multipliers' activations (their parameters and state are counted).
 
-Notation of the formulas: N = B*T tokens of a micro-batch, C = n_embd, h = n_head, d = C/h, H = MLP hidden,
-V = vocab_size, L = n_layer, a = bytes of the compute dtype (2 under bf16/fp16 autocast, 4 in float32).
+Notation of the formulas: N = B*T tokens of a micro-batch, C = n_embd, h = n_head, d = C/h, K = the width of the
+keys and of the values (n_kv_head * d: C, or less with grouped-query attention), H = MLP hidden, V = vocab_size,
+L = n_layer, a = bytes of the compute dtype (2 under bf16/fp16 autocast, 4 in float32).
 """
 import math
 from dataclasses import dataclass, replace
@@ -93,6 +94,7 @@ class Dims:
     C: int
     h: int
     d: int
+    K: int  # keys' and values' width: grouped-query attention's n_kv_head heads of d
     H: int
     V: int
     L: int
@@ -109,7 +111,7 @@ class Dims:
     @classmethod
     def of(cls, cfg, dtype):
         C, h = cfg.n_embd, cfg.n_head
-        return cls(C, h, C // h, cfg.mlp_hidden or 4 * C, cfg.vocab_size, cfg.n_layer, cfg.block_size,
+        return cls(C, h, C // h, (cfg.n_kv_head or h) * (C // h), cfg.mlp_hidden or 4 * C, cfg.vocab_size, cfg.n_layer, cfg.block_size,
                    4 if dtype == "float32" else 2, cfg.norm == "layernorm", cfg.pos_emb == "rope", cfg.qk_norm,
                    cfg.mlp == "swiglu", cfg.tie_embeddings, cfg.activation_checkpointing, cfg.loss_chunk_size)
 
@@ -121,18 +123,21 @@ def norm_saved(D, N):
 
 def block_saved(D, N):
     """Bytes one block saves for backward, by term (no checkpointing)."""
-    C, H, a, bf16 = D.C, D.H, D.a, D.a == 2
+    C, K, H, a, bf16 = D.C, D.K, D.H, D.a, D.a == 2
     t = {"norms": 2 * norm_saved(D, N)}
     t["attn.input"] = a * N * C  # the normed input in the compute dtype, saved by the QKV matmul
-    t["attn.qkv_weight"] = a * 3 * C * C  # torch.cat of c_q, c_k, c_v (or its bf16 cast): not a leaf, not cached
-    t["attn.qkv"] = a * 3 * N * C  # q, k and v are views of one (N, 3C) product
+    # grouped-query attention: c_k and c_v are (K, C), K = C * n_kv_head / n_head
+    t["attn.qkv_weight"] = a * (C + 2 * K) * C  # torch.cat of c_q, c_k, c_v (or its bf16 cast): not a leaf, not cached
+    t["attn.qkv"] = a * N * (C + 2 * K)  # q, k and v are views of one (N, C + 2K) product
     if D.qk_norm:  # RMSNorm over head_dim of q and k: a float32 rstd per head and token (x is the product's view)
-        t["attn.qk_norm"] = 2 * 4 * D.h * N
+        t["attn.qk_norm"] = 4 * (C + K) // D.d * N
     if D.rope or D.qk_norm:  # the q and k that SDPA gets are new tensors, not views of the product
-        t["attn.q_k"] = a * 2 * N * C
+        t["attn.q_k"] = a * N * (C + K)
     if D.rope and bf16:  # cos and sin cast to bf16 in each of the two apply_rope calls
         t["attn.rope_casts"] = 8 * D.T * D.d
-    t["attn.sdpa"] = a * N * C + 4 * D.h * N  # its output (c_proj's input as it is) and logsumexp (float32)
+    # its output (c_proj's input as it is) and logsumexp (float32); grouped-query attention's shared k and v are
+    # read in place, not repeated per query head (enable_gqa; measured on CPU)
+    t["attn.sdpa"] = a * N * C + 4 * D.h * N
     if bf16:
         t["attn.proj_weight"] = 2 * C * C  # autocast's cached bf16 copy of c_proj.weight
     t["mlp.input"] = a * N * C
@@ -296,7 +301,8 @@ def planned_batch(cfg, budget):
 def describe_model(cfg):
     block = "modern block" if cfg.pos_emb == "rope" or cfg.norm == "rmsnorm" or cfg.mlp == "swiglu" else "GPT-2 block"
     switches = f"{cfg.pos_emb} positions, {cfg.norm}{', QK-norm' if cfg.qk_norm else ''}, {cfg.mlp} MLP"
-    return (f"{cfg.n_layer} layers x {cfg.n_embd} ({cfg.n_head} heads), block {cfg.block_size}, vocab {cfg.vocab_size}; "
+    kv = f", {cfg.n_kv_head} key/value heads" if cfg.n_kv_head not in (0, cfg.n_head) else ""
+    return (f"{cfg.n_layer} layers x {cfg.n_embd} ({cfg.n_head} heads{kv}), block {cfg.block_size}, vocab {cfg.vocab_size}; "
             f"{block} ({switches}), {'tied' if cfg.tie_embeddings else 'untied'} head")
 
 
