@@ -77,7 +77,7 @@ DRY_RUN_MAX_BATCH, DRY_RUN_SMOKE_STEPS, DRY_RUN_NEW_TOKENS = 4, 40, 8
 
 @dataclass
 class SuiteConfig:
-    parts: str = "all"  # all, or some of: smoke,fit_124m,fit_40m,plan,loss_memory,overheads,sample,muon,fit_*_modern,fsdp
+    parts: str = "all"  # all or some: smoke,fit_124m,fit_40m,plan,loss_memory,overheads,sample,muon,fit_*_modern,fsdp
     dry_run: bool = False  # tiny models, few steps: every part's code path in about a minute (on the CPU by default)
     device: str = "auto"  # 'auto' (cuda if present; the CPU in a dry run) | 'cpu' | 'cuda' | 'cuda:1'
     max_memory_gb: float = 12.0  # the fit parts' cap on this process's GPU memory: an RTX 4070 has 12 GiB
