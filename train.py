@@ -553,7 +553,7 @@ def main(argv):
         return
     rt = setup_runtime(cfg)
     if rt.master and rt.device_type == "cuda":  # before we allocate: does another process hold part of the card?
-        print("\n".join(gpu_report(rt.device) + [plan_summary(cfg)]))
+        print("\n".join(gpu_report(rt.device) + [plan_summary(cfg, rt.world)]))
     train_tokens, meta = open_split(cfg.data_dir, "train")  # opened first: a wrong data_dir fails before any model
     val_tokens, _ = open_split(cfg.data_dir, "val")
     lock = claim_out_dir(cfg, rt)  # held while this process lives

@@ -127,6 +127,9 @@ def validate(config):
     if config.hellaswag_interval % config.eval_interval:
         raise ConfigError(f"hellaswag_interval ({config.hellaswag_interval}) must be a multiple of eval_interval "
                           f"({config.eval_interval}): HellaSwag runs with an evaluation")
+    if config.batch_size == "auto" and config.parallel == "fsdp":
+        raise ConfigError("batch_size='auto' tries a whole model on one GPU, not FSDP's shards: set batch_size with "
+                          "parallel=fsdp (--plan shows what each card needs)")
     if config.seed >= 2 ** 63:
         raise ConfigError(f"seed must be below 2**63, not {config.seed}")
     if config.dataset:
