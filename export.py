@@ -13,8 +13,9 @@ multipliers is untied to take them) and the padded vocabulary (50304) is cut bac
 GPT-2 architecture becomes a GPT2LMHeadModel: Linear weights transposed into HF's Conv1D layout, missing biases
 (bias=False) as zeros, the GELU declared as trained (exact 'gelu' or tanh 'gelu_new'), the head tied as
 trained, block_size as n_positions. The modern block (RoPE, RMSNorm, SwiGLU) becomes a
-LlamaForCausalLM, or a Qwen3ForCausalLM with QK-norm. Switches that no stock class has (logit soft-cap, ReLU^2,
-GPT-2 and modern parts mixed) stop with one line naming the switch. With --check (on by default) the directory
+LlamaForCausalLM, or a Qwen3ForCausalLM with QK-norm; n_kv_head becomes num_key_value_heads. Switches that no
+stock class has (logit soft-cap, ReLU^2, GPT-2 and modern parts mixed, grouped-query attention with learned
+positions) stop with one line naming the switch. With --check (on by default) the directory
 is loaded back with transformers and its logits are compared with the checkpoint's; a mismatch fails.
 GPT-2's tokenizer files are made from tiktoken's GPT-2 encoding alone (GPT2_TIKTOKEN_FILE offline), the one file
 training needs; a trained tokenizer's tokenizer.json is the checkpoint's, byte for byte. Everything is written into OUT.partial and moved to OUT only after the check passed: a kill or
@@ -71,6 +72,9 @@ def hf_architecture(cfg):
             if getattr(cfg, key) != want:
                 raise DataError(f"{key}={getattr(cfg, key)!r} with pos_emb='learned': GPT2LMHeadModel, the HF model "
                                 f"with learned positions, has {key}={want!r}; no export")
+        if cfg.kv_heads != cfg.n_head:
+            raise DataError(f"n_kv_head={cfg.n_kv_head} with pos_emb='learned': GPT2LMHeadModel has no grouped-query "
+                            f"attention; no export")
         return "gpt2"
     for key, want in (("norm", "rmsnorm"), ("mlp", "swiglu")):
         if getattr(cfg, key) != want:
@@ -128,7 +132,7 @@ def llama_config(cfg, arch, vocab, eot):
     rope_parameters, 4.x reads it directly. Our RMSNorms (blocks, final, q/k) all use eps 1e-5."""
     transformers = import_transformers()
     common = dict(vocab_size=vocab, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden or 4 * cfg.n_embd,
-                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
                   head_dim=cfg.n_embd // cfg.n_head, max_position_embeddings=cfg.block_size, rms_norm_eps=1e-5,
                   rope_theta=cfg.rope_theta, hidden_act="silu", attention_bias=cfg.bias, attention_dropout=0.0,
                   tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eot, eos_token_id=eot)

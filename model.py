@@ -6,7 +6,8 @@ Features (all off or plain by default, switched on through GPTConfig):
   F.scaled_dot_product_attention, 4x GELU MLP, final LayerNorm, LM head tied to the token embedding.
 - The modern block, computed as HF transformers computes it, so that a model maps 1:1 onto LlamaForCausalLM
   (or Qwen3ForCausalLM with qk_norm; docs/model.md has the table): RoPE (pos_emb), RMSNorm (norm), QK-norm,
-  SwiGLU (mlp), an untied head (tie_embeddings); plus relu^2 and a logit soft-cap for experiments.
+  SwiGLU (mlp), an untied head (tie_embeddings), grouped-query attention (n_kv_head: fewer key/value heads, a
+  smaller KV cache); plus relu^2 and a logit soft-cap for experiments.
 - Memory-light loss: the cross-entropy is computed chunk by chunk together with its gradient, so the
   full (tokens x vocab) float32 logits are never held in memory (loss_chunk_size; 0 = plain).
 - Activation checkpointing per block (activation_checkpointing).
@@ -26,7 +27,8 @@ from torch.utils.checkpoint import checkpoint
 MULTIPLIER_SUFFIX = "_mult"  # every learnable multiplier's parameter name ends with this
 DISPERSION_VARIANTS = ("angular_spread", "decorrelation", "l2_repel", "orthogonal")
 # the keys that define the weights' shapes and meaning: fixed for a checkpoint, unlike training-time options
-ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "gelu_approximate", "multipliers",
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "bias", "gelu_approximate",
+             "multipliers",
              "token_multipliers",
              "pos_emb", "rope_theta", "norm", "qk_norm", "mlp", "mlp_hidden", "tie_embeddings", "logit_softcap")
 KEY_CHOICES = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"),
@@ -40,6 +42,7 @@ class GPTConfig:
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for fast matmuls
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads (n_embd must divide by it)
+    n_kv_head: int = 0  # key/value heads shared by groups of query heads (must divide n_head); 0 = n_head (no grouping)
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # dropout probability in training (0 for small knowledge/reasoning models)
     bias: bool = False  # biases in Linear layers and LayerNorms (GPT-2 had them)
@@ -72,6 +75,8 @@ class GPTConfig:
             raise ValueError(f"loss_chunk_size must be >= 0 (0 = plain cross-entropy), not {self.loss_chunk_size}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}); 0 = n_head")
         for key, allowed in KEY_CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")
@@ -88,6 +93,11 @@ class GPTConfig:
         if self.dispersion_max_tokens < 2:
             raise ValueError("dispersion_max_tokens must be at least 2: the loss needs token pairs")
         self.dispersion_block_indices()  # validates dispersion_layers
+
+    @property
+    def kv_heads(self):
+        """The number of key/value heads: n_kv_head, or n_head when it is 0 (every query head has its own)."""
+        return self.n_kv_head or self.n_head
 
     def dispersion_block_indices(self):
         """The blocks whose outputs the dispersion loss acts on."""
@@ -248,7 +258,8 @@ class KVCache:
     """Keys and values of every layer for incremental decoding; pos = tokens already cached."""
 
     def __init__(self, config, batch_size, device, dtype):
-        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        # grouped-query attention caches only the key/value heads: n_head / n_kv_head times less memory
+        shape = (batch_size, config.kv_heads, config.block_size, config.n_embd // config.n_head)
         # empty, not zeros: attention only reads positions already written (zeroing took ~0.1 s per generate
         # call for the 40M model on our 2-core CPU)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -260,28 +271,33 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.n_head, self.n_kv_head, self.n_embd = config.n_head, config.kv_heads, config.n_embd
+        self.dropout = config.dropout
+        head_dim = config.n_embd // config.n_head
+        kv_dim = self.n_kv_head * head_dim  # n_embd, or less with grouped-query attention
         # Q, K and V are three Linear layers (keys attn.c_q / c_k / c_v): Muon orthogonalises each matrix on its
         # own, each has its own row and column multipliers, and Linear's multipliers and merge serve them
         # unchanged. forward still makes one matmul of the concatenated (3C, C) weight, which is nanoGPT's fused
         # c_attn weight value for value, so the default model computes bit for bit what the fused layer did.
         # Fused c_attn checkpoints (ours before, nanoGPT's, HF GPT-2's) are split in load_nanogpt_state_dict.
         self.c_q = Linear(config.n_embd, config.n_embd, config.bias, config.multipliers)
-        self.c_k = Linear(config.n_embd, config.n_embd, config.bias, config.multipliers)
-        self.c_v = Linear(config.n_embd, config.n_embd, config.bias, config.multipliers)
+        self.c_k = Linear(config.n_embd, kv_dim, config.bias, config.multipliers)
+        self.c_v = Linear(config.n_embd, kv_dim, config.bias, config.multipliers)
         self.c_proj = Linear(config.n_embd, config.n_embd, config.bias, config.multipliers)
-        head_dim = config.n_embd // config.n_head
         self.q_norm = RMSNorm(head_dim) if config.qk_norm else None
         self.k_norm = RMSNorm(head_dim) if config.qk_norm else None
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, cache=None, layer=0):
         B, T, C = x.size()
-        q, k, v = fused_linear(x, (self.c_q, self.c_k, self.c_v)).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))  # (B, T, nh, hs)
+        hs = C // self.n_head
+        kv_dim = self.n_kv_head * hs  # C, or less with grouped-query attention
+        q, k, v = fused_linear(x, (self.c_q, self.c_k, self.c_v)).split([C, kv_dim, kv_dim], dim=2)
+        q = q.view(B, T, self.n_head, hs)  # (B, T, nh, hs)
+        k, v = k.view(B, T, self.n_kv_head, hs), v.view(B, T, self.n_kv_head, hs)  # (B, T, n_kv, hs)
         if self.q_norm is not None:  # per head, before RoPE, as Qwen3
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs), (B, n_kv, T, hs) x 2
         if rope is not None:  # cached keys are stored rotated, at their absolute positions
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         is_causal = True
@@ -296,7 +312,10 @@ class CausalSelfAttention(nn.Module):
             # every position cached so far, this one included
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
         dropout = self.dropout if self.training else 0.0  # SDPA's dropout_p ignores eval(): switch it off here
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal)  # (B, nh, T, hs)
+        # grouped-query attention: query head h reads key/value head h // (nh / n_kv), as HF Llama's repeat_kv
+        gqa = self.n_kv_head != self.n_head
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal,
+                                           enable_gqa=gqa)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again: (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 

@@ -6,9 +6,11 @@ AdamW, gradient accumulation, exact resume, and the same script under torchrun f
     python train.py config/train_fineweb_40m.py --batch_size=8  # a config file plus overrides
     python train.py config/train_tiny.py --init_from=resume     # continue exactly where last.pt stopped
     torchrun --standalone --nproc_per_node=4 train.py config/train_fineweb.py
+    torchrun --standalone --nproc_per_node=4 train.py config/train_fineweb_1b_fsdp.py  # FSDP: too big for one card
 
 Writes to out_dir: last.pt and best.pt (best val loss), metrics.jsonl, config.json, and with lr_schedule='wsd'
-stable.pt when the decay starts (extend a finished run from it: docs/monitoring.md).
+stable.pt when the decay starts (extend a finished run from it: docs/monitoring.md). With parallel='fsdp' the
+checkpoints are sharded (out_dir/sharded, smallgpt/parallel.py), and last.pt and best.pt are made at the end.
 Ctrl-C or SIGTERM: the current step finishes, last.pt is saved, and the run exits cleanly.
 
 Read top to bottom: the schedule, the model, one optimizer step, the metrics log, then main's chapters
@@ -39,6 +41,8 @@ from smallgpt.evaluation import bits_per_byte, loss_sums, read_hellaswag, score_
 from smallgpt.metrics import MetricsLog, read_records, summarize
 from smallgpt.monitor import Clock, Health, compile_failure, count, duration, file_size, gpu_report, probe_compiled
 from smallgpt.optim import configure_optimizer
+from smallgpt.parallel import (consolidate, full_parameters, load_sharded, no_gradient_sync, read_sharded, save_sharded,
+                               shard_model, shard_optimizer_state)
 from smallgpt.plan import choose_batch_size, plan_report, plan_summary
 from smallgpt.shards import open_split, read_meta
 from smallgpt.tokenizer import (GPT2, GPT2_EOT, SPECIAL_TOKENS, check_same, checkpoint_tokenizer, get_tokenizer,
@@ -109,8 +113,9 @@ def build_model(cfg, resume_ckpt, tokenizer=GPT2):
             raise ConfigError(f"cannot resume with a different architecture: {'; '.join(changed)}")
         # the checkpoint's shapes, this config's training options (dispersion...)
         model = GPT(GPTConfig(**{**args, **saved}))
-        # reads nanoGPT's names and torch.compile's _orig_mod. prefix too
-        model.load_nanogpt_state_dict(resume_ckpt["model"])
+        if "model" in resume_ckpt:  # a sharded checkpoint's weights are read later, into the sharded model (restore)
+            # reads nanoGPT's names and torch.compile's _orig_mod. prefix too
+            model.load_nanogpt_state_dict(resume_ckpt["model"])
         return model
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(**args))
@@ -152,15 +157,16 @@ def source_architecture(cfg, raw_model, rt):
 # -----------------------------------------------------------------------------
 # One optimizer step (bench/bench_train.py times this same function)
 
-def train_step(model, optimizer, scaler, ctx, get_batch, accum, clip_params, grad_clip, ddp=False):
-    """Accumulate gradients over `accum` micro-batches (get_batch(i) -> x, y on the device; under DDP the
-    gradients are synchronised on the last one only), clip, and step. Returns the sums over micro-batches of
-    [CE, dispersion] (a device tensor: reading it waits for the GPU) and the global grad norm."""
+def train_step(model, optimizer, scaler, ctx, get_batch, accum, clip_params, grad_clip, no_sync=None):
+    """Accumulate gradients over `accum` micro-batches (get_batch(i) -> x, y on the device; no_sync: under DDP or
+    FSDP, the context in which backward does not synchronise gradients, used for all but the last), clip, and
+    step. Returns the sums over micro-batches of [CE, dispersion] (a device tensor: reading it waits for the GPU)
+    and the global grad norm."""
     sums = None
     for micro in range(accum):
         x, y = get_batch(micro)  # fetched while the GPU still runs the previous micro-batch
-        # DDP all-reduces on the last micro-batch only: one communication per step
-        with model.no_sync() if ddp and micro < accum - 1 else nullcontext():
+        # gradients are reduced over the ranks on the last micro-batch only: one communication per step
+        with no_sync() if no_sync is not None and micro < accum - 1 else nullcontext():
             with ctx:
                 _, losses = model(x, y)
             # / accum: the sum of the micro-batches' gradients is the big batch's mean
@@ -169,7 +175,8 @@ def train_step(model, optimizer, scaler, ctx, get_batch, accum, clip_params, gra
         step_sums = torch.stack([ce, losses["dispersion"].detach().float() if "dispersion" in losses else 0 * ce])
         sums = step_sums if sums is None else sums + step_sums
     scaler.unscale_(optimizer)  # before clipping: the norm of the true gradients, not of float16's scaled ones
-    # grad_clip 0: no clipping, but the norm is still measured for the log
+    # grad_clip 0: no clipping, but the norm is still measured for the log. Under FSDP each rank holds its shard of
+    # every gradient: the norm is the global one all the same (a replicated DTensor)
     grad_norm = torch.nn.utils.clip_grad_norm_(clip_params, grad_clip if grad_clip > 0 else float("inf"))
     scaler.step(optimizer)  # skips the update when float16 gradients overflowed (a plain step otherwise)
     scaler.update()
@@ -208,14 +215,19 @@ class StepLog:
         cfg, it = self.cfg, progress.iter_num - 1  # the step just taken
         self.steps_timed += 1
         eta = self.clock.eta(progress.iter_num)
+        # a line every log_interval steps, and at the last step
+        due = progress.iter_num % cfg.log_interval == 0 or progress.iter_num == cfg.max_iters
+        multiplier_stats = {}
+        if due and cfg.multipliers != "none":  # read outside forward: under FSDP every rank gathers the weights
+            with full_parameters(self.raw_model):
+                multiplier_stats = self.raw_model.multiplier_stats()
         if not self.rt.master:
             return
         grad_norm = grad_norm.item()  # computed already: the step's .tolist() waited for the GPU
         for record in self.health.check(it, loss=ce, grad_norm=grad_norm):
             self.rt.log(Health.message(record))
             self.metrics.write(record)
-        # a line every log_interval steps, and at the last step
-        if progress.iter_num % cfg.log_interval and progress.iter_num != cfg.max_iters:
+        if not due:
             return
         # the mean since the last line: a single slow step does not distort it
         dt = (time.time() - self.t0) / self.steps_timed
@@ -228,7 +240,7 @@ class StepLog:
             record["mfu"] = self.raw_model.flops_per_token() * tok_s / self.flops_peak
         if self.raw_model.config.dispersion_coeff > 0:
             record["dispersion"] = disp
-        record.update(self.raw_model.multiplier_stats())
+        record.update(multiplier_stats)
         self.rt.log(log_line(record, eta))
         self.metrics.write(record)
         self.steps_timed, self.t0 = 0, time.time()
@@ -240,13 +252,14 @@ class StepLog:
 @dataclass
 class Runtime:
     """Where this process runs: its rank among `world` processes, device, precision, autocast context."""
-    ddp: bool
+    ddp: bool  # under torchrun: several processes (DDP, or FSDP when fsdp)
     rank: int
     local_rank: int
     world: int
     device: str
     dtype: str
     accum: int  # micro-batches per optimizer step on this rank
+    fsdp: bool = False  # parallel='fsdp': the model sharded over the processes (smallgpt/parallel.py)
 
     @property
     def master(self):
@@ -265,6 +278,9 @@ def setup_runtime(cfg):
     """Processes (torchrun sets RANK / WORLD_SIZE), device and precision."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun sets these; plain python is one process
     rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
+    if cfg.parallel == "fsdp" and not ddp:
+        raise ConfigError("parallel=fsdp shards the model over the processes that torchrun starts: run it as "
+                          "torchrun --standalone --nproc_per_node=<GPUs> train.py ... (docs/training.md)")
     device = select_device(cfg.device)
     if ddp:
         if device.startswith("cuda"):
@@ -285,7 +301,7 @@ def setup_runtime(cfg):
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls in TF32 on Ampere and later: faster, precise enough
     torch.backends.cudnn.allow_tf32 = True
     return Runtime(ddp, rank, local_rank, world, device, select_dtype(cfg.dtype, device),
-                   cfg.gradient_accumulation_steps // world)
+                   cfg.gradient_accumulation_steps // world, fsdp=cfg.parallel == "fsdp")
 
 
 def plan_vocab(data_dir):
@@ -316,24 +332,48 @@ def read_resume_checkpoint(cfg, tokenizer):
     """The checkpoint to continue from with init_from=resume: the newer of last.pt and best.pt (both hold the full
     training state; last.pt on a tie), trained on the data's tokenizer. best.pt is the newer one after a kill
     between the two writes (best.pt is written first) and, with always_save_checkpoint=False, whenever the run
-    improved since its last last.pt. None for a new run, which refuses an out_dir that already holds a run's
-    checkpoints."""
+    improved since its last last.pt. An FSDP run's sharded last and best count alike (smallgpt/parallel.py). None
+    for a new run, which refuses an out_dir that already holds a run's checkpoints."""
     # an untrained model's val loss is log(vocab): nothing to learn from
     if cfg.eval_only and cfg.init_from == "scratch":
         raise ConfigError("eval_only evaluates a trained model: set init_from=resume (out_dir/last.pt), a checkpoint "
                           "path or gpt2")
     # in the order resume prefers them
     existing = [n for n in ("last.pt", "best.pt") if os.path.exists(os.path.join(cfg.out_dir, n))]
+    sharded = newest([read_sharded(cfg.out_dir, "last"), read_sharded(cfg.out_dir, "best")])  # parallel=fsdp's
     if cfg.init_from != "resume":
-        if existing and not cfg.eval_only:
-            raise ConfigError(f"{cfg.out_dir} already holds checkpoints ({', '.join(existing)}): continue that run "
-                              f"with --init_from=resume, or choose another out_dir")
+        if (existing or sharded) and not cfg.eval_only:
+            held = ", ".join(existing + ["sharded"] * bool(sharded))
+            raise ConfigError(f"{cfg.out_dir} already holds checkpoints ({held}): continue that run with "
+                              f"--init_from=resume, or choose another out_dir")
         return None
-    if not existing:
+    if not existing and not sharded:
         raise DataError(f"init_from=resume but {cfg.out_dir} holds no last.pt or best.pt")
-    paths = [os.path.join(cfg.out_dir, n) for n in existing]
-    # mmap: reads the iteration, not the tensors; max() keeps the first of equals: last.pt
-    path = max(paths, key=lambda p: load_checkpoint(p, mmap=True).get("iter_num", -1))
+    ckpt = None
+    if existing:
+        paths = [os.path.join(cfg.out_dir, n) for n in existing]
+        # mmap: reads the iteration, not the tensors; max() keeps the first of equals: last.pt
+        ckpt = read_resume_file(max(paths, key=lambda p: load_checkpoint(p, mmap=True).get("iter_num", -1)))
+    # the newer of the two kinds; at the same iteration, the kind this run writes (every FSDP rank would read a file)
+    if sharded and (ckpt is None or sharded["iter_num"] > ckpt["iter_num"] or
+                    sharded["iter_num"] == ckpt["iter_num"] and cfg.parallel == "fsdp"):
+        ckpt = sharded
+    trained_with = ckpt.get("config", {}).get("optimizer", "adamw")  # AdamW and Muon states differ
+    if trained_with != cfg.optimizer and not cfg.eval_only:
+        raise ConfigError(f"cannot resume a run trained with optimizer={trained_with} with optimizer={cfg.optimizer}: "
+                          f"start a new run from its weights with --init_from={ckpt['path']}")
+    check_same(tokenizer, checkpoint_tokenizer(ckpt), f"data_dir {cfg.data_dir}", ckpt["path"])
+    return ckpt
+
+
+def newest(checkpoints):
+    """The checkpoint with the highest iter_num among those that exist (not None); the first of equals."""
+    found = [c for c in checkpoints if c is not None]
+    return max(found, key=lambda c: c["iter_num"]) if found else None
+
+
+def read_resume_file(path):
+    """A single-file checkpoint to resume from, checked: written by this train.py, in the current layout."""
     ckpt = load_checkpoint(path)  # on CPU: weights move to the device with the model
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
@@ -342,11 +382,6 @@ def read_resume_checkpoint(cfg, tokenizer):
     if any(".attn.c_attn." in k for k in ckpt["model"]):  # its AdamW state has one tensor per fused c_attn
         raise DataError(f"{path} predates the split attention matrices (c_q, c_k, c_v): its weights load but its "
                         f"optimizer state does not; start a new run from it with --init_from={path}")
-    trained_with = ckpt.get("config", {}).get("optimizer", "adamw")  # AdamW and Muon states differ
-    if trained_with != cfg.optimizer and not cfg.eval_only:
-        raise ConfigError(f"cannot resume a run trained with optimizer={trained_with} with optimizer={cfg.optimizer}: "
-                          f"start a new run from its weights with --init_from={path}")
-    check_same(tokenizer, checkpoint_tokenizer(ckpt), f"data_dir {cfg.data_dir}", path)
     ckpt["path"] = path
     return ckpt
 
@@ -374,13 +409,17 @@ class Run:
     progress: Progress
     tokenizer: dict  # the data's tokenizer record (with its text): every checkpoint carries it
     metrics: object = None  # MetricsLog on rank 0 of a training run; None elsewhere
+    no_sync: object = None  # DDP's or FSDP's context without gradient synchronisation; None in one process
 
 
-def restore(ckpt, optimizer, scaler, rt):
-    """Load a checkpoint's optimizer, scaler and RNG state; return its Progress."""
+def restore(ckpt, raw_model, optimizer, scaler, rt):
+    """Load a checkpoint's optimizer, scaler and RNG state (and a sharded checkpoint's weights); return its Progress."""
     # load_state_dict restores the checkpoint's group settings: keep this run's
     wanted = [{k: g[k] for k in ("weight_decay", "lr_scale", "betas", "eps") if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if "sharded" in ckpt:  # DCP reads this rank's part, whatever number of processes wrote it (smallgpt/parallel.py)
+        load_sharded(ckpt, raw_model, optimizer)
+    else:  # under FSDP each rank keeps its shard of the file's tensors
+        optimizer.load_state_dict(shard_optimizer_state(ckpt["optimizer"], optimizer) if rt.fsdp else ckpt["optimizer"])
     for group, settings in zip(optimizer.param_groups, wanted):  # this run's settings, not the checkpoint's
         group.update(settings)
     scaler.load_state_dict(ckpt["scaler"])
@@ -392,16 +431,24 @@ def restore(ckpt, optimizer, scaler, rt):
                     ckpt.get("elapsed_s", 0.0))
 
 
-def save(run, name):
-    """Write out_dir/name with everything an exact resume needs (atomically: a kill leaves the old file)."""
+def save(run, *names):
+    """Write out_dir/name for each of names ('last.pt', 'best.pt', 'stable.pt') with everything an exact resume
+    needs, atomically (a kill leaves the old file). Under FSDP every rank writes its part of one sharded checkpoint
+    that the names point at (out_dir/sharded: smallgpt/parallel.py); otherwise rank 0 writes the files."""
     cfg, progress = run.cfg, run.progress
     rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if run.rt.device_type == "cuda" else {})}
-    save_checkpoint({
+    contents = {
         "format": "gpt-checkpoint", "version": 1, "code_version": code_version(), "model_args": asdict(run.raw_model.config),
-        "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        "config": asdict(cfg), **asdict(progress), "tokens_seen": progress.data_position * cfg.block_size, "rng": rng,
+        "scaler": run.scaler.state_dict(), "config": asdict(cfg), **asdict(progress),
+        "tokens_seen": progress.data_position * cfg.block_size, "rng": rng,
         "tokenizer": run.tokenizer,  # so that sample.py, eval.py, export.py... need nothing but the checkpoint
-    }, os.path.join(cfg.out_dir, name))
+    }
+    if run.rt.fsdp:
+        save_sharded(cfg.out_dir, [name.removesuffix(".pt") for name in names], run.raw_model, run.optimizer, contents)
+    elif run.rt.master:
+        contents.update(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict())
+        for name in names:
+            save_checkpoint(contents, os.path.join(cfg.out_dir, name))
 
 
 class Evaluator:
@@ -430,6 +477,12 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, model, raw_model, iter_num):
+        # FSDP: each rank holds the whole model for the evaluation, so that the uneven splits below (batches and
+        # HellaSwag items over the ranks) need no matching forwards on every rank
+        with full_parameters(raw_model):
+            return self.evaluate(model, raw_model, iter_num)
+
+    def evaluate(self, model, raw_model, iter_num):
         cfg, rt = self.cfg, self.rt
         model.eval()
         # sums of: nats of all targets, targets, nats of the targets that carry bytes, their bytes (evaluation.py)
@@ -451,7 +504,9 @@ class Evaluator:
                 result.update(score_hellaswag(lambda idx: raw_model(idx)[0], self.hellaswag, self.encode,
                                               cfg.block_size, rt.device, rank=rt.rank, world=rt.world))
         model.train()
-        if self.cond_starts and rt.master:  # rank 0 only: a diagnostic, not part of the val loss
+        # rank 0 only: a diagnostic, not part of the val loss. Under FSDP every rank runs it: it calls the blocks
+        # without the root's forward, which FSDP's hooks handle only when all ranks do it alike
+        if self.cond_starts and (rt.master or rt.fsdp):
             x, _ = stack_windows(self.tokens, self.cond_starts, self.cond_len, self.vocab_size)
             with autocast(rt.device, rt.dtype):
                 result.update(condensation_metrics(raw_model, to_device(x, rt.device)))
@@ -505,6 +560,19 @@ def compile_model(cfg, rt, raw_model):
     return raw_model, replace(cfg, compile=False), failure
 
 
+def distribute(cfg, rt, raw_model, model):
+    """Under torchrun, the model a step calls and the context in which its backward leaves the gradients
+    unsynchronised (gradient accumulation). DDP: its wrapper, which all-reduces gradients in backward. FSDP: the
+    model as it is (sharded already: it reduce-scatters in backward); with fsdp_sync_every_micro_batch, after
+    every backward. One process: the model, no context."""
+    if rt.fsdp:
+        return model, None if cfg.fsdp_sync_every_micro_batch else lambda: no_gradient_sync(raw_model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        return model, model.no_sync
+    return model, None
+
+
 def print_start(run, train_tokens, resumed_from, flops_peak):
     cfg, rt, raw_model, progress = run.cfg, run.rt, run.raw_model, run.progress
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
@@ -513,7 +581,8 @@ def print_start(run, train_tokens, resumed_from, flops_peak):
     changed = ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items() if v != defaults[k])
     rt.log(f"config (keys that differ from the defaults{'' if cfg.eval_only else f'; all keys: {cfg.out_dir}/config.json'}): "
            f"{changed or 'none'}")
-    rt.log(f"device {rt.device}, dtype {rt.dtype}, {rt.world} process(es), compile {cfg.compile}")
+    sharded = " (FSDP: weights, gradients and optimizer state sharded over them)" if rt.fsdp else ""
+    rt.log(f"device {rt.device}, dtype {rt.dtype}, {rt.world} process(es){sharded}, compile {cfg.compile}")
     rt.log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters (position embeddings not counted); "
            f"{raw_model.flops_per_token() / 1e6:.0f} MFLOPs per token")
     rt.log(f"tokens per step: {cfg.batch_size} batch x {cfg.block_size} block x {cfg.gradient_accumulation_steps} "
@@ -551,7 +620,7 @@ def main(argv):
         return
     rt = setup_runtime(cfg)
     if rt.master and rt.device_type == "cuda":  # before we allocate: does another process hold part of the card?
-        print("\n".join(gpu_report(rt.device) + [plan_summary(cfg)]))
+        print("\n".join(gpu_report(rt.device) + [plan_summary(cfg, rt.world)]))
     train_tokens, meta = open_split(cfg.data_dir, "train")  # opened first: a wrong data_dir fails before any model
     val_tokens, _ = open_split(cfg.data_dir, "val")
     lock = claim_out_dir(cfg, rt)  # held while this process lives
@@ -563,22 +632,22 @@ def main(argv):
     ckpt = read_resume_checkpoint(cfg, tok.record)
     if finished_already(ckpt, cfg, rt):
         return
-    raw_model = build_model(cfg, ckpt, tok.record).to(rt.device)  # on CPU, then moved: one copy on the device
+    raw_model = build_model(cfg, ckpt, tok.record)  # on CPU, then moved: one copy on the device (FSDP: 1/world of it)
+    raw_model = shard_model(raw_model, rt.device, rt.dtype) if rt.fsdp else raw_model.to(rt.device)
     cfg = source_architecture(cfg, raw_model, rt)
     cfg = choose_batch_size(cfg, raw_model, rt, ckpt["config"] if ckpt is not None else None)  # batch_size='auto'
     rt.accum = cfg.gradient_accumulation_steps // rt.world
     data_ids = batch_ids(cfg, tok.enc.eot_token, meta["vocab_size"], chat)
-    optimizer = configure_optimizer(raw_model, cfg, rt.device_type, rt.dtype)  # AdamW, or Muon + AdamW
+    # AdamW, or Muon + AdamW; after sharding: under FSDP it steps this rank's shards
+    optimizer = configure_optimizer(raw_model, cfg, rt.device_type, rt.dtype)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # a no-op unless float16
-    progress = restore(ckpt, optimizer, scaler, rt) if ckpt is not None else Progress()
+    progress = restore(ckpt, raw_model, optimizer, scaler, rt) if ckpt is not None else Progress()
     resumed_from = ckpt["path"] if ckpt is not None else None
     schedule_note = schedule_change(ckpt["config"], cfg, progress.iter_num) if ckpt is not None else None
     del ckpt  # free the memory it holds
     model, cfg, compile_error = compile_model(cfg, rt, raw_model)
-    if rt.ddp:
-        # all-reduces gradients in backward
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-    run = Run(cfg, rt, raw_model, model, optimizer, scaler, progress, tok.record)
+    model, no_sync = distribute(cfg, rt, raw_model, model)
+    run = Run(cfg, rt, raw_model, model, optimizer, scaler, progress, tok.record, no_sync=no_sync)
 
     # --- what the loop reads and writes
     windows = training_order(cfg, rt, data_ids, train_tokens, chat)
@@ -661,17 +730,24 @@ def evaluate_due(run, evaluate, stopping):
 def write_checkpoints(run, done, improved):
     """best.pt when val loss improved, then last.pt at every evaluation (always_save_checkpoint) and at the end.
     best.pt first: no file records a val loss before best.pt holds its weights, so a kill between the two writes
-    cannot lose the best weights (it leaves best.pt the newer file, which resume then takes)."""
+    cannot lose the best weights (it leaves best.pt the newer file, which resume then takes). Under FSDP one sharded
+    checkpoint is written and its pointers replaced in the same order; at the end rank 0 also makes them the single
+    files that sample.py, eval.py and export.py read."""
     cfg, progress = run.cfg, run.progress
-    if not run.rt.master or progress.iter_num == 0:  # iter 0: nothing trained yet, nothing to save
+    if progress.iter_num == 0:  # nothing trained yet, nothing to save
         return
+    last = done or (progress.evaluated and cfg.always_save_checkpoint)
+    names = ["best.pt"] * improved + ["last.pt"] * last
+    if names:
+        save(run, *names)
     if improved:
-        save(run, "best.pt")
         run.rt.log(f"saved {cfg.out_dir}/best.pt: val loss {progress.best_val_loss:.4f}, the best so far")
-    if done or (progress.evaluated and cfg.always_save_checkpoint):
-        save(run, "last.pt")
-        if done:
-            run.rt.log(f"saved {cfg.out_dir}/last.pt at iter {progress.iter_num}")
+    if done and run.rt.fsdp and run.rt.master:
+        for name in ("best", "last"):
+            if read_sharded(cfg.out_dir, name):
+                consolidate(cfg.out_dir, name, os.path.join(cfg.out_dir, f"{name}.pt"))
+    if done:
+        run.rt.log(f"saved {cfg.out_dir}/last.pt at iter {progress.iter_num}")
 
 
 def print_summary(run):
@@ -697,7 +773,7 @@ def save_stable(run):
     """With lr_schedule='wsd': stable.pt when the decay starts, the state after the last constant-lr step. A run
     resumed from it with a later lr_decay_iters goes on at the constant lr and decays at its new end."""
     cfg = run.cfg
-    if run.rt.master and cfg.lr_schedule == "wsd" and cfg.decay_lr and run.progress.iter_num == wsd_decay_start(cfg):
+    if cfg.lr_schedule == "wsd" and cfg.decay_lr and run.progress.iter_num == wsd_decay_start(cfg):
         save(run, "stable.pt")
         run.rt.log(f"saved {cfg.out_dir}/stable.pt at iter {run.progress.iter_num} (the decay starts): extend the run "
                    f"from it (docs/monitoring.md)")
@@ -731,7 +807,7 @@ def train_loop(run, windows, evaluate, flops_peak):
         # windows are numbered over ranks and steps: data_position alone places a resumed run
         get_batch = lambda m: tuple(to_device(t, rt.device) for t in windows.batch(first + m * cfg.batch_size, cfg.batch_size))
         sums, grad_norm = train_step(run.model, optimizer, run.scaler, autocast(rt.device, rt.dtype), get_batch, rt.accum,
-                                     clip_params, cfg.grad_clip, rt.ddp)
+                                     clip_params, cfg.grad_clip, run.no_sync)
         progress.data_position += cfg.gradient_accumulation_steps * cfg.batch_size  # windows of every rank
 
         # the true mean over every micro-batch of every rank; .tolist() waits for the GPU once per step

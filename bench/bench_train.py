@@ -31,12 +31,15 @@ if not __package__:  # run as a file, the repository root is not on the path: sa
     sys.exit(f"run it from the repository root as: python -m bench.{os.path.basename(__file__)[:-3]} ...")
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from smallgpt.config import TrainConfig, parse_args, validate, with_vocab_size
 from smallgpt.device import autocast, peak_flops, select_device, select_dtype, to_device
 from smallgpt.errors import ConfigError, run_main
 from smallgpt.optim import configure_optimizer
-from train import build_model, train_step
+from smallgpt.parallel import shard_model
+from train import Runtime, build_model, distribute, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {  # name -> the overlay (config files and --key=value) that turns it on, applied after the command line
@@ -85,14 +88,21 @@ def bench_config(argv):
 # One variant: a model and its optimizer on the device, stepped by train.py's train_step
 
 class Variant:
+    """Under a process group (bench/gpu_suite.py's group of one process) the model is shared as train.py shares it
+    under torchrun: DDP, or sharded with parallel=fsdp."""
 
     def __init__(self, name, cfg, device, dtype):
         self.name, self.cfg, self.device = name, cfg, device
         device_type = device.split(":")[0]
         torch.manual_seed(cfg.seed)  # every variant starts from the same weights where their shapes agree
-        self.raw_model = build_model(cfg, None).to(device)
+        index = torch.device(device).index or 0  # the GPU, for DDP's device_ids
+        rt = Runtime(True, 0, index, 1, device, dtype, cfg.gradient_accumulation_steps, cfg.parallel == "fsdp") \
+            if dist.is_initialized() else None
+        self.raw_model = build_model(cfg, None)
+        self.raw_model = shard_model(self.raw_model, device, dtype) if rt and rt.fsdp else self.raw_model.to(device)
         self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.optimizer = configure_optimizer(self.raw_model, cfg, device_type)
+        self.model, self.no_sync = distribute(cfg, rt, self.raw_model, self.model) if rt else (self.model, None)
         self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
         self.ctx = autocast(device, dtype)
         self.clip_params = self.raw_model.parameters_to_clip()
@@ -112,7 +122,7 @@ class Variant:
         """One optimizer step; returns its wall-clock and this process's CPU seconds."""
         t0, c0 = time.perf_counter(), time.process_time()
         sums, _ = train_step(self.model, self.optimizer, self.scaler, self.ctx, self.get_batch,
-                             self.cfg.gradient_accumulation_steps, self.clip_params, self.cfg.grad_clip)
+                             self.cfg.gradient_accumulation_steps, self.clip_params, self.cfg.grad_clip, self.no_sync)
         self.loss = sums.tolist()[0] / self.cfg.gradient_accumulation_steps  # waits for the device, as train.py does
         return time.perf_counter() - t0, time.process_time() - c0
 
@@ -120,6 +130,7 @@ class Variant:
         """Device memory this variant holds between steps: weights and optimizer state (gradients are freed)."""
         tensors = list(self.raw_model.parameters()) + [v for state in self.optimizer.state.values()
                                                        for v in state.values() if torch.is_tensor(v)]
+        tensors = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]  # FSDP: this process's shards
         return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
 
     def timed_steps(self, n):
@@ -139,7 +150,7 @@ class Variant:
 
     def release(self):
         """Free the device memory, keep the figures."""
-        self.model = self.raw_model = self.optimizer = self.clip_params = self.windows = None
+        self.model = self.raw_model = self.optimizer = self.clip_params = self.windows = self.no_sync = None
         free_device_memory()
 
 

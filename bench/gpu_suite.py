@@ -17,6 +17,9 @@ The parts (PARTS below, run in this order; each a function that fills one markdo
   sample           sample.py's KV-cache generation, eager and compiled, batch 1 and 8
   muon             40M at its micro-batch: Muon vs AdamW step time (once train.py has optimizer=muon)
   fit_*_modern     the fit part for the modern-block configs with Muon (once those configs exist)
+  fsdp             40M at its micro-batch in one process: plain, under DDP and under FSDP (parallel=fsdp) in a
+                   process group of one, so the overhead of each wrapper alone; with more GPUs, the command for
+                   the multi-GPU figures is printed (torchrun: docs/training.md)
 Training parts time train.py's own train_step through bench/bench_train.py (one variant at a time, the GPU to itself,
 compiled and in bf16 on a GPU, as train.py runs there).
 
@@ -41,6 +44,7 @@ if not __package__:  # run as a file, the repository root is not on the path: sa
     sys.exit(f"run it from the repository root as: python -m bench.{os.path.basename(__file__)[:-3]} ...")
 
 import torch
+import torch.distributed as dist
 
 from bench.bench_plan import MAX_MICRO_BATCHES, compare
 from bench.bench_train import (GB, GPT2_VOCAB, BenchConfig, Variant, bench_config, cap_memory, device_name, fits,
@@ -73,7 +77,7 @@ DRY_RUN_MAX_BATCH, DRY_RUN_SMOKE_STEPS, DRY_RUN_NEW_TOKENS = 4, 40, 8
 
 @dataclass
 class SuiteConfig:
-    parts: str = "all"  # all, or some of: smoke,fit_124m,fit_40m,plan,loss_memory,overheads,sample,muon,fit_*_modern
+    parts: str = "all"  # all or some: smoke,fit_124m,fit_40m,plan,loss_memory,overheads,sample,muon,fit_*_modern,fsdp
     dry_run: bool = False  # tiny models, few steps: every part's code path in about a minute (on the CPU by default)
     device: str = "auto"  # 'auto' (cuda if present; the CPU in a dry run) | 'cpu' | 'cuda' | 'cuda:1'
     max_memory_gb: float = 12.0  # the fit parts' cap on this process's GPU memory: an RTX 4070 has 12 GiB
@@ -324,6 +328,37 @@ def part_muon(suite, table):
     time_variants(suite, table, [("AdamW", suite.config(argv)), ("Muon", suite.config(argv, "optimizer=muon"))])
 
 
+def part_fsdp(suite, table):
+    """40M at its micro-batch: one process as train.py runs it without torchrun, then the same step under DDP and
+    under FSDP in a process group of this process alone (world size 1): no other GPU to talk to, so what remains
+    is each wrapper's own cost (FSDP: its all-gather and reduce-scatter calls, the copies into and out of their
+    buffers, the bf16 weights it gathers; DDP: its gradient buckets)."""
+    argv = suite.argv("config/train_fineweb_40m.py", f"--gradient_accumulation_steps={ACCUM}")
+    variants = [("one process", suite.config(argv)), ("DDP, 1 process", suite.config(argv, "parallel=ddp")),
+                ("FSDP, 1 process", suite.config(argv, "parallel=fsdp"))]
+    table.set_columns(*TIMING_COLUMNS)
+    base = suite.measure(*variants[0])
+    table.add(**timing_row(base, base, suite))
+    if suite.cuda:
+        torch.cuda.set_device(suite.device)  # NCCL and FSDP's device mesh use the current device
+    dist.init_process_group("nccl" if suite.cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for name, cfg in variants[1:]:
+            table.add(**timing_row(suite.measure(name, cfg), base, suite))
+    finally:
+        dist.destroy_process_group()
+    table.note(f"{base.cfg.batch_size} x {base.cfg.block_size} tokens x {base.cfg.gradient_accumulation_steps} "
+               f"micro-batches per step (DDP and FSDP synchronise on the last), {base.cfg.rounds} rounds x "
+               f"{base.cfg.steps} timed steps; with {suite.dtype} the FSDP row "
+               + ("gathers bf16 weights and reduces gradients in float32 where the others autocast (docs/training.md)"
+                  if suite.dtype != "float32" else "computes what the others compute"))
+    gpus = torch.cuda.device_count() if suite.cuda else 1
+    if gpus > 1:
+        table.note(f"{gpus} GPUs here: time DDP and FSDP across them with `torchrun --standalone "
+                   f"--nproc_per_node={gpus} train.py config/train_fineweb_40m.py --parallel=fsdp --max_iters=50` "
+                   f"(and --parallel=ddp)")
+
+
 def part_sample(suite, table):
     """sample.py's generation (generation.generate_samples: KV cache, top-k sampling) on the 40M architecture,
     random weights, under autocast, eager and compiled as `sample.py --compile` compiles it, batch 1 and 8."""
@@ -415,6 +450,7 @@ PARTS = [  # name, title, function, its arguments, time budget in seconds. The b
      ("config/train_fineweb_40m_modern.py",), 100),
     ("fit_124m_modern", "Largest micro-batch under 12 GiB: 124M modern (+ Muon once it exists)", part_fit,
      ("config/train_fineweb_124m_modern.py",), 120),
+    ("fsdp", "FSDP and DDP in one process (world size 1) vs no wrapper: 40M", part_fsdp, (), 120),
 ]
 
 

@@ -1,7 +1,7 @@
 """
 What the scripts at the repository root share, one job per module. The scripts (train.py, sample.py, serve.py,
-eval.py, export.py, plot.py, ablate.py, condensation.py) and model.py stay at the root; model.py imports only
-torch, so it remains the one file to copy elsewhere. The modules sit in layers, each importing only lower ones
+eval.py, export.py, plot.py, ablate.py, condensation.py, consolidate.py) and model.py stay at the root; model.py
+imports only torch, so it remains the one file to copy elsewhere. The modules sit in layers, each importing only lower ones
 (tests/test_layout.py checks it):
 
     errors.py        the user-mistake errors and run_main: one line on stderr, never a traceback
@@ -25,4 +25,5 @@ torch, so it remains the one file to copy elsewhere. The modules sit in layers, 
     --
     generation.py    what sample.py and serve.py share: the model for inference, prompts, seeded samples, chat replies
     plan.py          will it fit, how long will it take: memory by category, the largest micro-batch, step times
+    parallel.py      FSDP (parallel='fsdp'): sharding the model, sharded checkpoints, consolidating them to one file
 """

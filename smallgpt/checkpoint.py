@@ -26,6 +26,7 @@ from .monitor import file_size
 # nanoGPT's ckpt.pt holds model_args, model, optimizer, config, iter_num, best_val_loss.
 
 CHECKPOINT_NAMES = {"best": "best.pt", "last": "last.pt"}
+SHARDED_DIR = "sharded"  # in a run directory: the sharded checkpoints of parallel='fsdp' (smallgpt/parallel.py)
 
 
 def save_checkpoint(obj, path):
@@ -76,12 +77,16 @@ def find_checkpoint(path, which="best"):
     for name in order:
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
+    if os.path.isdir(os.path.join(path, SHARDED_DIR)):  # an FSDP run stopped before it wrote its single files
+        raise DataError(f"no checkpoint file in {path}, only sharded ones: make one with "
+                        f"python consolidate.py --out_dir={path} --which={which}")
     raise DataError(f"no checkpoint (best.pt, last.pt or ckpt.pt) in {path}")
 
 
-def load_checkpoint(path, device="cpu", mmap=False):
-    """A checkpoint as a dict (checked to hold a model). mmap=True reads tensors only when touched: a cheap look
-    at a checkpoint's iter_num and records."""
+def load_checkpoint(path, device="cpu", mmap=False, need_model=True):
+    """A checkpoint as a dict (checked to hold a model; need_model=False: a sharded checkpoint's state.pt, its
+    weights beside it). mmap=True reads tensors only when touched: a cheap look at a checkpoint's iter_num and
+    records."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: never run a pickle we cannot read
@@ -93,7 +98,7 @@ def load_checkpoint(path, device="cpu", mmap=False):
         detail = (str(e).splitlines() or [""])[0]
         raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint, or truncated or corrupt "
                         f"({type(e).__name__}{': ' + detail if detail else ''})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+    if not isinstance(ckpt, dict) or (need_model and "model" not in ckpt) or "model_args" not in ckpt:
         raise DataError(f"{path} is not a GPT checkpoint (no 'model' / 'model_args')")
     ckpt["model_args"].setdefault("token_multipliers", False)  # checkpoints older than the key had none
     return ckpt

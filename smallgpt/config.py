@@ -78,7 +78,9 @@ class TrainConfig(GPTConfig):
     dtype: str = "auto"  # 'auto' (bfloat16 on GPUs that have it, float16 on older ones, float32 on CPU) | explicit
     compile: bool = True  # torch.compile the model (minutes of compile time, then much faster on GPUs)
     compile_fallback: bool = True  # compile fails (no C compiler / Python headers): True = warn, train uncompiled; False = stop
-    backend: str = "auto"  # DDP backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
+    backend: str = "auto"  # process-group backend under torchrun: 'auto' (nccl on CUDA, gloo on CPU) | 'nccl' | 'gloo'
+    parallel: str = "ddp"  # under torchrun: 'ddp' (each GPU holds the whole model) | 'fsdp' (each holds 1/N of weights, gradients, optimizer state)
+    fsdp_sync_every_micro_batch: bool = False  # parallel=fsdp: reduce-scatter gradients after every micro-batch (no whole gradient copy between them; more traffic)
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up the GPU's dense bf16 peak
     deterministic: bool = False  # CPU only: one thread, deterministic kernels: repeat runs bit-identical under any load
     # --- the planner (smallgpt/plan.py)
@@ -95,6 +97,7 @@ CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "backend": ("auto", "nccl", "gloo"),
     "optimizer": ("adamw", "muon"),
+    "parallel": ("ddp", "fsdp"),
 }
 POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "hellaswag_items",
             "learning_rate", "adam_eps", "multiplier_lr_scale", "muon_lr", "adam_embed_lr", "adam_head_lr")
@@ -130,6 +133,9 @@ def validate(config):
     if config.hellaswag_interval % config.eval_interval:
         raise ConfigError(f"hellaswag_interval ({config.hellaswag_interval}) must be a multiple of eval_interval "
                           f"({config.eval_interval}): HellaSwag runs with an evaluation")
+    if config.batch_size == "auto" and config.parallel == "fsdp":
+        raise ConfigError("batch_size='auto' tries a whole model on one GPU, not FSDP's shards: set batch_size with "
+                          "parallel=fsdp (--plan shows what each card needs)")
     if config.seed >= 2 ** 63:
         raise ConfigError(f"seed must be below 2**63, not {config.seed}")
     if config.dataset:

@@ -16,8 +16,13 @@ Both are driven by train.py the same way: each param group carries lr_scale, and
 group["lr"] = get_lr(it) * lr_scale. With Muon, lr_scale is muon_lr / learning_rate (or adam_embed_lr /
 learning_rate, ...), so the schedule multiplies every group alike and learning_rate stays the lr of the
 gains and biases. Muon's momentum warms up linearly over its first steps (modded-nanogpt, nanochat).
+
+Under FSDP (parallel='fsdp') every parameter is a DTensor holding this rank's rows. AdamW works on them as it
+is (elementwise); Muon's Newton-Schulz must see each whole matrix, which FSDPMuon below arranges.
 """
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch's own Muon arithmetic (private)
 
 from model import MULTIPLIER_SUFFIX
 from .errors import ConfigError
@@ -81,6 +86,41 @@ def split_parameters(model):
     return groups
 
 
+class FSDPMuon(torch.optim.Muon):
+    """torch.optim.Muon whose Newton-Schulz sees each whole matrix when FSDP has split the parameters into row
+    shards (orthogonalising a shard alone would be another, wrong update). The momentum stays sharded: its update
+    is elementwise, so shards give exactly the whole tensor's values. Only the blended update is all-gathered, in
+    bfloat16 (Newton-Schulz casts to bfloat16 first, so this is exact and halves the traffic); every rank
+    orthogonalises it (the same bits everywhere) and keeps its own rows. On plain tensors (one process, DDP) this
+    is torch.optim.Muon's step bit for bit (tests/test_muon.py), with the same state, so checkpoints move between
+    the three. Cost under FSDP: one all-gather per matrix and step, and each rank runs every matrix's
+    Newton-Schulz (nanochat spreads the matrices over the ranks instead; at a few ranks this is simpler)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # closure: the Optimizer API (torch.distributed.checkpoint passes None)
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)  # torch's: the parameters with gradients, new buffers
+            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            for p, g, buf in zip(params, grads, bufs):
+                buf.lerp_(g, 1 - momentum)
+                update = g.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalise(update, group)
+                p.mul_(1 - lr * wd)
+                # p.shape is the whole matrix's, also for a DTensor shard
+                p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+
+
+def orthogonalise(update, group):
+    """torch's Newton-Schulz of one matrix's update; of the whole matrix when update is a DTensor shard."""
+    settings = (group["ns_coefficients"], group["ns_steps"], group["eps"])
+    if not isinstance(update, DTensor):
+        return _zeropower_via_newtonschulz(update, *settings)
+    whole = _zeropower_via_newtonschulz(update.bfloat16().full_tensor(), *settings)  # one all-gather
+    # this rank's rows of it: a split of a tensor every rank holds, no communication
+    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+
+
 class MuonAdamW:
     """torch.optim.Muon and a fused AdamW side by side, behaving like one optimizer for train.py, bench/bench_train.py and
     GradScaler (disabled): param_groups (Muon's first), state, step, zero_grad, state_dict, load_state_dict.
@@ -89,7 +129,7 @@ class MuonAdamW:
     def __init__(self, model, cfg, device_type):
         parts = split_parameters(model)
         lr = cfg.learning_rate
-        self.muon = torch.optim.Muon(
+        self.muon = FSDPMuon(
             [dict(params=[p for _, p in parts["muon"]], name="muon", lr_scale=cfg.muon_lr / lr)],
             lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum_start, nesterov=True)
         # name -> (params, weight decay, lr / learning_rate); the multipliers keep today's group and settings
@@ -109,6 +149,11 @@ class MuonAdamW:
     @property
     def state(self):
         return {**self.muon.state, **self.adamw.state}
+
+    @property
+    def optimizers(self):
+        """The torch optimizers inside (what torch.distributed.checkpoint's state-dict functions take)."""
+        return (self.muon, self.adamw)
 
     def momentum_at(self, step):
         """Linear warm-up from muon_momentum_start to muon_momentum over muon_momentum_warmup steps."""

@@ -16,8 +16,9 @@ tests/test_plan.py; `python -m bench.bench_plan` measures any config. They model
 usually saves less (unverified on a GPU), so on a GPU the figures are meant as an upper bound. Not modelled:
 dropout, the dispersion loss, learnable multipliers' activations (their parameters and state are counted).
 
-Notation of the formulas: N = B*T tokens of a micro-batch, C = n_embd, h = n_head, d = C/h, H = MLP hidden,
-V = vocab_size, L = n_layer, a = bytes of the compute dtype (2 under bf16/fp16 autocast, 4 in float32).
+Notation of the formulas: N = B*T tokens of a micro-batch, C = n_embd, h = n_head, d = C/h, K = the width of the
+keys and of the values (n_kv_head * d: C, or less with grouped-query attention), H = MLP hidden, V = vocab_size,
+L = n_layer, a = bytes of the compute dtype (2 under bf16/fp16 autocast, 4 in float32).
 """
 import math
 from dataclasses import dataclass, replace
@@ -39,6 +40,7 @@ ASSUMED_MFU = 0.35  # model FLOP/s over the card's dense bf16 peak: an assumptio
 MEASURED_MFU = None  # bench/gpu_suite.py's measured MFU (BENCHMARKS.md section 3) replaces the assumption here
 CARDS = ("rtx 4070", "rtx 3090", "rtx 4090", "a100", "h100")  # the cards the plan times (device.GPU_PEAK_FLOPS)
 COMPUTE_OPTIMAL_TOKENS = 20  # tokens per parameter of compute-optimal training (Hoffmann et al. 2022)
+FSDP_GPUS = (2, 4, 8)  # the numbers of cards a parallel='fsdp' plan shows
 
 
 # -----------------------------------------------------------------------------
@@ -93,6 +95,7 @@ class Dims:
     C: int
     h: int
     d: int
+    K: int  # keys' and values' width: grouped-query attention's n_kv_head heads of d
     H: int
     V: int
     L: int
@@ -109,7 +112,8 @@ class Dims:
     @classmethod
     def of(cls, cfg, dtype):
         C, h = cfg.n_embd, cfg.n_head
-        return cls(C, h, C // h, cfg.mlp_hidden or 4 * C, cfg.vocab_size, cfg.n_layer, cfg.block_size,
+        return cls(C, h, C // h, (cfg.n_kv_head or h) * (C // h), cfg.mlp_hidden or 4 * C, cfg.vocab_size,
+                   cfg.n_layer, cfg.block_size,
                    4 if dtype == "float32" else 2, cfg.norm == "layernorm", cfg.pos_emb == "rope", cfg.qk_norm,
                    cfg.mlp == "swiglu", cfg.tie_embeddings, cfg.activation_checkpointing, cfg.loss_chunk_size)
 
@@ -121,18 +125,21 @@ def norm_saved(D, N):
 
 def block_saved(D, N):
     """Bytes one block saves for backward, by term (no checkpointing)."""
-    C, H, a, bf16 = D.C, D.H, D.a, D.a == 2
+    C, K, H, a, bf16 = D.C, D.K, D.H, D.a, D.a == 2
     t = {"norms": 2 * norm_saved(D, N)}
     t["attn.input"] = a * N * C  # the normed input in the compute dtype, saved by the QKV matmul
-    t["attn.qkv_weight"] = a * 3 * C * C  # torch.cat of c_q, c_k, c_v (or its bf16 cast): not a leaf, not cached
-    t["attn.qkv"] = a * 3 * N * C  # q, k and v are views of one (N, 3C) product
+    # grouped-query attention: c_k and c_v are (K, C), K = C * n_kv_head / n_head
+    t["attn.qkv_weight"] = a * (C + 2 * K) * C  # torch.cat of c_q, c_k, c_v (or its bf16 cast): not a leaf, not cached
+    t["attn.qkv"] = a * N * (C + 2 * K)  # q, k and v are views of one (N, C + 2K) product
     if D.qk_norm:  # RMSNorm over head_dim of q and k: a float32 rstd per head and token (x is the product's view)
-        t["attn.qk_norm"] = 2 * 4 * D.h * N
+        t["attn.qk_norm"] = 4 * (C + K) // D.d * N
     if D.rope or D.qk_norm:  # the q and k that SDPA gets are new tensors, not views of the product
-        t["attn.q_k"] = a * 2 * N * C
+        t["attn.q_k"] = a * N * (C + K)
     if D.rope and bf16:  # cos and sin cast to bf16 in each of the two apply_rope calls
         t["attn.rope_casts"] = 8 * D.T * D.d
-    t["attn.sdpa"] = a * N * C + 4 * D.h * N  # its output (c_proj's input as it is) and logsumexp (float32)
+    # its output (c_proj's input as it is) and logsumexp (float32); grouped-query attention's shared k and v are
+    # read in place, not repeated per query head (enable_gqa; measured on CPU)
+    t["attn.sdpa"] = a * N * C + 4 * D.h * N
     if bf16:
         t["attn.proj_weight"] = 2 * C * C  # autocast's cached bf16 copy of c_proj.weight
     t["mlp.input"] = a * N * C
@@ -296,8 +303,9 @@ def planned_batch(cfg, budget):
 def describe_model(cfg):
     block = "modern block" if cfg.pos_emb == "rope" or cfg.norm == "rmsnorm" or cfg.mlp == "swiglu" else "GPT-2 block"
     switches = f"{cfg.pos_emb} positions, {cfg.norm}{', QK-norm' if cfg.qk_norm else ''}, {cfg.mlp} MLP"
-    return (f"{cfg.n_layer} layers x {cfg.n_embd} ({cfg.n_head} heads), block {cfg.block_size}, vocab {cfg.vocab_size}; "
-            f"{block} ({switches}), {'tied' if cfg.tie_embeddings else 'untied'} head")
+    kv = f", {cfg.n_kv_head} key/value heads" if cfg.n_kv_head not in (0, cfg.n_head) else ""
+    return (f"{cfg.n_layer} layers x {cfg.n_embd} ({cfg.n_head} heads{kv}), block {cfg.block_size}, "
+            f"vocab {cfg.vocab_size}; {block} ({switches}), {'tied' if cfg.tie_embeddings else 'untied'} head")
 
 
 def memory_lines(cfg, mem, budget, source):
@@ -355,6 +363,37 @@ def time_lines(cfg, model):
     return lines
 
 
+def fsdp_card_bytes(cfg, mem, model, gpus):
+    """parallel='fsdp': what one of `gpus` cards needs at mem's peak (allowance included), by arithmetic: FSDP's
+    own buffers are estimated, not measured. Weights, optimizer state and, with fsdp_sync_every_micro_batch, the
+    gradients are split over the cards (without it each card keeps a whole float32 gradient between
+    micro-batches); added: the weights FSDP gathers in the compute dtype, the root unit (embedding, head, final
+    norm: gathered from forward to backward) and two blocks (the one computing and the next, prefetched), and one
+    block's whole float32 gradient before its reduce-scatter. The activations stay autocast's: FSDP's bf16
+    weights keep the residual stream in bf16 too, so they are an upper bound there."""
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    root = sum(p.numel() for p in model.parameters()) - cfg.n_layer * block
+    grads_sharded = cfg.fsdp_sync_every_micro_batch and "2+" in mem.where  # the peak holds the gradients
+    sharded = mem.weights + sum(mem.optimizer.values()) + (mem.gradients if grads_sharded else 0)
+    peak = mem.peak - sharded + sharded // gpus + Dims.of(cfg, plan_dtype(cfg)).a * (root + 2 * block) + 4 * block
+    return int(peak + CONTEXT_GIB * GIB + ALLOCATOR_SHARE * peak)
+
+
+def fsdp_line(cfg, mem, model, budget):
+    needed = {n: fsdp_card_bytes(cfg, mem, model, n) / GIB for n in FSDP_GPUS}
+    return (f"parallel=fsdp, per card (weights, optimizer state{', gradients' * cfg.fsdp_sync_every_micro_batch} "
+            f"split; FSDP's gathered weights added; by arithmetic): " + ", ".join(
+                f"{n} GPUs {gib:.1f} GiB ({'fits' if gib <= budget else 'does NOT fit'})" for n, gib in needed.items())
+            + f" of {budget:.2f}")
+
+
+def kv_cache_bytes(cfg, batch_size=1, dtype_bytes=2):
+    """model.KVCache's bytes for sampling (sample.py, serve.py): keys and values of every layer for block_size
+    positions; grouped-query attention keeps n_kv_head heads, not n_head."""
+    head_dim = cfg.n_embd // cfg.n_head
+    return 2 * cfg.n_layer * batch_size * (cfg.n_kv_head or cfg.n_head) * cfg.block_size * head_dim * dtype_bytes
+
+
 def plan_report(cfg):
     """The plan of cfg, as `train.py --plan` prints it."""
     model = meta_model(cfg)
@@ -372,8 +411,14 @@ def plan_report(cfg):
     if cfg.batch_size == "auto":
         lines.append(f"batch_size='auto': micro-batch {batch}, the largest that fits and divides the step's "
                      f"{sequences_per_step(cfg)} sequences (on a GPU, confirmed at start by a forward and backward)")
-    lines += memory_lines(cfg, step_memory(cfg, batch, model), budget, source) + fit_lines(cfg, budget)
+    mem = step_memory(cfg, batch, model)
+    lines += memory_lines(cfg, mem, budget, source) + fit_lines(cfg, budget)
+    if cfg.parallel == "fsdp":  # the lines above are one card holding everything, as DDP and one process do
+        lines.append(fsdp_line(cfg, mem, model, budget))
     lines += time_lines(cfg, model)
+    kv = cfg.n_kv_head or cfg.n_head
+    lines.append(f"sampling (sample.py, serve.py): KV cache {kv_cache_bytes(cfg) / 2 ** 20:,.1f} MiB per sequence of "
+                 f"{cfg.block_size} tokens in bf16 ({kv} key/value head{'s' * (kv > 1)} x {cfg.n_layer} layers)")
     unmodelled = {"dropout": cfg.dropout > 0, "the dispersion loss": cfg.dispersion_coeff > 0,
                   "the multipliers' activations": cfg.multipliers != "none", "logit_softcap": cfg.logit_softcap > 0,
                   "the plain loss (loss_chunk_size=0)": cfg.loss_chunk_size == 0}
@@ -383,11 +428,15 @@ def plan_report(cfg):
     return "\n".join(lines)
 
 
-def plan_summary(cfg):
-    """One line for the start of a CUDA run."""
+def plan_summary(cfg, world=1):
+    """One line for the start of a CUDA run (world: its processes)."""
     budget, source = budget_gib(cfg)
     batch = planned_batch(cfg, budget)
     mem = step_memory(cfg, batch)
+    if cfg.parallel == "fsdp" and world > 1:
+        needed = fsdp_card_bytes(cfg, mem, meta_model(cfg), world) / GIB
+        return (f"plan: {needed:.1f} GiB needed per card of {budget:.1f} at micro-batch {batch} under FSDP on {world} "
+                f"GPUs (by arithmetic; details: --plan): {'fits' if needed <= budget else 'does NOT fit'}")
     return (f"plan: {mem.needed / GIB:.1f} GiB needed of {budget:.1f} at micro-batch {batch} (peak of tensors "
             f"{mem.peak / GIB:.1f}, eager; + {mem.allowance / GIB:.1f} assumed for the CUDA context and allocator): "
             f"{'fits' if mem.needed <= budget * GIB else 'does NOT fit'}; largest micro-batch "

@@ -22,6 +22,8 @@ tiny = randomized_tiny_gpt  # every weight randomised (norm gains, biases, multi
     (dict(bias=True, multipliers="vector", tie_embeddings=False), "LlamaForCausalLM"),
     (dict(qk_norm=True), "Qwen3ForCausalLM"),
     (dict(qk_norm=True, tie_embeddings=False, multipliers="scalar"), "Qwen3ForCausalLM"),
+    (dict(n_head=4, n_kv_head=2, multipliers="vector"), "LlamaForCausalLM"),  # grouped-query attention
+    (dict(qk_norm=True, n_head=4, n_kv_head=1, tie_embeddings=False), "Qwen3ForCausalLM"),
 ])
 @needs_tokenizer
 def test_modern_block_exports_with_equal_logits(tmp_path, overrides, cls):
@@ -33,6 +35,7 @@ def test_modern_block_exports_with_equal_logits(tmp_path, overrides, cls):
         export.export(model, str(tmp_path))
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
         assert type(hf).__name__ == cls and hf.config.max_position_embeddings == 16
+        assert hf.config.num_key_value_heads == model.config.kv_heads  # < num_attention_heads with n_kv_head
         assert (hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()) == model.config.tie_embeddings
         torch.testing.assert_close(hf(idx).logits, expected, atol=1e-4, rtol=0)
         out = hf.generate(idx[:1, :4], max_new_tokens=6, do_sample=False, pad_token_id=EOT)
@@ -49,6 +52,7 @@ def test_modern_block_exports_with_equal_logits(tmp_path, overrides, cls):
     (dict(pos_emb="rope", mlp="swiglu"), "norm='layernorm' with pos_emb='rope'"),
     (dict(pos_emb="rope", norm="rmsnorm"), "mlp='gelu' with pos_emb='rope'"),
     (dict(**MODERN, qk_norm=True, bias=True), "bias=True with qk_norm=True"),
+    (dict(n_head=4, n_kv_head=2), "n_kv_head=2 with pos_emb='learned'"),
 ])
 def test_combinations_without_an_hf_twin_fail_naming_the_switch(tmp_path, overrides, switch):
     model = tiny(**overrides)

@@ -1,5 +1,6 @@
 """
-bench/gpu_suite.py: the CPU dry run through the real entry point (every part's code path, its markdown and JSON),
+bench/gpu_suite.py: the CPU dry run through the real entry point (every part's code path, its markdown and JSON; the
+FSDP part in a process group of one),
 the part runner (a failure, an out-of-memory and a spent budget stop only their own part), and on a GPU the
 CUDA-only paths the suite relies on: torch.compile + bf16 autocast + fused AdamW, pinned-memory copies, the
 memory cap and torch.cuda.mem_get_info (skipped without a GPU).
@@ -64,6 +65,7 @@ def check_report(report, markdown, stdout):
     for name in ("loss_memory", "overheads"):
         rows = parts[name]["rows"]
         assert len(rows) == 3 and rows[0]["ratio"] == [1.0, 1.0, 1.0] and all(r["ratio"][0] > 0 for r in rows)
+    assert [r["name"] for r in parts["fsdp"]["rows"]] == ["one process", "DDP, 1 process", "FSDP, 1 process"]
     assert [(r["mode"], r["batch"]) for r in parts["sample"]["rows"]] == [
         ("eager", 1), ("eager", 8), ("compiled", 1), ("compiled", 8)]
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ")]

@@ -12,7 +12,7 @@ import ast
 
 from conftest import REPO
 
-SCRIPTS = {"train", "sample", "serve", "eval", "export", "plot", "ablate", "condensation"}  # what a user runs
+SCRIPTS = {"train", "sample", "serve", "eval", "export", "plot", "ablate", "condensation", "consolidate"}  # what a user runs
 # each package module may import only modules of lower layers (the standard library and third-party packages aside);
 # model.py, at the root, counts as layer 1: it imports torch only
 LAYERS = [
@@ -22,7 +22,9 @@ LAYERS = [
     # metrics.jsonl / watching a run / the condensation statistics / bits per byte and HellaSwag / device and precision
     {"config", "optim", "checkpoint", "tokenizer"},  # the training keys / the optimizer / checkpoint files (these
     # read model.py) / the tokenizer (of a data directory: reads shards.py)
-    {"generation", "plan"},  # what sample.py and serve.py share / the memory and time planner (reads optim's groups)
+    # what sample.py and serve.py share / the memory and time planner (reads optim's groups) / FSDP: sharding,
+    # sharded checkpoints
+    {"generation", "plan", "parallel"},
 ]
 MAX_FUNCTION_LINES = 60
 PATH_SURGERY_ALLOWED = {"data/fineweb/prepare.py", "data/chat/prepare.py"}  # documented as `python data/.../prepare.py`

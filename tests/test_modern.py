@@ -2,9 +2,11 @@
 The modern block switches (pos_emb, norm, qk_norm, mlp, mlp_hidden, tie_embeddings, logit_softcap), each against
 a plain reference: all off == a written-out GPT-2 forward on nanoGPT's fused keys, bit for bit; RoPE == a complex
 rotation; RMSNorm == its formula; the modern model == transformers' LlamaForCausalLM / Qwen3ForCausalLM with the
-same weights; KV-cache decoding == full recomputation; merged multipliers == unmerged; old fused checkpoints load.
+same weights; KV-cache decoding == full recomputation; merged multipliers == unmerged; old fused checkpoints load;
+grouped-query attention == every query head with its own copy of its group's key and value head.
 """
 import copy
+import re
 
 import pytest
 import torch
@@ -24,6 +26,8 @@ SWITCHES = {  # each switch alone, and the exportable combinations
     "swiglu": dict(mlp="swiglu"), "relu2": dict(mlp="relu2", mlp_hidden=40), "untied": dict(tie_embeddings=False),
     "softcap": dict(logit_softcap=3.0), "llama": LLAMA, "qwen3": dict(LLAMA, qk_norm=True),
     "qwen3_untied_bias": dict(LLAMA, qk_norm=True, tie_embeddings=False, bias=True),
+    "gqa": dict(LLAMA, qk_norm=True, n_head=4, n_kv_head=2),  # grouped-query attention: 2 query heads per kv head
+    "gqa_mqa_untied_bias": dict(LLAMA, n_head=4, n_kv_head=1, tie_embeddings=False, bias=True),  # one kv head
 }
 
 
@@ -268,6 +272,26 @@ def test_activation_checkpointing_same_gradients():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("name", ["gqa", "gqa_mqa_untied_bias"])
+def test_grouped_query_attention_is_repeated_key_value_heads(name):
+    """A model with n_kv_head < n_head computes what the plain model computes when each kv head's rows of c_k and
+    c_v are repeated for the n_head / n_kv_head query heads that read it (head h reads kv head h // group, HF
+    Llama's repeat_kv layout; a tiling instead would pair other heads). Its KV cache holds n_kv_head heads only."""
+    gqa = randomize(tiny(**SWITCHES[name])).eval()
+    cfg = gqa.config
+    assert gqa.transformer.h[0].attn.c_k.weight.shape == (cfg.n_kv_head * 8, 32)  # head_dim 32 / 4 = 8
+    full = tiny(**{**SWITCHES[name], "n_kv_head": 0}).eval()
+    group, hs = cfg.n_head // cfg.n_kv_head, cfg.n_embd // cfg.n_head
+    repeat = lambda t: t.unflatten(0, (cfg.n_kv_head, hs)).repeat_interleave(group, dim=0).flatten(0, 1)
+    sd = {k: repeat(v) if ".attn.c_k." in k or ".attn.c_v." in k else v for k, v in gqa.state_dict().items()}
+    full.load_state_dict(sd)
+    idx = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(idx)[0], full(idx)[0], rtol=1e-5, atol=1e-5)
+    from model import KVCache
+    assert KVCache(cfg, 2, "cpu", torch.float32).k[0].shape == (2, cfg.n_kv_head, 16, hs)
+
+
 # -----------------------------------------------------------------------------
 # Learnable multipliers on the modern block
 
@@ -279,7 +303,7 @@ def test_qkv_have_their_own_row_and_column_multipliers():
     assert model.transformer.h[0].attn.c_q.col_mult is not model.transformer.h[0].attn.c_k.col_mult
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen3_untied_bias", "untied", "relu2"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen3_untied_bias", "untied", "relu2", "gqa"])
 @pytest.mark.parametrize("kind", ["vector", "scalar"])
 def test_merge_exact_on_modern_block(name, kind):
     """Random multipliers (and gains) folded into plain weights: the same logits, and exactly a plain model's keys.
@@ -332,6 +356,8 @@ def test_old_fused_multiplier_checkpoint_loads(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--pos_emb=rope", "--n_embd=36", "--n_head=4"], "pos_emb='rope' needs an even head dimension n_embd / n_head"),
     (["--mlp_hidden=-1"], "mlp_hidden must be >= 0"),
+    (["--n_head=4", "--n_kv_head=3"], "n_kv_head (3) must divide n_head (4)"),
+    (["--n_kv_head=-2"], "n_kv_head (-2) must divide n_head (12)"),
     (["--pos_emb=alibi"], "pos_emb must be one of learned, rope"),
     (["--norm=batchnorm"], "norm must be one of layernorm, rmsnorm"),
     (["--mlp=geglu"], "mlp must be one of gelu, swiglu, relu2"),
@@ -339,7 +365,7 @@ def test_old_fused_multiplier_checkpoint_loads(tmp_path):
     (["--logit_softcap=-1"], "logit_softcap >= 0"),
 ])
 def test_bad_combinations(args, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_train_config(args)
 
 
