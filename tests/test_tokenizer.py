@@ -364,6 +364,8 @@ def test_tokenizer_mismatches_are_one_line(bpe_run, bpe_dir, token_dir, tmp_path
                               f"--init_from={bpe_run}", check=False), f"init_from={bpe_run} uses bpe-{VOCAB}")
     one_line_error(run_script("eval.py", f"--model={bpe_run}", f"--data_dir={token_dir}", "--hellaswag_items=0",
                               check=False), "uses the tokenizer gpt2")
+    one_line_error(run_script("condensation.py", f"--out_dir={bpe_run}", f"--data_dir={token_dir}", "--which=last",
+                              check=False), f"data_dir {token_dir} uses the tokenizer gpt2", f"uses bpe-{VOCAB}")
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for f in bpe_dir.iterdir():
