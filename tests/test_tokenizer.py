@@ -243,6 +243,16 @@ def one_line_error(result, *parts):
     assert all(p in result.stderr for p in parts), result.stderr
 
 
+def test_prepare_refuses_a_vocabulary_it_cannot_store_in_one_line(tmp_path):
+    """--vocab_size past uint16, too small for the bytes and the specials, or given with --tokenizer."""
+    for flags, message in [(["--vocab_size=65537"], "at most 65,536 (token files are uint16), not 65537"),
+                           (["--vocab_size=200"], "must be above 267"),
+                           (["--vocab_size=4096", "--tokenizer=gpt2"], "not both")]:
+        result = run_script("data/fineweb/prepare.py", SAMPLE_PARQUET, f"--out_dir={tmp_path}", *flags, check=False)
+        one_line_error(result, message)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory, sample_parquet):
     """3,000 documents of the sample (100 held out) tokenized with a BPE that prepare.py trains on the train ones."""
@@ -354,6 +364,8 @@ def test_tokenizer_mismatches_are_one_line(bpe_run, bpe_dir, token_dir, tmp_path
                               f"--init_from={bpe_run}", check=False), f"init_from={bpe_run} uses bpe-{VOCAB}")
     one_line_error(run_script("eval.py", f"--model={bpe_run}", f"--data_dir={token_dir}", "--hellaswag_items=0",
                               check=False), "uses the tokenizer gpt2")
+    one_line_error(run_script("condensation.py", f"--out_dir={bpe_run}", f"--data_dir={token_dir}", "--which=last",
+                              check=False), f"data_dir {token_dir} uses the tokenizer gpt2", f"uses bpe-{VOCAB}")
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for f in bpe_dir.iterdir():

@@ -17,10 +17,11 @@ from conftest import REPO, run_script
 
 import train
 from smallgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from smallgpt.config import load_train_config
+from smallgpt.config import load_train_config, with_vocab_size
 from smallgpt.errors import DataError
 from smallgpt.metrics import read_records
 from smallgpt.shards import open_split
+from smallgpt.tokenizer import open_tokenizer
 
 # a few-second version of config/train_tiny.py (as test_train.py's), no condensation diagnostic
 FAST = ["config/train_tiny.py", "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
@@ -93,8 +94,10 @@ def val_loss_of(path, args):
     cfg = load_train_config([*args, "--device=cpu"])
     rt = train.Runtime(ddp=False, rank=0, local_rank=0, world=1, device="cpu", dtype="float32", accum=1)
     tokens, meta = open_split(cfg.data_dir, "val")
+    cfg = with_vocab_size(cfg, meta["vocab_size"])  # as train.py resolves it
     model = model_from_checkpoint(load_checkpoint(str(path)))
-    return train.Evaluator(cfg, tokens, meta, rt)(model, model, 0)["val_loss"]
+    evaluate = train.Evaluator(cfg, tokens, meta["vocab_size"], rt, open_tokenizer(cfg.data_dir).record)
+    return evaluate(model, model, 0)["val_loss"]
 
 
 def assert_best_pt_holds_the_best(out, reference, args):
