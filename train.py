@@ -39,7 +39,8 @@ from smallgpt.device import autocast, peak_flops, select_device, select_dtype, t
 from smallgpt.errors import ConfigError, DataError, run_main
 from smallgpt.evaluation import bits_per_byte, loss_sums, read_hellaswag, score_hellaswag, token_bytes
 from smallgpt.metrics import MetricsLog, read_records, summarize
-from smallgpt.monitor import MAX_SKIPS_IN_A_ROW, Clock, Health, compile_failure, count, duration, file_size, gpu_report, probe_compiled
+from smallgpt.monitor import (MAX_SKIPS_IN_A_ROW, Clock, Health, compile_failure, count, duration, file_size, gpu_report,
+                              probe_compiled)
 from smallgpt.optim import configure_optimizer
 from smallgpt.parallel import (consolidate, full_parameters, load_sharded, no_gradient_sync, read_sharded, save_sharded,
                                shard_model, shard_optimizer_state)

@@ -1,7 +1,7 @@
 """The golden curve: config/train_tiny.py with deterministic=True, 20 steps on the shared sample's first 4,000
 documents (conftest.token_dir), through train.py itself. Its per-step train losses and final val loss must equal
-the committed fixture: exactly on the torch build and CPU instruction set that wrote it (recorded in the fixture), within
-TOLERANCE elsewhere. Every other test checks a mechanism; this one notices a change that quietly trains worse.
+the committed fixture: exactly on the torch build and CPU instruction set that wrote it (both recorded in the
+fixture), within TOLERANCE elsewhere. Every other test checks a mechanism; this one notices a change that quietly trains worse.
 
 A change meant to move the curve updates the fixture on purpose, and says why in its commit:
 
