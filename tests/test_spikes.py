@@ -3,14 +3,18 @@ point (conftest.HOOK), and what each action does with it, checked against runs c
 the same run with exactly that update left out, 'rollback' equals the same run with the updates since the last
 checkpoint left out, 'warn' takes the update as before; kill -9 and resume around both are exact."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import hooked_train, run_script
+from conftest import HOOK, REPO, hooked_train, run_script
 
 from smallgpt.checkpoint import load_checkpoint
 from smallgpt.metrics import read_records
 from smallgpt.monitor import SPIKE_MIN_HISTORY, Health
+from smallgpt.parallel import read_sharded
 
 # a few-second tiny run (test_train.py's), 60 steps of 8 windows, evaluations and last.pt every 10 steps. The loss is
 # still falling steeply at step 40, so its median over the run lags behind it: windows of random tokens there have a
@@ -160,6 +164,24 @@ def test_rollback_recovers_records_what_it_skipped_and_resumes_exactly(runs, tmp
         assert resumed.returncode == 0, resumed.stderr
         assert same_weights(killed, rolled), step
         assert without_timing(read_records(killed)) == without_timing(read_records(rolled)), step
+
+
+@pytest.mark.slow
+def test_rollback_under_fsdp_reads_the_sharded_checkpoint(tmp_path, token_dir):
+    """parallel=fsdp (2 CPU processes under torchrun): the same poisoned stretch rolls back to the sharded last of
+    step 40, picked as resume picks it, whose state.pt carries the spike watches."""
+    hook, out = tmp_path / "hook.py", tmp_path / "fsdp"
+    hook.write_text(HOOK)  # conftest's faults, run by torchrun in each process
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(hook), *ARGS,
+           f"--data_dir={token_dir}", "--parallel=fsdp", "--spike_action=rollback", f"--out_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POISON_FIRST": str(STEP * WINDOWS_PER_STEP),
+           "POISON_END": str((STEP + 5) * WINDOWS_PER_STEP)}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rollback = [r for r in records(out, "health") if r["what"] == "rollback"]
+    assert len(rollback) == 1 and rollback[0]["iter"] == STEP + 4 and rollback[0]["to_iter"] == STEP, rollback
+    assert rollback[0]["checkpoint"].startswith("iter-")  # the sharded checkpoint's directory, not a file
+    assert read_sharded(out, "last")["health"]["loss"]["history"]  # the watches' state in the sharded checkpoint
 
 
 def test_plot_marks_skips_and_rollbacks(tmp_path):
