@@ -9,7 +9,8 @@ is still going works too (what is there is read; a line being written is skipped
 
 Runs are named first, without --; then --key=value options (`python plot.py --help` lists them).
 
-Panels, each drawn only when some run has its data: train and val loss, val bits per byte, learning rate,
+Panels, each drawn only when some run has its data: train and val loss (with the updates that spike_action skipped
+and the stretches it rolled back), val bits per byte, learning rate,
 gradient norm, throughput, MFU, the dispersion term, the condensation scores, multiplier statistics, HellaSwag,
 and per run the mean cosine of each layer over training. The x axis counts tokens trained on. The picture needs
 matplotlib (pip install matplotlib); the table does not.
@@ -148,10 +149,42 @@ def panels_with_data(runs, axis):
     return [p for p in PANELS + extra if any(len(run.series(kinds, key, axis)[0]) for run in runs for _, kinds, key in p[3])]
 
 
+def health_events(run, axis):
+    """Where a run skipped updates and what it rolled back (spike_action), on the x axis: the x of each skipped
+    step, and (from, to) of each rollback, from its checkpoint to the step that triggered it."""
+    health = of_type(run.records, "health")
+    skips = [r for r in health if r["what"] == "skip"]
+    rollbacks = [r for r in health if r["what"] == "rollback" and "to_iter" in r]
+    skip_x = run.x([{"type": "train", "iter": r["iter"]} for r in skips], axis)
+    starts = run.x([{"type": "eval", "iter": r["to_iter"]} for r in rollbacks], axis)  # the checkpoint's step
+    ends = run.x([{"type": "train", "iter": r["iter"]} for r in rollbacks], axis)
+    return list(skip_x), list(zip(starts, ends))
+
+
+def draw_health(ax, runs, axis, colors):
+    """On the loss panel: a dotted line at each skipped update, a shaded span over each stretch rolled back."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    handles = []
+    for i, run in enumerate(runs):
+        skips, rollbacks = health_events(run, axis)
+        color = colors[i % len(colors)]
+        for x in skips:
+            ax.axvline(x, color=color, linestyle=":", linewidth=1)
+        for start, end in rollbacks:
+            ax.axvspan(start, end, color=color, alpha=0.15)
+        if skips and not any(h.get_label() == "skipped update" for h in handles):
+            handles.append(Line2D([], [], color="0.3", linestyle=":", label="skipped update"))
+        if rollbacks and not any(h.get_label() == "rolled back" for h in handles):
+            handles.append(Patch(color="0.3", alpha=0.15, label="rolled back"))
+    return handles
+
+
 def draw_panel(ax, runs, panel, axis, alpha, colors):
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     title, ylabel, yscale, lines = panel
+    extra = draw_health(ax, runs, axis, colors) if title == "loss" else []
     for i, run in enumerate(runs):
         for (label, kinds, key), linestyle, marker in zip(lines, LINESTYLES, MARKERS):
             x, y = run.series(kinds, key, axis)
@@ -165,7 +198,7 @@ def draw_panel(ax, runs, panel, axis, alpha, colors):
     if len(lines) > 1:  # which line style is which series (the colours are the runs)
         handles = [Line2D([], [], color="0.3", linestyle=ls, label=label, **(marker_style(m) if kinds != TRAIN else {}))
                    for (label, kinds, _), ls, m in zip(lines, LINESTYLES, MARKERS)]
-        ax.legend(handles=handles, fontsize=8)
+        ax.legend(handles=handles + extra, fontsize=8)
     ax.set(title=title, ylabel=ylabel, yscale=yscale)
     if title in YLIMITS:
         ax.set_ylim(*YLIMITS[title])

@@ -32,14 +32,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import ARCH_KEYS, GPT, MULTIPLIER_SUFFIX, GPTConfig
 from smallgpt.chat import ChatTokens, ConversationRows
 from smallgpt.checkpoint import (code_version, find_checkpoint, load_checkpoint, lock_run_dir, model_from_checkpoint,
-                                 remove_stale_temporaries, save_checkpoint)
+                                 newest_checkpoint, remove_stale_temporaries, save_checkpoint)
 from smallgpt.condensation import condensation_metrics
 from smallgpt.config import TrainConfig, load_train_config, model_args, with_vocab_size
 from smallgpt.device import autocast, peak_flops, select_device, select_dtype, to_device
 from smallgpt.errors import ConfigError, DataError, run_main
 from smallgpt.evaluation import bits_per_byte, loss_sums, read_hellaswag, score_hellaswag, token_bytes
 from smallgpt.metrics import MetricsLog, read_records, summarize
-from smallgpt.monitor import Clock, Health, compile_failure, count, duration, file_size, gpu_report, probe_compiled
+from smallgpt.monitor import (MAX_SKIPS_IN_A_ROW, Clock, Health, compile_failure, count, duration, file_size, gpu_report,
+                              probe_compiled)
 from smallgpt.optim import configure_optimizer
 from smallgpt.parallel import (consolidate, full_parameters, load_sharded, no_gradient_sync, read_sharded, save_sharded,
                                shard_model, shard_optimizer_state)
@@ -157,11 +158,12 @@ def source_architecture(cfg, raw_model, rt):
 # -----------------------------------------------------------------------------
 # One optimizer step (bench/bench_train.py times this same function)
 
-def train_step(model, optimizer, scaler, ctx, get_batch, accum, clip_params, grad_clip, no_sync=None):
+def train_step(model, optimizer, scaler, ctx, get_batch, accum, clip_params, grad_clip, no_sync=None, gate=None):
     """Accumulate gradients over `accum` micro-batches (get_batch(i) -> x, y on the device; no_sync: under DDP or
     FSDP, the context in which backward does not synchronise gradients, used for all but the last), clip, and
     step. Returns the sums over micro-batches of [CE, dispersion] (a device tensor: reading it waits for the GPU)
-    and the global grad norm."""
+    and the global grad norm. gate(sums, grad_norm), when given, is asked before the update: False drops it (the
+    gradients discarded, the optimizer untouched)."""
     sums = None
     for micro in range(accum):
         x, y = get_batch(micro)  # fetched while the GPU still runs the previous micro-batch
@@ -178,8 +180,9 @@ def train_step(model, optimizer, scaler, ctx, get_batch, accum, clip_params, gra
     # grad_clip 0: no clipping, but the norm is still measured for the log. Under FSDP each rank holds its shard of
     # every gradient: the norm is the global one all the same (a replicated DTensor)
     grad_norm = torch.nn.utils.clip_grad_norm_(clip_params, grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)  # skips the update when float16 gradients overflowed (a plain step otherwise)
-    scaler.update()
+    if gate is None or gate(sums, grad_norm):
+        scaler.step(optimizer)  # skips the update when float16 gradients overflowed (a plain step otherwise)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)  # None, not zeros: the gradients' memory is free until the next backward
     return sums, grad_norm
 
@@ -201,17 +204,18 @@ def log_line(record, eta):
 
 
 class StepLog:
-    """After each optimizer step: the ETA clock, the spike checks (a warning and a 'health' record once per spike),
-    and every log_interval steps the train record (metrics.jsonl) and its console line. Rank 0 only writes."""
+    """After each optimizer step: the ETA clock, the spike checks (a warning and a 'health' record once per spike,
+    and one per skipped update), and every log_interval steps the train record (metrics.jsonl) and its console line.
+    Every rank keeps the spike watches (skips and rollbacks are decided alike everywhere); rank 0 only writes."""
 
     def __init__(self, run, flops_peak):
         self.cfg, self.rt, self.raw_model, self.metrics, self.flops_peak = run.cfg, run.rt, run.raw_model, run.metrics, flops_peak
         # ETA from the steps of this start, wall time over all starts
         self.clock = Clock(run.progress.iter_num, run.cfg.max_iters, run.progress.elapsed_s)
-        self.health = Health(run.cfg.loss_spike_factor, run.cfg.grad_spike_factor)
+        self.health = run.health
         self.steps_timed, self.t0 = 0, time.time()  # the throughput of the steps since the last log line
 
-    def __call__(self, progress, lr, ce, disp, grad_norm):
+    def __call__(self, progress, lr, ce, disp, grad_norm, skipped=None):
         cfg, it = self.cfg, progress.iter_num - 1  # the step just taken
         self.steps_timed += 1
         eta = self.clock.eta(progress.iter_num)
@@ -221,10 +225,10 @@ class StepLog:
         if due and cfg.multipliers != "none":  # read outside forward: under FSDP every rank gathers the weights
             with full_parameters(self.raw_model):
                 multiplier_stats = self.raw_model.multiplier_stats()
+        records = ([skipped] if skipped else []) + self.health.check(it, loss=ce, grad_norm=grad_norm)
         if not self.rt.master:
             return
-        grad_norm = grad_norm.item()  # computed already: the step's .tolist() waited for the GPU
-        for record in self.health.check(it, loss=ce, grad_norm=grad_norm):
+        for record in records:
             self.rt.log(Health.message(record))
             self.metrics.write(record)
         if not due:
@@ -349,20 +353,26 @@ def read_resume_checkpoint(cfg, tokenizer):
         return None
     if not existing and not sharded:
         raise DataError(f"init_from=resume but {cfg.out_dir} holds no last.pt or best.pt")
-    ckpt = None
-    if existing:
-        paths = [os.path.join(cfg.out_dir, n) for n in existing]
-        # mmap: reads the iteration, not the tensors; max() keeps the first of equals: last.pt
-        ckpt = read_resume_file(max(paths, key=lambda p: load_checkpoint(p, mmap=True).get("iter_num", -1)))
-    # the newer of the two kinds; at the same iteration, the kind this run writes (every FSDP rank would read a file)
-    if sharded and (ckpt is None or sharded["iter_num"] > ckpt["iter_num"] or
-                    sharded["iter_num"] == ckpt["iter_num"] and cfg.parallel == "fsdp"):
-        ckpt = sharded
+    ckpt = newest_resume_checkpoint(cfg)
     trained_with = ckpt.get("config", {}).get("optimizer", "adamw")  # AdamW and Muon states differ
     if trained_with != cfg.optimizer and not cfg.eval_only:
         raise ConfigError(f"cannot resume a run trained with optimizer={trained_with} with optimizer={cfg.optimizer}: "
                           f"start a new run from its weights with --init_from={ckpt['path']}")
     check_same(tokenizer, checkpoint_tokenizer(ckpt), f"data_dir {cfg.data_dir}", ckpt["path"])
+    return ckpt
+
+
+def newest_resume_checkpoint(cfg):
+    """The newest checkpoint of out_dir with a run's whole training state (resume and rollback read it), or None:
+    the newer of last.pt and best.pt (last.pt on a tie; best.pt is the newer one after a kill between the two
+    writes) or of an FSDP run's sharded last and best, whichever is newer; at the same iteration, the kind this
+    run writes (every FSDP rank would read a file)."""
+    path = newest_checkpoint(cfg.out_dir)
+    ckpt = read_resume_file(path) if path else None
+    sharded = newest([read_sharded(cfg.out_dir, "last"), read_sharded(cfg.out_dir, "best")])
+    if sharded and (ckpt is None or sharded["iter_num"] > ckpt["iter_num"] or
+                    sharded["iter_num"] == ckpt["iter_num"] and cfg.parallel == "fsdp"):
+        ckpt = sharded
     return ckpt
 
 
@@ -408,12 +418,15 @@ class Run:
     scaler: torch.amp.GradScaler  # enabled for float16 only
     progress: Progress
     tokenizer: dict  # the data's tokenizer record (with its text): every checkpoint carries it
+    health: Health  # the spike watches: warnings, skipped updates, rollbacks (their state is in every checkpoint)
     metrics: object = None  # MetricsLog on rank 0 of a training run; None elsewhere
     no_sync: object = None  # DDP's or FSDP's context without gradient synchronisation; None in one process
+    rolled_back_to: int = -1  # the iteration of the checkpoint of this start's last rollback
 
 
-def restore(ckpt, raw_model, optimizer, scaler, rt):
-    """Load a checkpoint's optimizer, scaler and RNG state (and a sharded checkpoint's weights); return its Progress."""
+def load_training_state(ckpt, raw_model, optimizer, scaler, health, rt):
+    """Load a checkpoint's optimizer, grad scaler and spike-watch state, and a sharded checkpoint's weights (resume
+    and rollback)."""
     # load_state_dict restores the checkpoint's group settings: keep this run's
     wanted = [{k: g[k] for k in ("weight_decay", "lr_scale", "betas", "eps") if k in g} for g in optimizer.param_groups]
     if "sharded" in ckpt:  # DCP reads this rank's part, whatever number of processes wrote it (smallgpt/parallel.py)
@@ -423,6 +436,13 @@ def restore(ckpt, raw_model, optimizer, scaler, rt):
     for group, settings in zip(optimizer.param_groups, wanted):  # this run's settings, not the checkpoint's
         group.update(settings)
     scaler.load_state_dict(ckpt["scaler"])
+    health.load(ckpt.get("health"))  # older checkpoints have none: the watches start afresh
+
+
+def restore(ckpt, raw_model, optimizer, scaler, health, rt):
+    """Load a checkpoint's optimizer, scaler, spike-watch and RNG state (and a sharded checkpoint's weights); return
+    its Progress."""
+    load_training_state(ckpt, raw_model, optimizer, scaler, health, rt)
     torch.set_rng_state(ckpt["rng"]["torch"])  # the dispersion loss's draws continue where the run stopped
     if "cuda" in ckpt["rng"] and rt.device_type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -442,6 +462,7 @@ def save(run, *names):
         "scaler": run.scaler.state_dict(), "config": asdict(cfg), **asdict(progress),
         "tokens_seen": progress.data_position * cfg.block_size, "rng": rng,
         "tokenizer": run.tokenizer,  # so that sample.py, eval.py, export.py... need nothing but the checkpoint
+        "health": run.health.state(),  # the spike watches: a resumed run decides its skips and rollbacks alike
     }
     if run.rt.fsdp:
         save_sharded(cfg.out_dir, [name.removesuffix(".pt") for name in names], run.raw_model, run.optimizer, contents)
@@ -641,13 +662,14 @@ def main(argv):
     # AdamW, or Muon + AdamW; after sharding: under FSDP it steps this rank's shards
     optimizer = configure_optimizer(raw_model, cfg, rt.device_type, rt.dtype)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")  # a no-op unless float16
-    progress = restore(ckpt, raw_model, optimizer, scaler, rt) if ckpt is not None else Progress()
+    health = Health(cfg.loss_spike_factor, cfg.grad_spike_factor)
+    progress = restore(ckpt, raw_model, optimizer, scaler, health, rt) if ckpt is not None else Progress()
     resumed_from = ckpt["path"] if ckpt is not None else None
     schedule_note = schedule_change(ckpt["config"], cfg, progress.iter_num) if ckpt is not None else None
     del ckpt  # free the memory it holds
     model, cfg, compile_error = compile_model(cfg, rt, raw_model)
     model, no_sync = distribute(cfg, rt, raw_model, model)
-    run = Run(cfg, rt, raw_model, model, optimizer, scaler, progress, tok.record, no_sync=no_sync)
+    run = Run(cfg, rt, raw_model, model, optimizer, scaler, progress, tok.record, health, no_sync=no_sync)
 
     # --- what the loop reads and writes
     windows = training_order(cfg, rt, data_ids, train_tokens, chat)
@@ -665,8 +687,7 @@ def main(argv):
         t0 = time.time()
         rt.log(eval_line(progress.iter_num, evaluate(model, raw_model, progress.iter_num), time.time() - t0))
         return
-    if rt.master:
-        # trims records after a resumed checkpoint
+    if rt.master:  # trims records after a resumed checkpoint
         run.metrics = MetricsLog(cfg, progress.iter_num if resumed_from else None)
     train_loop(run, windows, evaluate, flops_peak)
     print_summary(run)
@@ -737,6 +758,11 @@ def write_checkpoints(run, done, improved):
     if progress.iter_num == 0:  # nothing trained yet, nothing to save
         return
     last = done or (progress.evaluated and cfg.always_save_checkpoint)
+    if last and cfg.spike_action == "rollback" and run.health.in_loss_spike() and progress.iter_num < cfg.max_iters:
+        # the newest checkpoint must stay a state from before the spike, to roll back to
+        run.rt.log(f"last.pt not written at iter {progress.iter_num}: the loss is in a spike (spike_action=rollback)"
+                   + ("; a resumed run replays the steps since the newest checkpoint" if done else ""))
+        last = False
     names = ["best.pt"] * improved + ["last.pt"] * last
     if names:
         save(run, *names)
@@ -746,7 +772,7 @@ def write_checkpoints(run, done, improved):
         for name in ("best", "last"):
             if read_sharded(cfg.out_dir, name):
                 consolidate(cfg.out_dir, name, os.path.join(cfg.out_dir, f"{name}.pt"))
-    if done:
+    if done and last:
         run.rt.log(f"saved {cfg.out_dir}/last.pt at iter {progress.iter_num}")
 
 
@@ -767,6 +793,85 @@ def print_summary(run):
                + ", ".join(f"{n} {file_size(os.path.getsize(os.path.join(cfg.out_dir, n)))}" for n in files))
     run.rt.log(f"sample from it: python sample.py --out_dir={shlex.quote(cfg.out_dir)}" if finished else
                "continue it: the same command with --init_from=resume")
+
+
+# -----------------------------------------------------------------------------
+# Spikes: a step's numbers, a skipped update, a rollback (spike_action; docs/monitoring.md)
+
+def read_step(run, sums, grad_norm, stop):
+    """A step's numbers on the host: the true mean CE and dispersion over every micro-batch of every rank, the
+    gradient norm, and whether any rank was asked to stop. One all-reduce and one wait for the GPU per step."""
+    rt, n = run.rt, run.cfg.gradient_accumulation_steps
+    sums = torch.cat([sums, torch.tensor([float(bool(stop))], device=rt.device)])  # + stop votes
+    if rt.ddp:
+        dist.all_reduce(sums)
+    ce, disp, stop_votes = sums.tolist()  # one transfer for the loss, the dispersion and the stop votes
+    return ce / n, disp / n, grad_norm.item(), stop_votes > 0  # .item(): the GPU is done already
+
+
+class SkipGate:
+    """spike_action='skip', asked by train_step before the update of step `it`: it reads the step's numbers there
+    (the step's one wait for the GPU, moved from after the update to before it) and drops the update when the loss
+    or the gradient norm is a spike or not finite: the gradients discarded, the optimizer state untouched, the
+    step's windows consumed all the same. `skipped`: the 'skip' health record, or None."""
+
+    def __init__(self, health, it, scaler_enabled, read):
+        self.health, self.it, self.scaler_enabled, self.read = health, it, scaler_enabled, read
+        self.numbers = self.skipped = None
+
+    def __call__(self, sums, grad_norm):
+        self.numbers = self.read(sums, grad_norm)  # (ce, dispersion, grad norm, stopping)
+        self.skipped = self.health.skip(self.it, self.numbers[0], self.numbers[2], self.scaler_enabled)
+        return self.skipped is None
+
+
+def diverged(run, ce):
+    """The error that ends a run whose loss is not finite (spike_action='warn', or nothing to roll back to)."""
+    last = newest_checkpoint(run.cfg.out_dir)
+    return DataError(f"loss is {ce} at iter {run.progress.iter_num}: stopped without saving (last good checkpoint: "
+                     f"{last or 'none yet'}); try a lower learning_rate")
+
+
+def heal(run, ce):
+    """After a step's log: stop a run that skips every update, or roll back a diverged one."""
+    cfg = run.cfg
+    if run.health.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+        raise DataError(f"{MAX_SKIPS_IN_A_ROW} updates in a row skipped (iters up to {run.progress.iter_num - 1}): "
+                        f"skipping does not cure this run; try spike_action=rollback or a lower learning_rate")
+    if cfg.spike_action == "rollback" and run.health.diverged(ce, cfg.rollback_patience):
+        roll_back(run, ce)
+
+
+def roll_back(run, ce):
+    """The newest checkpoint's weights, optimizer and spike watches come back, while the step count, the RNG and
+    the data position go on: the windows since that checkpoint are skipped, and the lr schedule continues (PaLM's
+    recipe: restart from before the spike, past the data that led to it). No last.pt is written during a loss
+    spike, so the newest checkpoint predates it. A second rollback to the same checkpoint stops the run."""
+    cfg, rt, progress = run.cfg, run.rt, run.progress
+    ckpt = newest_resume_checkpoint(cfg)  # as resume picks it: under FSDP, the sharded ones count alike
+    if ckpt is None:
+        if not math.isfinite(ce):
+            raise diverged(run, ce)
+        rt.log(f"warning: the loss diverged at iter {progress.iter_num - 1} but there is no checkpoint to roll back "
+               f"to yet (spike_action=rollback): going on")
+        return
+    path = ckpt["path"]
+    if ckpt["iter_num"] == run.rolled_back_to:
+        raise DataError(f"loss is {ce} at iter {progress.iter_num - 1}, diverged again after the rollback to {path} "
+                        f"(iter {ckpt['iter_num']}): stopped without saving; try a lower learning_rate")
+    if "sharded" not in ckpt and rt.fsdp:  # a file's whole tensors: FSDP's shards are made when the model is built
+        raise DataError(f"loss is {ce} at iter {progress.iter_num - 1}: the newest checkpoint, {path}, is a single file "
+                        f"that parallel=fsdp cannot roll back to: stopped without saving; resume from it")
+    if "sharded" not in ckpt:  # a sharded checkpoint's weights come with its optimizer state below
+        run.raw_model.load_state_dict(ckpt["model"])  # in place: the compiled and DDP models share these tensors
+    load_training_state(ckpt, run.raw_model, run.optimizer, run.scaler, run.health, rt)
+    run.rolled_back_to = ckpt["iter_num"]
+    record = {"type": "health", "iter": progress.iter_num - 1, "what": "rollback", "checkpoint": os.path.basename(path),
+              "to_iter": ckpt["iter_num"], "windows": [ckpt["data_position"], progress.data_position], "value": ce,
+              "factor": cfg.loss_spike_factor, "steps": cfg.rollback_patience}
+    rt.log(Health.message(record))
+    if rt.master:
+        run.metrics.write(record)
 
 
 def save_stable(run):
@@ -806,23 +911,18 @@ def train_loop(run, windows, evaluate, flops_peak):
         first = progress.data_position + rt.rank * rt.accum * cfg.batch_size  # this rank's windows of the step
         # windows are numbered over ranks and steps: data_position alone places a resumed run
         get_batch = lambda m: tuple(to_device(t, rt.device) for t in windows.batch(first + m * cfg.batch_size, cfg.batch_size))
+        read = lambda sums, norm: read_step(run, sums, norm, stop)
+        gate = SkipGate(run.health, progress.iter_num, run.scaler.is_enabled(), read) if cfg.spike_action == "skip" else None
         sums, grad_norm = train_step(run.model, optimizer, run.scaler, autocast(rt.device, rt.dtype), get_batch, rt.accum,
-                                     clip_params, cfg.grad_clip, run.no_sync)
+                                     clip_params, cfg.grad_clip, run.no_sync, gate)
         progress.data_position += cfg.gradient_accumulation_steps * cfg.batch_size  # windows of every rank
-
-        # the true mean over every micro-batch of every rank; .tolist() waits for the GPU once per step
-        sums = torch.cat([sums, torch.tensor([float(bool(stop))], device=rt.device)])  # + stop votes
-        if rt.ddp:
-            dist.all_reduce(sums)
-        ce, disp, stop_votes = sums.tolist()  # one transfer for the loss, the dispersion and the stop votes
-        ce, disp, stopping = ce / cfg.gradient_accumulation_steps, disp / cfg.gradient_accumulation_steps, stop_votes > 0
-        if not math.isfinite(ce):  # nothing is saved: last.pt keeps the last finite state
-            last = os.path.join(cfg.out_dir, "last.pt")
-            raise DataError(f"loss is {ce} at iter {progress.iter_num}: stopped without saving (last good checkpoint: "
-                            f"{last if os.path.exists(last) else 'none yet'}); try a lower learning_rate")
+        ce, disp, grad_norm, stopping = gate.numbers if gate else read(sums, grad_norm)
+        if not math.isfinite(ce) and cfg.spike_action == "warn":  # nothing is saved: last.pt keeps the last finite state
+            raise diverged(run, ce)
         progress.iter_num += 1
         progress.evaluated = False  # the new iteration's evaluation (if one is due) has not run
-        step_log(progress, lr, ce, disp, grad_norm)
+        step_log(progress, lr, ce, disp, grad_norm, gate and gate.skipped)
+        heal(run, ce)
 
 
 if __name__ == "__main__":

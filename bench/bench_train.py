@@ -37,9 +37,10 @@ from torch.distributed.tensor import DTensor
 from smallgpt.config import TrainConfig, parse_args, validate, with_vocab_size
 from smallgpt.device import autocast, peak_flops, select_device, select_dtype, to_device
 from smallgpt.errors import ConfigError, run_main
+from smallgpt.monitor import Health
 from smallgpt.optim import configure_optimizer
 from smallgpt.parallel import shard_model
-from train import Runtime, build_model, distribute, train_step
+from train import Runtime, SkipGate, build_model, distribute, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {  # name -> the overlay (config files and --key=value) that turns it on, applied after the command line
@@ -49,6 +50,7 @@ VARIANTS = {  # name -> the overlay (config files and --key=value) that turns it
     "plain_ce": ["--loss_chunk_size=0"],  # cross-entropy on the full float32 logits
     "checkpointing": ["--activation_checkpointing=True"],
     "muon": ["--optimizer=muon"],  # Muon on the blocks' matrices (Newton-Schulz every step) instead of AdamW
+    "skip": ["--spike_action=skip"],  # the step's numbers read before the update (to drop an outlier's), not after
 }
 GB = 2 ** 30  # memory figures are in GiB (an "RTX 4070 12 GB" has 12 GiB)
 GPT2_VOCAB = 50257  # the batches are random ids of GPT-2's vocabulary
@@ -57,7 +59,7 @@ GPT2_VOCAB = 50257  # the batches are random ids of GPT-2's vocabulary
 @dataclass
 class BenchConfig(TrainConfig):
     # --- bench_train.py only
-    compare: str = ""  # variants vs base, comma-separated: dispersion|multipliers|both|plain_ce|checkpointing|muon|a file|key=value
+    compare: str = ""  # variants vs base, comma-separated: dispersion|multipliers|both|plain_ce|checkpointing|muon|skip|a file|key=value
     warmup: int = 2  # untimed optimizer steps per variant first (torch.compile compiles during the first)
     steps: int = 3  # timed optimizer steps per variant in each round
     rounds: int = 3  # rounds; the variants take turns in each, so machine noise hits all of them alike
@@ -113,6 +115,8 @@ class Variant:
         self.flops_per_token, self.params = self.raw_model.flops_per_token(), self.raw_model.num_params()
         self.times, self.cpu_times, self.peak_bytes, self.peak_reserved, self.oom = [], [], 0, 0, False
         self.loss = None  # mean cross-entropy of the last step
+        # spike_action='skip': train.py's gate, which reads the step's numbers before the update instead of after
+        self.health = Health(cfg.loss_spike_factor, cfg.grad_spike_factor) if cfg.spike_action == "skip" else None
 
     def get_batch(self, micro):  # as train.py's: CPU windows, copied (pinned, on CUDA) to the device
         w = self.windows[micro]
@@ -121,9 +125,12 @@ class Variant:
     def step(self):
         """One optimizer step; returns its wall-clock and this process's CPU seconds."""
         t0, c0 = time.perf_counter(), time.process_time()
-        sums, _ = train_step(self.model, self.optimizer, self.scaler, self.ctx, self.get_batch,
-                             self.cfg.gradient_accumulation_steps, self.clip_params, self.cfg.grad_clip, self.no_sync)
-        self.loss = sums.tolist()[0] / self.cfg.gradient_accumulation_steps  # waits for the device, as train.py does
+        accum = self.cfg.gradient_accumulation_steps
+        read = lambda sums, norm: (sums.tolist()[0] / accum, 0.0, norm.item(), False)  # waits for the device
+        gate = SkipGate(self.health, 0, self.scaler.is_enabled(), read) if self.health else None
+        sums, norm = train_step(self.model, self.optimizer, self.scaler, self.ctx, self.get_batch, accum,
+                                self.clip_params, self.cfg.grad_clip, self.no_sync, gate)
+        self.loss = (gate.numbers if gate else read(sums, norm))[0]  # one wait per step, as in train.py
         return time.perf_counter() - t0, time.process_time() - c0
 
     def resident_bytes(self):

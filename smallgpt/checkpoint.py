@@ -83,6 +83,14 @@ def find_checkpoint(path, which="best"):
     raise DataError(f"no checkpoint (best.pt, last.pt or ckpt.pt) in {path}")
 
 
+def newest_checkpoint(out_dir):
+    """The newer of out_dir's last.pt and best.pt, or None: both hold a run's full training state (last.pt on a
+    tie). mmap: only the iterations are read, not the tensors."""
+    paths = [os.path.join(out_dir, n) for n in ("last.pt", "best.pt") if os.path.exists(os.path.join(out_dir, n))]
+    # max() keeps the first of equals: last.pt
+    return max(paths, key=lambda p: load_checkpoint(p, mmap=True).get("iter_num", -1), default=None)
+
+
 def load_checkpoint(path, device="cpu", mmap=False, need_model=True):
     """A checkpoint as a dict (checked to hold a model; need_model=False: a sharded checkpoint's state.pt, its
     weights beside it). mmap=True reads tensors only when touched: a cheap look at a checkpoint's iter_num and

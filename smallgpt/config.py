@@ -35,6 +35,8 @@ class TrainConfig(GPTConfig):
     log_interval: int = 10  # iterations between console / metrics lines
     loss_spike_factor: float = 1.5  # warn (console, metrics.jsonl) when a step's loss is above this x its recent median; 0 = off
     grad_spike_factor: float = 5.0  # the same for the gradient norm (its median over the last 100 steps); 0 = off
+    spike_action: str = "rollback"  # 'warn' | 'skip' (drop a spike step's update) | 'rollback' (to the last checkpoint): docs/monitoring.md
+    rollback_patience: int = 5  # spike_action='rollback': loss-spike steps in a row (or one non-finite loss) that trigger it
     always_save_checkpoint: bool = True  # write last.pt at every evaluation (best.pt only when val loss improves)
     hellaswag_interval: int = 0  # iterations between HellaSwag scorings (a multiple of eval_interval); 0 = off
     hellaswag_items: int = 1000  # HellaSwag items scored in training (the first n of the 10,042; std-err ~1.4% at 1000)
@@ -98,9 +100,10 @@ CHOICES = {
     "backend": ("auto", "nccl", "gloo"),
     "optimizer": ("adamw", "muon"),
     "parallel": ("ddp", "fsdp"),
+    "spike_action": ("warn", "skip", "rollback"),
 }
 POSITIVE = ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval", "hellaswag_items",
-            "learning_rate", "adam_eps", "multiplier_lr_scale", "muon_lr", "adam_embed_lr", "adam_head_lr")
+            "learning_rate", "adam_eps", "multiplier_lr_scale", "muon_lr", "adam_embed_lr", "adam_head_lr", "rollback_patience")
 NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "condensation_seqs", "hellaswag_interval", "seed",
                 "min_lr", "weight_decay", "multiplier_weight_decay", "grad_clip", "peak_flops", "loss_spike_factor",
                 "grad_spike_factor", "muon_weight_decay", "muon_momentum_warmup", "gpu_memory_gb")
@@ -130,6 +133,8 @@ def validate(config):
     for key in ("loss_spike_factor", "grad_spike_factor"):
         if 0 < getattr(config, key) <= 1:
             raise ConfigError(f"{key} must be above 1 (a multiple of the recent median) or 0 (off), not {getattr(config, key)}")
+    if config.spike_action == "rollback" and not config.loss_spike_factor:
+        raise ConfigError("spike_action='rollback' watches the loss: it needs loss_spike_factor > 0")
     if config.hellaswag_interval % config.eval_interval:
         raise ConfigError(f"hellaswag_interval ({config.hellaswag_interval}) must be a multiple of eval_interval "
                           f"({config.eval_interval}): HellaSwag runs with an evaluation")

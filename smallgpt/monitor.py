@@ -9,8 +9,9 @@ import time
 from collections import deque
 
 ETA_WARMUP_STEPS = 5  # steps after each start not used for the ETA: compilation, allocator and cache warm-up
-SPIKE_WINDOW = 100  # a spike is judged against the median of this many previous steps
-SPIKE_MIN_HISTORY = 10  # ... and only once this many steps are known (after a start or a resume)
+SPIKE_WINDOW = 100  # a spike is judged against the median of this many previous steps (spikes left out)
+SPIKE_MIN_HISTORY = 10  # ... and only once this many steps are known
+MAX_SKIPS_IN_A_ROW = 10  # spike_action='skip': more updates in a row dropped stop the run (skipping is not curing it)
 GPU_BUSY_FRACTION = 0.15  # warn when more than this fraction of the GPU's memory is in use before we allocate
 
 
@@ -69,27 +70,39 @@ class Clock:
 # Health: spikes
 
 class SpikeWatch:
-    """A value above factor x the median of the previous SPIKE_WINDOW values is a spike. check() returns that
-    median when a spike starts, once; the spike lasts until the value is back under the threshold."""
+    """A value above factor x the median of the last SPIKE_WINDOW values that were not spikes is a spike (judged once
+    SPIKE_MIN_HISTORY values are known): spikes stay out of the history, so a stretch of them is judged against the
+    level before it, not against a median it drags up. check() records a value and returns that median when a
+    spike starts, once; `streak` counts the spike values in a row (0: no spike in progress)."""
 
     def __init__(self, factor):
-        self.factor, self.history, self.in_spike = factor, deque(maxlen=SPIKE_WINDOW), False
+        self.factor, self.history, self.streak = factor, deque(maxlen=SPIKE_WINDOW), 0
+
+    def median(self):
+        return statistics.median(self.history) if len(self.history) >= SPIKE_MIN_HISTORY else None
+
+    def is_spike(self, value):
+        median = self.median()
+        return self.factor > 0 and median is not None and value > self.factor * median
 
     def check(self, value):
-        median = statistics.median(self.history) if len(self.history) >= SPIKE_MIN_HISTORY else None
-        spike = self.factor > 0 and median is not None and value > self.factor * median
-        started = spike and not self.in_spike
-        self.in_spike = spike
-        self.history.append(value)
+        median, spike = self.median(), self.is_spike(value)
+        started = spike and not self.streak
+        self.streak = self.streak + 1 if spike else 0
+        if not spike:
+            self.history.append(value)
         return median if started else None
 
 
 class Health:
-    """Spike watches on the train loss and the gradient norm. check() returns one metrics record per spike that
-    starts (type 'health'); message() is its console warning."""
+    """Spike watches on the train loss and the gradient norm. check() records a step and returns one metrics record
+    per spike that starts (type 'health'); skip() says before a step's update whether spike_action='skip' drops it,
+    diverged() after it whether spike_action='rollback' goes back to the last good state. The watches' state goes
+    into every checkpoint, so a resumed run judges each step as the uninterrupted run did."""
 
     def __init__(self, loss_factor, grad_factor):
         self.watches = {"loss": SpikeWatch(loss_factor), "grad_norm": SpikeWatch(grad_factor)}
+        self.skips_in_a_row = 0
 
     def check(self, it, **values):
         records = []
@@ -102,8 +115,56 @@ class Health:
                                 "factor": watch.factor})
         return records
 
+    def skip(self, it, loss, grad_norm, scaler_enabled):
+        """The 'skip' record of a step whose update spike_action='skip' drops (its loss or gradient norm is a spike
+        or not finite), or None. An infinite gradient norm under float16's grad scaler is left to the scaler: it
+        skips that update itself and lowers its scale."""
+        for what, value in (("loss", loss), ("grad_norm", grad_norm)):
+            watch = self.watches[what]
+            if math.isfinite(value):
+                drop = watch.is_spike(value)
+            else:  # NaN or inf: the update would spoil the weights, unless float16's scaler skips it itself
+                drop = not (what == "grad_norm" and scaler_enabled)
+            if drop:
+                self.skips_in_a_row += 1
+                return {"type": "health", "iter": it, "what": "skip", "cause": what, "value": value,
+                        "median": watch.median(), "factor": watch.factor}
+        self.skips_in_a_row = 0
+        return None
+
+    def diverged(self, loss, patience):
+        """spike_action='rollback': the loss is not finite, or has just been a spike for `patience` steps in a row
+        (once per stretch: a stretch that cannot be rolled back is not reported again at every step)."""
+        return not math.isfinite(loss) or self.watches["loss"].streak == patience
+
+    def in_loss_spike(self):
+        return self.watches["loss"].streak > 0
+
+    def state(self):
+        return {"skips_in_a_row": self.skips_in_a_row,
+                **{what: {"history": list(w.history), "streak": w.streak} for what, w in self.watches.items()}}
+
+    def load(self, state):
+        """A checkpoint's state (None, from a checkpoint older than it: the watches start afresh)."""
+        state = state or {}
+        self.skips_in_a_row = state.get("skips_in_a_row", 0)
+        for what, watch in self.watches.items():
+            saved = state.get(what, {"history": [], "streak": 0})
+            watch.history.clear()
+            watch.history.extend(saved["history"])
+            watch.streak = saved["streak"]
+
     @staticmethod
     def message(r):
+        if r["what"] == "skip":
+            return (f"skipped the update of iter {r['iter']} (spike_action=skip): {r['cause']} {r['value']:.4g}"
+                    + (f" > {r['factor']:g} x the median {r['median']:.4g} of the last steps" if math.isfinite(r["value"])
+                       else " is not finite"))
+        if r["what"] == "rollback":
+            return (f"rolled back at iter {r['iter']} to {r['checkpoint']} of iter {r['to_iter']} (spike_action=rollback): "
+                    f"the loss {r['value']:.4g} " + ("is not finite" if not math.isfinite(r["value"]) else
+                                                     f"stayed above {r['factor']:g} x its median for {r['steps']} steps")
+                    + f"; training windows {r['windows'][0]:,} to {r['windows'][1] - 1:,} skipped")
         return (f"warning: {r['what']} spike at iter {r['iter']}: {r['value']:.4g} > {r['factor']:g} x the median "
                 f"{r['median']:.4g} of the last steps")
 

@@ -79,6 +79,78 @@ def run_script(script, *args, timeout=600, check=True):
     return result
 
 
+# train.py run as `python -c HOOK args...` with faults injected at exact points, chosen by environment variables:
+# - KILL_AT=k: the checkpoint writes are numbered moments (the temporary complete but not yet moved into place; the
+#   file in place), and at moment k the process SIGKILLs itself: kill -9 between or inside the writes;
+# - FULL_AFTER=n: the disk is full from the (n+1)-th checkpoint write on (it raises ENOSPC after 1 MB, as a real
+#   full disk does after a partial write);
+# - POISON_FIRST, POISON_END: the training windows [first, end) are random tokens (a poisoned stretch of data);
+# - KILL_AT_WINDOW=w: SIGKILL when a step starts at window w (data_position w).
+HOOK = f"""
+import builtins, errno, os, runpy, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch
+import smallgpt.checkpoint as checkpoint
+import smallgpt.tokens as tokens
+env = lambda name: int(os.environ.get(name, -1))
+kill_at, full_after, poison, kill_at_window = env("KILL_AT"), env("FULL_AFTER"), range(env("POISON_FIRST"), env("POISON_END")), env("KILL_AT_WINDOW")
+moments, writes, real_save, real_replace, real_batch = [0], [0], checkpoint.save_checkpoint, os.replace, tokens.TrainWindows.batch
+
+def moment(what, path):
+    moments[0] += 1
+    print(f"moment {{moments[0]}}: {{what}} {{os.path.basename(path)}}", file=sys.stderr, flush=True)
+    if moments[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def full_open(path, mode="r", *args, **kwargs):
+    f = builtins.open(path, mode, *args, **kwargs)
+    if str(path).endswith(".pt.tmp") and 0 <= full_after < writes[0]:
+        real_write = f.write
+        def write(data):
+            if f.tell() + len(data) > 2 ** 20:
+                real_write(bytes(data)[:max(0, 2 ** 20 - f.tell())])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(data)
+        f.write = write
+    return f
+
+def save(obj, path):
+    writes[0] += 1
+    def replace(src, dst):
+        moment("written", src)
+        real_replace(src, dst)
+    os.replace = replace
+    try:
+        real_save(obj, path)
+    finally:
+        os.replace = real_replace
+    moment("saved", path)
+
+def batch(self, first, count):
+    if first == kill_at_window:
+        os.kill(os.getpid(), signal.SIGKILL)
+    x, y = real_batch(self, first, count)
+    if first in poison:
+        g = torch.Generator().manual_seed(first)
+        x, y = (torch.randint(50257, t.shape, generator=g, dtype=t.dtype) for t in (x, y))
+    return x, y
+
+checkpoint.open = full_open
+checkpoint.save_checkpoint = save
+tokens.TrainWindows.batch = batch
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def hooked_train(*args, **env):
+    """train.py with the faults of HOOK (env: KILL_AT, FULL_AFTER, POISON_FIRST, POISON_END, KILL_AT_WINDOW)."""
+    import os
+    import subprocess
+    return subprocess.run([sys.executable, "-c", HOOK, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **{k: str(v) for k, v in env.items()}})
+
+
 def randomized_tiny_gpt(wide_mlp=False, **overrides):
     """A tiny GPT (block 16, 2 x 32, GPT-2's padded vocabulary) with every weight randomised: biases, norm gains
     and multipliers too, so that a wrong mapping of any of them shows. wide_mlp: MLP weights of std 0.5, whose

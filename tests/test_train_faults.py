@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import REPO, hooked_train, run_script
 
 import train
 from smallgpt.checkpoint import load_checkpoint, model_from_checkpoint
@@ -26,60 +26,6 @@ from smallgpt.tokenizer import open_tokenizer
 # a few-second version of config/train_tiny.py (as test_train.py's), no condensation diagnostic
 FAST = ["config/train_tiny.py", "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=32", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--eval_iters=2", "--condensation_seqs=0", "--log_interval=1"]
-
-# train.py run as `python -c HOOK args...`: its checkpoint writes are numbered moments (the temporary complete but
-# not yet moved into place; the file in place), and at moment KILL_AT the process SIGKILLs itself: kill -9 at an
-# exact point between or inside the writes. FULL_AFTER=n: the disk is full from the (n+1)-th checkpoint write on
-# (its write raises ENOSPC after 1 MB, as a real full disk does after a partial write).
-HOOK = f"""
-import builtins, errno, os, runpy, signal, sys
-sys.path.insert(0, {str(REPO)!r})
-import smallgpt.checkpoint as checkpoint
-kill_at, full_after = int(os.environ.get("KILL_AT", 0)), int(os.environ.get("FULL_AFTER", -1))
-moments, writes, real_save, real_replace = [0], [0], checkpoint.save_checkpoint, os.replace
-
-def moment(what, path):
-    moments[0] += 1
-    print(f"moment {{moments[0]}}: {{what}} {{os.path.basename(path)}}", file=sys.stderr, flush=True)
-    if moments[0] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-def full_open(path, mode="r", *args, **kwargs):
-    f = builtins.open(path, mode, *args, **kwargs)
-    if str(path).endswith(".pt.tmp") and 0 <= full_after < writes[0]:
-        real_write = f.write
-        def write(data):
-            if f.tell() + len(data) > 2 ** 20:
-                real_write(bytes(data)[:max(0, 2 ** 20 - f.tell())])
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real_write(data)
-        f.write = write
-    return f
-
-def save(obj, path):
-    writes[0] += 1
-    def replace(src, dst):
-        moment("written", src)
-        real_replace(src, dst)
-    os.replace = replace
-    try:
-        real_save(obj, path)
-    finally:
-        os.replace = real_replace
-    moment("saved", path)
-
-checkpoint.open = full_open
-checkpoint.save_checkpoint = save
-sys.argv = ["train.py", *sys.argv[1:]]
-runpy.run_path("train.py", run_name="__main__")
-"""
-
-
-def hooked_train(*args, **env):
-    """train.py with the hook above; env: KILL_AT, FULL_AFTER."""
-    return subprocess.run([sys.executable, "-c", HOOK, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **{k: str(v) for k, v in env.items()}})
-
 
 def eval_losses(out):
     return {r["iter"]: r["val_loss"] for r in read_records(out) if r["type"] == "eval"}
