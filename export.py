@@ -105,7 +105,6 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 def gpt2_state_dict(model, vocab):
     """Our (multiplier-free) weights under HF GPT-2's names and layouts, float32, the vocabulary cut to vocab."""
-    transposed = CONV1D
     sd = {k: v.float() for k, v in model.state_dict().items()}
     for key in ("transformer.wte.weight", "lm_head.weight"):
         sd[key] = sd[key][:vocab]  # [:V], never a negative slice
@@ -113,12 +112,12 @@ def gpt2_state_dict(model, vocab):
         del sd["lm_head.weight"]  # HF re-ties it
     for key in [k for k in sd if ".attn.c_q." in k]:  # our Q, K, V matrices are rows of HF's one c_attn
         sd[key.replace("c_q", "c_attn")] = torch.cat([sd.pop(key.replace("c_q", f"c_{x}")) for x in "qkv"])
-    sd = {k: v.t() if k.endswith(transposed) else v for k, v in sd.items()}  # HF's Conv1D stores (in, out)
+    sd = {k: v.t() if k.endswith(CONV1D) else v for k, v in sd.items()}  # HF's Conv1D stores (in, out)
     if not model.config.bias:  # HF GPT-2 always has biases: zeros compute the same function
         for key, value in list(sd.items()):
             if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
                 sd[key[:-len("weight")] + "bias"] = torch.zeros_like(value)
-            elif key.endswith(transposed):
+            elif key.endswith(CONV1D):
                 sd[key[:-len("weight")] + "bias"] = torch.zeros(value.size(1))
     return {k: v.contiguous() for k, v in sd.items()}
 
