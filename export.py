@@ -1,12 +1,16 @@
 """
 Export a checkpoint to a Hugging Face transformers directory: float32 safetensors weights, config.json and the
-tokenizer files (GPT-2's, or the checkpoint's own trained BPE), so that other tools (lm-eval-harness, llama.cpp's
-GGUF converter, vLLM...) load it with
+tokenizer files (GPT-2's, or the checkpoint's own trained BPE), so that other tools (lm-eval-harness, vLLM...)
+load it with
 
     AutoModelForCausalLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR)
 
+or, with --gguf, a GGUF file for llama.cpp and ollama (the same tensors in llama.cpp's layouts, the tokenizer in
+its metadata; --gguf_type=f32|f16|bf16|q8_0), checked against llama.cpp itself where llama-cpp-python is installed.
+
     python export.py --model=out/fineweb-40m                    # writes out/fineweb-40m/hf
     python export.py --model=out/fineweb-40m/last.pt --out=my-model
+    python export.py --model=out/fineweb-40m --gguf             # writes out/fineweb-40m/fineweb-40m-f16.gguf
 
 Learnable multipliers are merged into plain weights first (a tied model with trained per-token embedding
 multipliers is untied to take them) and the padded vocabulary (50304) is cut back to the tokenizer's (GPT-2: 50257). The
@@ -15,12 +19,13 @@ GPT-2 architecture becomes a GPT2LMHeadModel: Linear weights transposed into HF'
 trained, block_size as n_positions. The modern block (RoPE, RMSNorm, SwiGLU) becomes a
 LlamaForCausalLM, or a Qwen3ForCausalLM with QK-norm; n_kv_head becomes num_key_value_heads. Switches that no
 stock class has (logit soft-cap, ReLU^2, GPT-2 and modern parts mixed, grouped-query attention with learned
-positions) stop with one line naming the switch. With --check (on by default) the directory
-is loaded back with transformers and its logits are compared with the checkpoint's; a mismatch fails.
+positions) stop with one line naming the switch. With --check (on by default) the directory is loaded back with
+transformers (the GGUF with llama.cpp) and its logits are compared with the checkpoint's; a mismatch fails.
 GPT-2's tokenizer files are made from tiktoken's GPT-2 encoding alone (GPT2_TIKTOKEN_FILE offline), the one file
-training needs; a trained tokenizer's tokenizer.json is the checkpoint's, byte for byte. Everything is written into OUT.partial and moved to OUT only after the check passed: a kill or
-a full disk never leaves a half-written export. Needs `pip install transformers` (train.py does not). See
-docs/export-eval.md.
+training needs; a trained tokenizer's tokenizer.json is the checkpoint's, byte for byte (no GGUF: llama.cpp has no
+pre-tokenizer that splits text as prepare.py's BPE does). Everything is written into OUT.partial and moved to OUT
+only after the check passed: a kill or a full disk never leaves a half-written export. Needs `pip install
+transformers` (train.py does not). See docs/export-eval.md.
 """
 import contextlib
 import os
