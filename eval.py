@@ -246,7 +246,8 @@ def table_rows(results):
 
 def print_table(name, results):
     rows = table_rows(results)
-    w_task, w_metric = (max([len(r[i]) for r in rows] + [len(h)]) for i, h in ((0, "task"), (1, "metric")))
+    # columns as wide as 'hellaswag' and 'acc_norm' at least: the same layout with or without lm-eval's longer names
+    w_task, w_metric = (max([len(r[i]) for r in rows] + [least]) for i, least in ((0, 9), (1, 8)))
     print(f"\n{name}\n| {'task':<{w_task}} | {'metric':<{w_metric}} |  value | on |")
     print(f"|{'-' * (w_task + 2)}|{'-' * (w_metric + 2)}|--------|----|")
     for task, metric, value, on in rows:

@@ -444,6 +444,16 @@ def lm_eval_export(tmp_path_factory):
     return out
 
 
+def test_the_table_keeps_its_columns_without_hellaswag_and_widens_for_lm_eval_names(capsys):
+    """A val-only table has the columns of one with HellaSwag (scripts read it); a longer lm-eval name widens them."""
+    val = {"val_loss": 3.0, "val_bpb": 1.0, "val_tokens": 10, "val_windows": 1, "val_windows_total": 1}
+    eval_script.print_table("m", {"val": val})
+    assert "| task      | metric   |  value | on |" in capsys.readouterr().out
+    eval_script.print_table("m", {"val": val, "lm_eval": {"multiple_choice": {"acc": 0.5, "items": 20}}})
+    out = capsys.readouterr().out
+    assert "| val             | loss     | 3.0000 |" in out and "| multiple_choice | acc      | 0.5000 | 20 items |" in out
+
+
 def table(stdout):
     """{(task, metric): value} of eval.py's table."""
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines() if line.startswith("| ")]
