@@ -304,7 +304,7 @@ def gguf_tensors(model, arch, vocab):
         if arch == "gpt2" and key.endswith(CONV1D):
             value = value.t()
         if arch == "llama" and (".self_attn.q_proj." in key or ".self_attn.k_proj." in key):
-            value = rope_interleaved(value, model.config.n_head)  # as many key heads as query heads
+            value = rope_interleaved(value, model.config.n_head if ".q_proj." in key else model.config.kv_heads)
         out[names.get_name(key, try_suffixes=(".weight", ".bias"))] = value.contiguous()
     return out
 
@@ -319,7 +319,7 @@ def gguf_tensor_type(name, value, gguf_type):
 
 def add_gguf_tokenizer(writer, enc, vocab):
     """GPT-2's BPE cut to vocab ids (tokens by id, merges by rank; <|endoftext|> and the reserved chat tokens as
-    control tokens, <|endoftext|> as BOS/EOS/UNK) and its pre-tokenizer name."""
+    control tokens, <|endoftext|> as BOS/EOS/UNK), its pre-tokenizer name and the chat template."""
     import gguf
     names, merges = gpt2_vocab_and_merges(enc)  # {token text: id} of the ids up to <|endoftext|>
     specials = {enc.encode_single_token(name): name for name in SPECIAL_TOKENS}
@@ -333,6 +333,8 @@ def add_gguf_tokenizer(writer, enc, vocab):
         add(enc.eot_token)  # llama.cpp's defaults for a 'gpt2' vocabulary are 11
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
+    if all(i < vocab for i in specials):  # the model has rows for the chat markers: as the transformers export
+        writer.add_chat_template(CHAT_TEMPLATE)
 
 
 def write_gguf(model, path, arch, gguf_type, enc, name):
@@ -348,7 +350,7 @@ def write_gguf(model, path, arch, gguf_type, enc, name):
     writer.add_block_count(cfg.n_layer)
     writer.add_feed_forward_length(cfg.mlp_hidden or 4 * cfg.n_embd)
     writer.add_head_count(cfg.n_head)
-    writer.add_head_count_kv(cfg.n_head)
+    writer.add_head_count_kv(cfg.kv_heads)  # grouped-query attention: fewer key/value heads
     if arch == "gpt2":
         writer.add_layer_norm_eps(1e-5)
     else:

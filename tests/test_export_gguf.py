@@ -12,13 +12,14 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
 import export
+from smallgpt.chat import CHAT_TEMPLATE
 from smallgpt.errors import ConfigError, DataError
 from smallgpt.tokenizer import SPECIAL_TOKENS, get_tokenizer
 
 MODERN = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu")
 ARCHITECTURES = {  # every weight randomised (conftest), biases and untied heads where llama.cpp has them
     "gpt2": dict(gelu_approximate="tanh", bias=True, tie_embeddings=False),
-    "llama": dict(**MODERN, bias=True, tie_embeddings=False, rope_theta=500.0, mlp_hidden=64),
+    "llama": dict(**MODERN, bias=True, tie_embeddings=False, rope_theta=500.0, mlp_hidden=64, n_kv_head=1),
     "qwen3": dict(**MODERN, qk_norm=True),
 }
 
@@ -33,12 +34,13 @@ def read_back(path):
     return fields, {t.name: t for t in reader.tensors}
 
 
-def undo_layout(name, data, arch, n_head):
+def undo_layout(name, data, arch, n_head, n_kv_head):
     """The documented layout transform, undone: GPT-2's matrices back to HF's Conv1D (in, out); Llama's q/k rows
     from llama.cpp's adjacent RoPE pairs back to rotate-half."""
     if arch == "gpt2" and name.endswith(("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")):
         return data.T
     if arch == "llama" and re.search(r"attn_[qk]\.", name):
+        n_head = n_head if re.search(r"attn_q\.", name) else n_kv_head
         return data.reshape(n_head, data.shape[0] // n_head // 2, 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
     return data
 
@@ -58,12 +60,12 @@ def test_every_tensor_and_the_metadata_read_back(tmp_path, arch):
     for key, value in hf.items():
         t = tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))]
         assert t.tensor_type == gguf.GGMLQuantizationType.F32
-        np.testing.assert_array_equal(undo_layout(t.name, t.data, arch, 2), value.numpy(), err_msg=key)
+        np.testing.assert_array_equal(undo_layout(t.name, t.data, arch, 2, model.config.kv_heads), value.numpy(), err_msg=key)
     cfg = model.config
     assert fields["general.architecture"] == arch and fields[f"{arch}.context_length"] == cfg.block_size
     assert (fields[f"{arch}.embedding_length"], fields[f"{arch}.block_count"]) == (cfg.n_embd, cfg.n_layer)
     assert fields[f"{arch}.feed_forward_length"] == (cfg.mlp_hidden or 4 * cfg.n_embd)
-    assert fields[f"{arch}.attention.head_count"] == fields[f"{arch}.attention.head_count_kv"] == cfg.n_head
+    assert (fields[f"{arch}.attention.head_count"], fields[f"{arch}.attention.head_count_kv"]) == (2, cfg.kv_heads)
     if arch == "gpt2":
         assert fields["gpt2.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
     else:
@@ -76,6 +78,7 @@ def test_every_tensor_and_the_metadata_read_back(tmp_path, arch):
     assert fields["tokenizer.ggml.bos_token_id"] == fields["tokenizer.ggml.eos_token_id"] == 50256  # <|endoftext|>
     control = [i for i, t in enumerate(fields["tokenizer.ggml.token_type"]) if t == gguf.TokenType.CONTROL]
     assert control == list(range(50256, 50267))  # <|endoftext|> and the chat tokens, never text
+    assert fields["tokenizer.chat_template"] == CHAT_TEMPLATE
 
 
 @pytest.mark.slow
@@ -184,6 +187,15 @@ def test_the_llama_cpp_check_fails_on_a_wrong_layout(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="llama.cpp does NOT reproduce .*nothing was written"):
         export.main([f"--model={tmp_path}", "--gguf", "--gguf_type=f32"])
     assert sorted(os.listdir(tmp_path)) == ["best.pt"]
+
+
+@pytest.mark.slow
+def test_llama_cpp_reproduces_grouped_query_attention(tmp_path, capsys):
+    """n_kv_head < n_head: llama.cpp's key/value head count and the key rows interleaved per key/value head."""
+    pytest.importorskip("llama_cpp")
+    torch.save(checkpoint(randomized_tiny_gpt(**MODERN, n_head=4, n_kv_head=2)), tmp_path / "best.pt")
+    export.main([f"--model={tmp_path}", "--gguf", "--gguf_type=f32"])  # a random model: f32
+    assert capsys.readouterr().out.startswith("check: llama.cpp reproduces")
 
 
 @pytest.mark.slow
