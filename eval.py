@@ -16,6 +16,7 @@ caps the val pass at N evenly spaced windows. Results are printed as a table and
 to its run's metrics.jsonl as records of type "eval_downstream". See docs/export-eval.md.
 """
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -49,16 +50,22 @@ class EvalConfig:
     device: str = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
     dtype: str = "float32"  # 'float32' (numbers that do not depend on the GPU) | 'bfloat16' | 'float16'
     log_metrics: bool = True  # append the results to the run's metrics.jsonl (checkpoints only)
+    lm_eval: str = ""  # lm-evaluation-harness tasks on a transformers model, comma-separated: names or .yaml files
+    lm_eval_limit: int = 0  # items per lm-eval task (the first n); 0 = all
 
 
 def validate(cfg):
     check_which(cfg.which)
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")
-    if cfg.batch_size < 1 or cfg.hellaswag_items < 0 or cfg.val_windows < 0:
-        raise ConfigError("batch_size must be at least 1; hellaswag_items and val_windows must not be negative")
-    if not cfg.data_dir and cfg.hellaswag_items == 0:
-        raise ConfigError("nothing to evaluate: give a data_dir, or hellaswag_items > 0")
+    if cfg.batch_size < 1 or min(cfg.hellaswag_items, cfg.val_windows, cfg.lm_eval_limit) < 0:
+        raise ConfigError("batch_size must be at least 1; hellaswag_items, val_windows and lm_eval_limit must not be "
+                          "negative")
+    if not cfg.data_dir and cfg.hellaswag_items == 0 and not cfg.lm_eval:
+        raise ConfigError("nothing to evaluate: give a data_dir, hellaswag_items > 0 or lm_eval tasks")
+    if cfg.lm_eval and is_checkpoint(cfg.model):
+        raise ConfigError(f"lm_eval runs on a transformers model and {cfg.model} is a checkpoint: export it first "
+                          f"(python export.py --model={cfg.model}) and pass --model=<the export>")
     return cfg
 
 
@@ -74,6 +81,7 @@ class Loaded:
     tokenizer: dict  # the record of the tokenizer it reads and writes (smallgpt/tokenizer.py)
     run_dir: str = ""  # the checkpoint's directory (its metrics.jsonl); '' for transformers models
     iter_num: int = 0
+    hf: object = None  # the transformers model (lm-eval is handed this one, never loads another)
 
 
 def is_checkpoint(path):
@@ -99,7 +107,7 @@ def load_model(name, which, device):
         raise DataError(f"cannot load {name}: {where}; as a Hugging Face name: {(str(e).splitlines() or [''])[0]}")
     hc = hf.config
     block = getattr(hc, "n_positions", None) or hc.max_position_embeddings
-    return Loaded(lambda idx: hf(idx).logits, block, hc.vocab_size, name, transformers_tokenizer(name))
+    return Loaded(lambda idx: hf(idx).logits, block, hc.vocab_size, name, transformers_tokenizer(name), hf=hf)
 
 
 def transformers_tokenizer(name):
@@ -158,9 +166,64 @@ def hellaswag_metrics(loaded, items, batch_size, device, ctx):
 
 
 # -----------------------------------------------------------------------------
+# lm-evaluation-harness: its own tasks and metrics, through its Python API on the model loaded above
+
+def lm_eval_tasks(spec):
+    """(task manager, tasks) for --lm_eval: registered names (the harness's tasks, which fetch their data from the
+    Hugging Face Hub) and .yaml files (local tasks). Checked before the model is loaded: an unknown name is one
+    line."""
+    import difflib
+    os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")  # else datasets pings a server to count a local read
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise DataError('lm_eval needs lm-evaluation-harness: pip install "lm_eval[hf]"')
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    files = [t for t in tasks if t.endswith((".yaml", ".yml"))]
+    for file in files:
+        if not os.path.isfile(file):
+            raise DataError(f"no lm-eval task file {file}")
+    names = [t for t in tasks if t not in files]
+    manager = TaskManager(include_defaults=bool(names))  # indexing the built-in tasks takes ~20 s: only if needed
+    for name in names:
+        if name not in manager.all_tasks:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=1)
+            raise ConfigError(f"unknown lm-eval task {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                              + ": a task name of lm-evaluation-harness or a task .yaml file")
+    return manager, tasks
+
+
+def lm_eval_metrics(loaded, model_name, manager, tasks, batch_size, limit):
+    """{task: {metric: value}} from lm-evaluation-harness, with the harness's metric names (a filter other than
+    'none' is kept: 'exact_match,strict-match'); '<metric>_stderr' beside each and 'items'."""
+    import transformers
+    import lm_eval
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:  # plain lm_eval lacks accelerate, which its transformers wrapper imports
+        raise DataError('lm_eval needs its transformers extra: pip install "lm_eval[hf]"')
+    logging.getLogger("lm_eval.models.huggingface").addFilter(  # what handing it a loaded model always logs
+        lambda record: not record.getMessage().startswith(("`pretrained` model kwarg", "Passed an already-initialized")))
+    lm = HFLM(pretrained=loaded.hf, tokenizer=transformers.AutoTokenizer.from_pretrained(model_name),
+              batch_size=batch_size)  # the loaded model: no second copy
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit or None,
+                                      bootstrap_iters=1000)  # bootstrapped stderrs (perplexity): 1,000 resamples
+    except ConnectionError as e:  # a registered task's dataset is on the Hub
+        raise DataError(f"lm-eval cannot fetch a task's data from the Hugging Face Hub ({str(e).splitlines()[0]}): "
+                        f"run it once online, or give a local task .yaml")
+    results = {}
+    for task, values in out["results"].items():
+        metrics = {k.removesuffix(",none"): v for k, v in values.items() if isinstance(v, (int, float)) and "," in k}
+        results[task] = {**metrics, "items": out["n-samples"].get(task, {}).get("effective")}  # a group has none
+    return results
+
+
+# -----------------------------------------------------------------------------
 # Output
 
-def print_table(name, results):
+def table_rows(results):
+    """(task, metric, value, on) rows: val and HellaSwag as train.py names them, lm-eval tasks as it does."""
     rows = []
     if "val" in results:
         r = results["val"]
@@ -171,9 +234,24 @@ def print_table(name, results):
         r = results["hellaswag"]
         rows += [("hellaswag", "acc", r["hellaswag_acc"], f"{r['hellaswag_items']:,} items"),
                  ("hellaswag", "acc_norm", r["hellaswag_acc_norm"], "")]
-    print(f"\n{name}\n| task      | metric   |  value | on |\n|-----------|----------|--------|----|")
+    for task, metrics in results.get("lm_eval", {}).items():
+        names = [m for m in metrics if m != "items" and "_stderr" not in m]
+        for i, metric in enumerate(names):
+            stderr = metrics.get(metric.replace(",", "_stderr,") if "," in metric else f"{metric}_stderr")
+            on = (f"{metrics['items']:,} items, " if i == 0 and metrics["items"] else "") + (
+                f"± {stderr:.4f}" if isinstance(stderr, float) else "")
+            rows.append((task, metric, metrics[metric], on.rstrip(", ")))
+    return rows
+
+
+def print_table(name, results):
+    rows = table_rows(results)
+    # columns as wide as 'hellaswag' and 'acc_norm' at least: the same layout with or without lm-eval's longer names
+    w_task, w_metric = (max([len(r[i]) for r in rows] + [least]) for i, least in ((0, 9), (1, 8)))
+    print(f"\n{name}\n| {'task':<{w_task}} | {'metric':<{w_metric}} |  value | on |")
+    print(f"|{'-' * (w_task + 2)}|{'-' * (w_metric + 2)}|--------|----|")
     for task, metric, value, on in rows:
-        print(f"| {task:<9} | {metric:<8} | {value:.4f} | {on} |")
+        print(f"| {task:<{w_task}} | {metric:<{w_metric}} | {value:.4f} | {on} |")
 
 
 def log_results(loaded, results):
@@ -197,7 +275,7 @@ def read_hellaswag_or_defer(cfg):
         return read_hellaswag(cfg.hellaswag, cfg.cache_dir, cfg.hellaswag_items,
                               remedy="pass a local copy with --hellaswag=PATH, or --hellaswag_items=0 to skip it"), None
     except DataError as e:
-        if cfg.hellaswag or not cfg.data_dir:
+        if cfg.hellaswag or not (cfg.data_dir or cfg.lm_eval):
             raise
         return None, DataError(f"HellaSwag was not scored: {e}")
 
@@ -206,6 +284,7 @@ def main(argv):
     cfg = validate(parse_args(EvalConfig, argv))
     device = select_device(cfg.device)
     ctx = autocast(device, cfg.dtype)
+    lm_eval = lm_eval_tasks(cfg.lm_eval) if cfg.lm_eval else None  # an unknown task fails before anything runs
     hellaswag, not_scored = read_hellaswag_or_defer(cfg) if cfg.hellaswag_items else (None, None)
     loaded = load_model(cfg.model, cfg.which, device)
     results = {}
@@ -214,6 +293,8 @@ def main(argv):
     if hellaswag:
         path, items = hellaswag
         results["hellaswag"] = {**hellaswag_metrics(loaded, items, cfg.batch_size, device, ctx), "hellaswag_file": path}
+    if lm_eval:
+        results["lm_eval"] = lm_eval_metrics(loaded, cfg.model, *lm_eval, cfg.batch_size, cfg.lm_eval_limit)
     print_table(loaded.name, results)
     if cfg.log_metrics and loaded.run_dir:
         log_results(loaded, results)

@@ -1,12 +1,16 @@
 """
 Export a checkpoint to a Hugging Face transformers directory: float32 safetensors weights, config.json and the
-tokenizer files (GPT-2's, or the checkpoint's own trained BPE), so that other tools (lm-eval-harness, llama.cpp's
-GGUF converter, vLLM...) load it with
+tokenizer files (GPT-2's, or the checkpoint's own trained BPE), so that other tools (lm-eval-harness, vLLM...)
+load it with
 
     AutoModelForCausalLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR)
 
+or, with --gguf, a GGUF file for llama.cpp and ollama (the same tensors in llama.cpp's layouts, the tokenizer in
+its metadata; --gguf_type=f32|f16|bf16|q8_0), checked against llama.cpp itself where llama-cpp-python is installed.
+
     python export.py --model=out/fineweb-40m                    # writes out/fineweb-40m/hf
     python export.py --model=out/fineweb-40m/last.pt --out=my-model
+    python export.py --model=out/fineweb-40m --gguf             # writes out/fineweb-40m/fineweb-40m-f16.gguf
 
 Learnable multipliers are merged into plain weights first (a tied model with trained per-token embedding
 multipliers is untied to take them) and the padded vocabulary (50304) is cut back to the tokenizer's (GPT-2: 50257). The
@@ -15,12 +19,13 @@ GPT-2 architecture becomes a GPT2LMHeadModel: Linear weights transposed into HF'
 trained, block_size as n_positions. The modern block (RoPE, RMSNorm, SwiGLU) becomes a
 LlamaForCausalLM, or a Qwen3ForCausalLM with QK-norm; n_kv_head becomes num_key_value_heads. Switches that no
 stock class has (logit soft-cap, ReLU^2, GPT-2 and modern parts mixed, grouped-query attention with learned
-positions) stop with one line naming the switch. With --check (on by default) the directory
-is loaded back with transformers and its logits are compared with the checkpoint's; a mismatch fails.
+positions) stop with one line naming the switch. With --check (on by default) the directory is loaded back with
+transformers (the GGUF with llama.cpp) and its logits are compared with the checkpoint's; a mismatch fails.
 GPT-2's tokenizer files are made from tiktoken's GPT-2 encoding alone (GPT2_TIKTOKEN_FILE offline), the one file
-training needs; a trained tokenizer's tokenizer.json is the checkpoint's, byte for byte. Everything is written into OUT.partial and moved to OUT only after the check passed: a kill or
-a full disk never leaves a half-written export. Needs `pip install transformers` (train.py does not). See
-docs/export-eval.md.
+training needs; a trained tokenizer's tokenizer.json is the checkpoint's, byte for byte (no GGUF: llama.cpp has no
+pre-tokenizer that splits text as prepare.py's BPE does). Everything is written into OUT.partial and moved to OUT
+only after the check passed: a kill or a full disk never leaves a half-written export. Needs `pip install
+transformers` (train.py does not). See docs/export-eval.md.
 """
 import contextlib
 import os
@@ -36,15 +41,17 @@ from smallgpt.checkpoint import check_which, find_checkpoint, load_checkpoint, m
 from smallgpt.config import parse_args
 from smallgpt.errors import ConfigError, DataError, out_of_space, run_main
 from smallgpt.tokenizer import (EOT, GPT2, SPECIAL_TOKENS, TOKENIZER_FILE, bpe_split, bytes_to_unicode,
-                                checkpoint_tokenizer, get_tokenizer)
+                                checkpoint_tokenizer, describe, get_tokenizer)
 
 
 @dataclass
 class ExportConfig:
     model: str = "out"  # a training run's directory (best.pt, last.pt or nanoGPT's ckpt.pt) or a checkpoint file
     which: str = "best"  # 'best' | 'last': the checkpoint to read from a run directory (falls back to the other)
-    out: str = ""  # the directory to write; empty = hf/ inside the run directory
-    check: bool = True  # load the export back with transformers and compare its logits with the checkpoint's
+    out: str = ""  # the directory to write (a .gguf file with --gguf); '' = hf/ (<run>-<type>.gguf) in the run directory
+    check: bool = True  # run the export (transformers; llama.cpp for --gguf) and compare its logits with the checkpoint's
+    gguf: bool = False  # write a GGUF file for llama.cpp / ollama instead of a transformers directory
+    gguf_type: str = "f16"  # the GGUF's matrices: 'f32' | 'f16' | 'bf16' | 'q8_0' (norms, biases, positions stay f32)
 
 
 def import_transformers():
@@ -98,9 +105,11 @@ def gpt2_config(cfg, vocab, eot):
         tie_word_embeddings=cfg.tie_embeddings)
 
 
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF stores (in, out)
+
+
 def gpt2_state_dict(model, vocab):
     """Our (multiplier-free) weights under HF GPT-2's names and layouts, float32, the vocabulary cut to vocab."""
-    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     sd = {k: v.float() for k, v in model.state_dict().items()}
     for key in ("transformer.wte.weight", "lm_head.weight"):
         sd[key] = sd[key][:vocab]  # [:V], never a negative slice
@@ -108,12 +117,12 @@ def gpt2_state_dict(model, vocab):
         del sd["lm_head.weight"]  # HF re-ties it
     for key in [k for k in sd if ".attn.c_q." in k]:  # our Q, K, V matrices are rows of HF's one c_attn
         sd[key.replace("c_q", "c_attn")] = torch.cat([sd.pop(key.replace("c_q", f"c_{x}")) for x in "qkv"])
-    sd = {k: v.t() if k.endswith(transposed) else v for k, v in sd.items()}  # HF's Conv1D stores (in, out)
+    sd = {k: v.t() if k.endswith(CONV1D) else v for k, v in sd.items()}  # HF's Conv1D stores (in, out)
     if not model.config.bias:  # HF GPT-2 always has biases: zeros compute the same function
         for key, value in list(sd.items()):
             if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
                 sd[key[:-len("weight")] + "bias"] = torch.zeros_like(value)
-            elif key.endswith(transposed):
+            elif key.endswith(CONV1D):
                 sd[key[:-len("weight")] + "bias"] = torch.zeros(value.size(1))
     return {k: v.contiguous() for k, v in sd.items()}
 
@@ -253,6 +262,120 @@ def save_gpt2_tokenizer(out, block_size, enc, vocab=None):
 
 
 # -----------------------------------------------------------------------------
+# GGUF for llama.cpp and ollama: the export's tensors (the HF ones above) under llama.cpp's names and layouts,
+# written with the gguf package (ggml's own); its metadata says everything llama.cpp needs, tokenizer included
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+_quiet = None  # the llama.cpp log callback that drops its messages (referenced for as long as llama.cpp may call it)
+
+
+def check_gguf_architecture(cfg, arch):
+    """llama.cpp's GPT-2 graph computes the tanh GELU (ggml_gelu, whatever the config says): an exact-GELU model
+    would silently run another function, so it is refused."""
+    if arch == "gpt2" and cfg.gelu_approximate != "tanh":
+        raise DataError(f"gelu_approximate={cfg.gelu_approximate!r}: llama.cpp's GPT-2 computes the tanh GELU only; "
+                        f"no GGUF (a model trained with gelu_approximate='tanh', or the modern block, exports)")
+
+
+def rope_interleaved(w, n_head):
+    """Rows of a Llama q/k projection (weight or bias) from rotate-half order (HF, ours: each head's first half
+    pairs with its second half) to the adjacent pairs llama.cpp's Llama RoPE rotates (Qwen3 keeps rotate-half)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def check_gguf_tokenizer(tokenizer):
+    """llama.cpp splits text before BPE with the regex its `tokenizer.ggml.pre` name selects: GPT-2's has one
+    ('gpt-2'); prepare.py's (GPT-4's split) has none: the nearest, 'llama-bpe', splits trailing whitespace after a
+    newline otherwise ('\\n ' is one piece here, two there), so a trained tokenizer's GGUF would encode other tokens."""
+    if tokenizer["name"] != GPT2["name"]:
+        raise DataError(f"no GGUF for a model of a trained tokenizer ({describe(tokenizer)}): llama.cpp has no "
+                        f"pre-tokenizer that splits text as it does (GPT-4's split); export without --gguf")
+
+
+def gguf_tensors(model, arch, vocab):
+    """{llama.cpp name: float32 tensor} of the export's HF tensors: GPT-2's Conv1D matrices back to (out, in),
+    Llama's q/k rows interleaved; names from gguf's own HF -> GGUF map (a tied head is absent: llama.cpp
+    reuses token_embd)."""
+    import gguf
+    sd = gpt2_state_dict(model, vocab) if arch == "gpt2" else llama_state_dict(model, vocab)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.n_layer)
+    out = {}
+    for key, value in sd.items():
+        if arch == "gpt2" and key.endswith(CONV1D):
+            value = value.t()
+        if arch == "llama" and (".self_attn.q_proj." in key or ".self_attn.k_proj." in key):
+            value = rope_interleaved(value, model.config.n_head if ".q_proj." in key else model.config.kv_heads)
+        out[names.get_name(key, try_suffixes=(".weight", ".bias"))] = value.contiguous()
+    return out
+
+
+def gguf_tensor_type(name, value, gguf_type):
+    """As llama.cpp's converter: vectors (norms, biases) and the position table stay float32."""
+    import gguf
+    if value.dim() == 1 or name.startswith("position_embd"):
+        return gguf.GGMLQuantizationType.F32
+    return gguf.GGMLQuantizationType[gguf_type.upper()]
+
+
+def add_gguf_tokenizer(writer, enc, vocab):
+    """GPT-2's BPE cut to vocab ids (tokens by id, merges by rank; <|endoftext|> and the reserved chat tokens as
+    control tokens, <|endoftext|> as BOS/EOS/UNK), its pre-tokenizer name and the chat template."""
+    import gguf
+    names, merges = gpt2_vocab_and_merges(enc)  # {token text: id} of the ids up to <|endoftext|>
+    specials = {enc.encode_single_token(name): name for name in SPECIAL_TOKENS}
+    tokens = {**{i: text for text, i in names.items()}, **specials}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's split pattern (llama.cpp's default one differs)
+    writer.add_token_list([tokens[i] for i in range(vocab)])
+    writer.add_token_types([gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL for i in range(vocab)])
+    writer.add_token_merges(merges)
+    for add in (writer.add_bos_token_id, writer.add_eos_token_id, writer.add_unk_token_id):
+        add(enc.eot_token)  # llama.cpp's defaults for a 'gpt2' vocabulary are 11
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    if all(i < vocab for i in specials):  # the model has rows for the chat markers: as the transformers export
+        writer.add_chat_template(CHAT_TEMPLATE)
+
+
+def write_gguf(model, path, arch, gguf_type, enc, name):
+    """model (multipliers merged) as a GGUF file of gguf_type for llama.cpp's gpt2, llama or qwen3, with GPT-2's
+    tokenizer (enc; check_gguf_tokenizer refuses the others)."""
+    import gguf
+    cfg, vocab = model.config, exported_vocab(model, enc)
+    writer = gguf.GGUFWriter(path, arch)  # writes general.architecture
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType[{"f32": "ALL_F32"}.get(gguf_type, f"MOSTLY_{gguf_type.upper()}")])
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.mlp_hidden or 4 * cfg.n_embd)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.kv_heads)  # grouped-query attention: fewer key/value heads
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(1e-5)
+    else:
+        head_dim = cfg.n_embd // cfg.n_head
+        writer.add_layer_norm_rms_eps(1e-5)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    add_gguf_tokenizer(writer, enc, vocab)
+    for tensor_name, value in gguf_tensors(model, arch, vocab).items():
+        qtype = gguf_tensor_type(tensor_name, value, gguf_type)
+        try:
+            data = gguf.quants.quantize(value.numpy(), qtype)
+        except gguf.QuantError:  # q8_0 needs rows of a multiple of 32 values: float16, as the converter does
+            qtype = gguf.GGMLQuantizationType.F16
+            data = gguf.quants.quantize(value.numpy(), qtype)
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)  # a progress bar: a 124M model is ~250 MB of f16
+    writer.close()
+
+
+# -----------------------------------------------------------------------------
 # Checks
 
 @torch.no_grad()
@@ -265,16 +388,80 @@ def compare_logits(model, out, seqs=3):
     idx = torch.randint(0, V, (seqs, T), generator=torch.Generator().manual_seed(0))
     ours = model.eval().float()(idx)[0][..., :V]
     theirs = hf(idx).logits
+    return relative_difference(ours, theirs)
+
+
+def relative_difference(ours, theirs):
+    """The largest |logit difference| relative to the largest |logit| (at least 1)."""
     return ((ours - theirs).abs().max() / ours.abs().max().clamp(min=1.0)).item()
 
 
-def check_out_dir(out):
+# llama.cpp vs our model, relative to the logits' scale, measured on tiny trained models (docs/export-eval.md)
+# with a float32 KV cache: f32 is exact up to summation order, but GPT-2's GELU runs from a float16 table in
+# ggml; the other types round the weights (and llama.cpp rounds the activations to match them)
+GGUF_TOLERANCE = {"f32": 1e-4, "f32 gpt2": 2e-3, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1}
+CHECK_TEXTS = ["The history of the bicycle begins in the early nineteenth century, when inventors in Germany and "
+               "France built wooden machines that riders pushed along with their feet.",
+               "Once upon a time, in a small village by the sea, there lived an old fisherman and his wife."]
+
+
+@torch.no_grad()
+def llama_cpp_check(model, path, arch, gguf_type, enc):
+    """Run the GGUF in llama.cpp (llama-cpp-python) on fixed texts: its logits must be within the type's tolerance
+    of ours and its greedy continuation the same. Returns a line saying what was checked."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return ("check: not run: llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp: "
+                "24 minutes on a busy 2-core machine)")
+    global _quiet  # llama.cpp logs to stderr (a context-length warning on every load of a small model): dropped
+    _quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    llama_cpp.llama_log_set(_quiet, None)
+    T, V = model.config.block_size, exported_vocab(model, enc)
+    prompts = [enc.encode_ordinary(text)[:T] for text in CHECK_TEXTS]
+    try:  # a float32 KV cache: llama.cpp's default float16 one alone moves the logits by ~1e-2
+        llm = llama_cpp.Llama(model_path=path, n_ctx=T, n_batch=T, logits_all=True, verbose=False,
+                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    except ValueError as e:
+        raise DataError(f"llama.cpp cannot load the GGUF ({e}); nothing was written")
+    diff = 0.0
+    for ids in prompts:
+        llm.reset()
+        llm.eval(ids)
+        theirs = torch.from_numpy(llm.scores[:len(ids)].copy())
+        diff = max(diff, relative_difference(model(torch.tensor([ids]))[0][0, :, :V], theirs))
+    prompt, n_new = prompts[0][:T // 2], min(16, T - T // 2)
+    ours = [t.item() for t in model.generate(torch.tensor([prompt]), n_new, temperature=0, vocab_limit=V)]
+    llm.reset()
+    llm.eval(prompt)
+    theirs = []
+    for _ in range(n_new):
+        theirs.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        llm.eval(theirs[-1:])
+    llm.close()
+    allowed = GGUF_TOLERANCE.get(f"{gguf_type} {arch}", GGUF_TOLERANCE[gguf_type])
+    if diff > allowed or theirs != ours:
+        raise DataError(f"llama.cpp does NOT reproduce {path}'s model: logits differ by {diff:.2e} of their scale "
+                        f"(allowed {allowed:.0e} for {gguf_type}), greedy continuation "
+                        f"{'the same' if theirs == ours else 'different'}; nothing was written")
+    return (f"check: llama.cpp reproduces the checkpoint's logits (max difference {diff:.1e} of their scale, allowed "
+            f"{allowed:.0e} for {gguf_type}) and its greedy continuation ({n_new} tokens)")
+
+
+def check_out(out, gguf):
     """Refuse to write over anything but an earlier export (a run directory's config.json would be overwritten)."""
+    if gguf:
+        if not out.endswith(".gguf") or os.path.isdir(out):
+            raise ConfigError(f"out {out!r} is not a .gguf file name: with --gguf, --out names the file to write")
+        return
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"out {out!r} is a file: choose another --out")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "model.safetensors")):
         raise ConfigError(f"out {out!r} is neither empty nor an earlier export: choose another --out")
 
+
+# -----------------------------------------------------------------------------
+# Writing safely: elsewhere first, moved into place once complete and checked
 
 def new_file_mode():
     """The mode open() gives a new file under the user's umask (0o644 under the usual 022)."""
@@ -283,43 +470,55 @@ def new_file_mode():
     return 0o666 & ~umask
 
 
+def remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 @contextlib.contextmanager
-def staged(out, size):
-    """Write into out.partial and move it to out only when the body (writing, then --check) succeeded, so that a
-    kill or an error never leaves a half-written export under out's name. A killed export's leftovers are removed
-    first; an earlier export at out is replaced at the end. size (bytes, roughly) is for the message on a full
-    disk."""
+def staged(out, size, what):
+    """Yield out.partial to write (the transformers directory, or the GGUF file) and move it to out only when the
+    body (writing, then --check) succeeded, so that a kill or an error never leaves a half-written export under
+    out's name. A killed export's leftovers are removed first; an earlier export at out is replaced at the end.
+    size (bytes, roughly) and what (the files) are for the message on a full disk."""
     tmp, old = f"{out}.partial", f"{out}.old"
-    for leftover in (tmp, old):  # a killed export's unfinished directory, or the earlier export it was replacing
-        if os.path.isdir(leftover):
-            shutil.rmtree(leftover)
-    os.makedirs(tmp)
+    for leftover in (tmp, old):  # a killed export's unfinished copy, or the earlier export it was replacing
+        remove(leftover)
     try:
         yield tmp
-        for name in os.listdir(tmp):  # safetensors writes its file mode 0600, the others get the umask's mode
-            os.chmod(os.path.join(tmp, name), new_file_mode())
+        files = [os.path.join(tmp, name) for name in os.listdir(tmp)] if os.path.isdir(tmp) else [tmp]
+        for file in files:  # safetensors writes its file mode 0600, the others get the umask's mode
+            os.chmod(file, new_file_mode())
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         if out_of_space(e):  # an OSError, or safetensors' own error quoting the OS message
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
-            raise DataError(f"no space left on the device writing the export {out} (model.safetensors and the "
-                            f"tokenizer: about {size / 1e6:,.0f} MB, {free / 1e6:,.0f} MB free); nothing was written "
-                            f"and the partial files are removed") from e
+            raise DataError(f"no space left on the device writing the export {out} ({what}: about {size / 1e6:,.0f} "
+                            f"MB, {free / 1e6:,.0f} MB free); nothing was written and the partial files are "
+                            f"removed") from e
         raise
-    if os.path.exists(out):  # an earlier export (check_out_dir): moved aside, then deleted
+    if os.path.isdir(out):  # a directory cannot be replaced by a rename: moved aside, then deleted
         os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)
 
 
 # -----------------------------------------------------------------------------
+
+def exported_vocab(model, enc):
+    """How many token ids the export has: the tokenizer's, cut to the model's rows (a model made from HF GPT-2,
+    of 50,257 rows, has no reserved chat tokens)."""
+    return min(model.config.vocab_size, enc.n_vocab)
+
 
 def export(model, out, tokenizer=GPT2):
     """Write model (multipliers merged) to the directory out as a transformers model with its tokenizer (the record
     its checkpoint carries), the padded vocabulary cut to the tokenizer's (a model made from HF GPT-2, of 50,257
     rows, keeps those: no reserved chat tokens)."""
     enc = get_tokenizer(tokenizer)
-    vocab = min(model.config.vocab_size, enc.n_vocab)
+    vocab = exported_vocab(model, enc)
     hf = to_hf(model, vocab, enc.eot_token)
     os.makedirs(out, exist_ok=True)
     hf.save_pretrained(out)  # safetensors; writes the tied tensor once
@@ -331,40 +530,59 @@ def check_export(model, out, path):
     if diff > 1e-4:
         raise DataError(f"the export of {path} does NOT reproduce it: logits differ by {diff:.2e} of their scale "
                         f"(allowed 1e-4); nothing was written")
-    print(f"check: transformers reproduces the checkpoint's logits (max difference {diff:.1e} of their scale)")
+    return f"check: transformers reproduces the checkpoint's logits (max difference {diff:.1e} of their scale)"
 
 
-def context_note(arch, block_size):
+def context_note(arch, block_size, gguf):
     """What the exported context length means: GPT-2 has no position embedding past it."""
+    key = "context_length" if gguf else "n_positions" if arch == "gpt2" else "max_position_embeddings"
     if arch == "gpt2":
-        return (f"n_positions={block_size}, the training context: transformers' generate fails on prompt + new "
-                f"tokens past {block_size}")
-    return (f"max_position_embeddings={block_size}, the training context: longer text runs (RoPE) but was never "
-            f"trained on")
+        runner = "llama.cpp aborts on" if gguf else "transformers' generate fails on"
+        return f"{key}={block_size}, the training context: {runner} prompt + new tokens past {block_size}"
+    return f"{key}={block_size}, the training context: longer text runs (RoPE) but was never trained on"
+
+
+def default_out(path, cfg):
+    run_dir = os.path.dirname(os.path.abspath(path))
+    if cfg.gguf:
+        return os.path.join(run_dir, f"{os.path.basename(run_dir)}-{cfg.gguf_type}.gguf")
+    return os.path.join(run_dir, "hf")
 
 
 def main(argv):
     cfg = parse_args(ExportConfig, argv)
     check_which(cfg.which)
+    if cfg.gguf_type not in GGUF_TYPES:
+        raise ConfigError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, not {cfg.gguf_type!r}")
     path = find_checkpoint(cfg.model, cfg.which)
-    out = os.path.normpath(cfg.out or os.path.join(os.path.dirname(os.path.abspath(path)), "hf"))
-    check_out_dir(out)
+    out = os.path.normpath(cfg.out or default_out(path, cfg))
+    check_out(out, cfg.gguf)
     import_transformers()  # first what no tokenizer can fix: transformers, then the model's architecture
     ckpt = load_checkpoint(path)
     model, tokenizer = model_from_checkpoint(ckpt), checkpoint_tokenizer(ckpt)
     arch = hf_architecture(model.config)
+    if cfg.gguf:
+        check_gguf_architecture(model.config, arch)
+        check_gguf_tokenizer(tokenizer)
     enc = get_tokenizer(tokenizer)  # GPT-2: GPT2_TIKTOKEN_FILE, or tiktoken's own copy (its files are made from it)
     # a row for each token of text (GPT-2's reserved chat tokens are exported where the model has rows for them)
     if model.config.vocab_size < (enc.eot_token + 1 if tokenizer["name"] == GPT2["name"] else enc.n_vocab):
         raise DataError(f"{path} has vocab_size {model.config.vocab_size}: fewer than the tokens of its tokenizer "
                         f"({enc.name}, {enc.n_vocab})")
     model.merge_multipliers(untie=True).eval()  # HF has no per-token embedding scale: untie to fold it
-    size = 4 * sum(p.numel() for p in model.parameters()) + 4_000_000  # float32 weights + ~4 MB of tokenizer
-    with staged(out, size) as tmp:
-        export(model, tmp, tokenizer)
-        if cfg.check:
-            check_export(model, tmp, path)
-    print(f"exported {path} to {out} ({context_note(arch, model.config.block_size)})")
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.gguf:
+        size = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32}[cfg.gguf_type] * n_params + 2_000_000  # + tokenizer
+        with staged(out, size, "the GGUF file") as tmp:
+            write_gguf(model, tmp, arch, cfg.gguf_type, enc, os.path.basename(out)[:-len(".gguf")])
+            checked = llama_cpp_check(model, tmp, arch, cfg.gguf_type, enc) if cfg.check else ""
+    else:
+        with staged(out, 4 * n_params + 4_000_000, "model.safetensors and the tokenizer") as tmp:  # + tokenizer
+            export(model, tmp, tokenizer)
+            checked = check_export(model, tmp, path) if cfg.check else ""
+    if checked:
+        print(checked)
+    print(f"exported {path} to {out} ({context_note(arch, model.config.block_size, cfg.gguf)})")
 
 
 if __name__ == "__main__":

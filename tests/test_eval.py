@@ -401,3 +401,110 @@ def test_train_evaluator_is_the_mean_over_its_windows(enc, token_dir):
     assert result["val_loss"] == pytest.approx(losses.mean().item(), rel=1e-6)
     expected_bpb = losses[table > 0].sum().item() / math.log(2) / table.sum().item()
     assert result["val_bpb"] == pytest.approx(expected_bpb, rel=1e-6)
+
+
+# --- lm-evaluation-harness (eval.py --lm_eval)
+
+MULTIPLE_CHOICE = REPO / "tests" / "fixtures" / "multiple_choice.jsonl"  # 20 hand-written items, HellaSwag's format
+LM_EVAL_TASK = "tests/fixtures/lm_eval_multiple_choice.yaml"  # a local task over them (run from the repo root)
+
+
+def test_lm_eval_mistakes_are_one_line(tmp_path, monkeypatch):
+    from smallgpt.errors import ConfigError
+    (tmp_path / "best.pt").touch()
+    with pytest.raises(ConfigError, match="is a checkpoint: export it first"):
+        eval_script.main([f"--model={tmp_path}", "--lm_eval=hellaswag"])
+    with pytest.raises(DataError, match="no lm-eval task file .*missing.yaml"):
+        eval_script.main(["--model=gpt2", f"--lm_eval={tmp_path / 'missing.yaml'}"])
+    monkeypatch.setitem(__import__("sys").modules, "lm_eval.tasks", None)  # lm-evaluation-harness not installed
+    with pytest.raises(DataError, match=r'pip install "lm_eval\[hf\]"'):
+        eval_script.main(["--model=gpt2", "--lm_eval=hellaswag"])
+
+
+@pytest.mark.slow
+def test_an_unknown_lm_eval_task_or_one_whose_data_is_out_of_reach_is_one_line(lm_eval_export):
+    pytest.importorskip("lm_eval")
+    result = run_script("eval.py", "--model=gpt2", "--lm_eval=hellaswagg", check=False)
+    one_line_error(result, "unknown lm-eval task 'hellaswagg' (did you mean hellaswag?)")
+    result = run_with_fault("", "eval.py", f"--model={lm_eval_export}", "--lm_eval=arc_easy", "--hellaswag_items=0",
+                            env={"HF_HUB_OFFLINE": "1"})  # the harness's own task: its data is on the Hub
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("eval.py: error: lm-eval cannot fetch a task's data from the "
+                                                     "Hugging Face Hub")
+
+
+@pytest.fixture(scope="module")
+def lm_eval_export(tmp_path_factory):
+    """A randomised tiny GPT exported for transformers, with a context longer than every item (no truncation)."""
+    pytest.importorskip("transformers")
+    import export
+    from conftest import randomized_tiny_gpt
+    out = tmp_path_factory.mktemp("lm_eval") / "hf"
+    export.export(randomized_tiny_gpt(block_size=256).merge_multipliers(untie=True), str(out))
+    return out
+
+
+def test_the_table_keeps_its_columns_without_hellaswag_and_widens_for_lm_eval_names(capsys):
+    """A val-only table has the columns of one with HellaSwag (scripts read it); a longer lm-eval name widens them."""
+    val = {"val_loss": 3.0, "val_bpb": 1.0, "val_tokens": 10, "val_windows": 1, "val_windows_total": 1}
+    eval_script.print_table("m", {"val": val})
+    assert "| task      | metric   |  value | on |" in capsys.readouterr().out
+    eval_script.print_table("m", {"val": val, "lm_eval": {"multiple_choice": {"acc": 0.5, "items": 20}}})
+    out = capsys.readouterr().out
+    assert "| val             | loss     | 3.0000 |" in out and "| multiple_choice | acc      | 0.5000 | 20 items |" in out
+
+
+def table(stdout):
+    """{(task, metric): value} of eval.py's table."""
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines() if line.startswith("| ")]
+    return {(task, metric): float(value) for task, metric, value, _ in cells[1:]}
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_a_local_task_as_eval_py_does(lm_eval_export):
+    """The same 20 items through eval.py's own scoring (--hellaswag) and through lm-eval's (--lm_eval), offline,
+    from one model load: the same accuracy."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    result = run_with_fault("", "eval.py", f"--model={lm_eval_export}", f"--lm_eval={LM_EVAL_TASK}",
+                            f"--hellaswag={MULTIPLE_CHOICE}", "--device=cpu", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    values = table(result.stdout)
+    assert values[("multiple_choice", "acc")] == values[("hellaswag", "acc")]
+    assert "| multiple_choice | acc_norm |" in result.stdout and "20 items, ± " in result.stdout
+
+
+@pytest.mark.slow
+def test_lm_eval_and_eval_py_agree_item_by_item(lm_eval_export, enc, monkeypatch):
+    """Per item and ending, lm-eval's log-likelihood is eval.py's summed loss negated, except where the context ends
+    in whitespace: the harness moves it into every ending, a shift equal for the 4 (acc unchanged). acc agrees on
+    every item; the harness's acc_norm divides by the ending's characters (eval.py's by its tokens), and that rule
+    on eval.py's losses gives the harness's acc_norm on every item."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    monkeypatch.chdir(REPO)  # the task's data_files path is relative to the working directory
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(lm_eval_export)).eval()
+    lm = HFLM(pretrained=hf, tokenizer=transformers.AutoTokenizer.from_pretrained(str(lm_eval_export)), batch_size=16)
+    out = lm_eval.simple_evaluate(model=lm, tasks=[LM_EVAL_TASK], task_manager=TaskManager(include_defaults=False),
+                                  log_samples=True, bootstrap_iters=0)
+    samples = sorted(out["samples"]["multiple_choice"], key=lambda s: s["doc_id"])
+    items = load_hellaswag(MULTIPLE_CHOICE)
+    with torch.no_grad():
+        sums, _ = score_rendered(lambda idx: hf(idx).logits, [render(it, enc.encode_ordinary, 256) for it in items], "cpu")
+    shifted = 0
+    for sample, item, ours in zip(samples, items, -sums.double()):
+        theirs = torch.tensor([ll for ll, _ in sample["filtered_resps"]], dtype=torch.float64)
+        shift = theirs - ours
+        if item["ctx"] != item["ctx"].rstrip():
+            shifted += 1
+            assert shift.mean() < -0.1 and (shift - shift.mean()).abs().max() < 1e-3  # log P(whitespace), 4 times
+        else:
+            assert shift.abs().max() < 1e-3, (sample["doc_id"], shift)
+        assert sample["acc"] == float(ours.argmax() == item["label"])
+        chars = torch.tensor([len(e) for e in item["endings"]], dtype=torch.float64)
+        assert sample["acc_norm"] == float((ours / chars).argmax() == item["label"])
+    assert shifted == 2 and len(samples) == 20  # the fixture's contexts ending in " " and "\n"
