@@ -82,8 +82,10 @@ def variant_config(argv, item):
 
 
 def bench_config(argv):
-    """A BenchConfig, checked; vocab_size 0 = GPT-2's vocabulary padded, as train.py makes it for GPT-2 tokens."""
-    return with_vocab_size(validate(parse_args(BenchConfig, argv)), GPT2_VOCAB)
+    """A BenchConfig, checked; vocab_size 0 = GPT-2's vocabulary padded, as train.py makes it for GPT-2 tokens (a
+    smaller one is kept: the batches are random ids below it)."""
+    cfg = validate(parse_args(BenchConfig, argv))
+    return with_vocab_size(cfg, GPT2_VOCAB) if cfg.vocab_size == 0 else cfg
 
 
 # -----------------------------------------------------------------------------

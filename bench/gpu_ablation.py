@@ -373,6 +373,7 @@ class Report:
     def setup_lines(self):
         """The list above the tables: data, what every run did, the budget."""
         runs, plan, cfg, ev = self.runs, self.plan, self.runs[0].cfg, self.evaluator
+        windows = ev.cfg.eval_iters * ev.cfg.batch_size  # the Evaluator's fixed val windows
         steps, tokens = runs[0].iter_num, runs[0].iter_num * runs[0].tokens_per_step
         lines = [
             f"- **Data:** {self.data_note}; train split {self.train_tokens:,} tokens, {tokens / self.train_tokens:.3g} "
@@ -384,8 +385,8 @@ class Report:
             f"{runs[0].tokens_per_step:,} tokens, {tokens:,} tokens per run, the same windows in the same order for "
             f"all; each config's schedule compressed to {plan.steps} steps (baseline: warm-up {cfg.warmup_iters}, "
             f"lr {cfg.learning_rate:g} cosine to {cfg.min_lr:g}); dtype {runs[0].cfg.dtype}, compile {cfg.compile}.",
-            f"- **Evaluation:** val loss and bits per byte on the same {len(ev.starts)} windows of {cfg.block_size} "
-            f"tokens ({len(ev.starts) * cfg.block_size:,} tokens); condensation on {len(ev.cond_starts)} val sequences "
+            f"- **Evaluation:** val loss and bits per byte on the same {windows} windows of {cfg.block_size} "
+            f"tokens ({windows * cfg.block_size:,} tokens); condensation on {len(ev.cond_starts)} val sequences "
             f"of {ev.cond_len} tokens: mu = mean cosine of a sequence's hidden states at a layer (layer 0 = embedding "
             f"output, i + 1 = block i's output), late mu = mu over the late half of the layers, Spearman of mu with "
             f"depth.",

@@ -162,6 +162,7 @@ def test_a_mismatch_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["best.pt"]  # neither hf nor hf.partial
 
 
+@needs_tokenizer
 def test_small_vocabulary_and_bad_which_are_one_line_errors(tmp_path):
     model = tiny(vocab_size=97)
     torch.save(checkpoint(model), tmp_path / "best.pt")

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import randomized_tiny_gpt, run_script, run_with_fault
+from conftest import needs_tokenizer, randomized_tiny_gpt, run_script, run_with_fault
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
@@ -47,6 +47,7 @@ def undo_layout(name, data, arch, n_head, n_kv_head):
 
 @pytest.mark.parametrize("arch", [pytest.param("gpt2", marks=pytest.mark.slow), "llama",  # ~4 s each: one in the fast lane
                                   pytest.param("qwen3", marks=pytest.mark.slow)])
+@needs_tokenizer
 def test_every_tensor_and_the_metadata_read_back(tmp_path, arch):
     """f32: each GGUF tensor is the export's HF tensor (export.gpt2_state_dict / llama_state_dict) after the layout
     transform, under gguf's own name for it; the metadata holds what llama.cpp reads."""

@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_PARQUET, run_script
+from conftest import SAMPLE_PARQUET, needs_tokenizer, run_script
 
 from smallgpt.config import TrainConfig, with_vocab_size
 from smallgpt.errors import ConfigError, DataError
@@ -90,6 +90,7 @@ def test_every_byte_is_a_token_and_the_specials_are_the_last_ids(trained):
     assert enc.encode(text, allowed_special="all")[-1] == VOCAB - 5  # the 7th of the 11
 
 
+@needs_tokenizer
 def test_gpt2_has_the_special_tokens_in_its_padded_vocabulary():
     """GPT-2's tokenizer encodes text exactly as tiktoken's own GPT-2; <|endoftext|> stays 50256 and the chat markers
     take 50257-50266, rows the 50,304-row embedding already has; they count no bytes in bits per byte."""
