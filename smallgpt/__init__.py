@@ -9,7 +9,6 @@ imports only torch, so it remains the one file to copy elsewhere. The modules si
     flags.py         the one flag dialect: a dataclass of keys, config files, --key=value, --help (standard library)
     shards.py        the token data directory: manifest.json and its shards (or train.bin/val.bin), one stream a split
     sources.py       prepare.py's inputs: parquet, jsonl(.gz), txt, folders, hf: (HfFileSystem) and http(s) files
-    tokenizer.py     the tokenizer: GPT-2's or a trained BPE (tokenizer.json) as one tiktoken interface, its records
     tokens.py        training and validation windows of a token stream (numpy only)
     chat.py          the chat format: conversations checked, rendered to ids, the assistant mask, SFT rows
     metrics.py       metrics.jsonl: its writer (MetricsLog, with wandb) and its one reader
@@ -22,6 +21,8 @@ imports only torch, so it remains the one file to copy elsewhere. The modules si
     optim.py         the optimizer and all its parameter groups: AdamW, or Muon + AdamW (docs/muon.md)
     checkpoint.py    atomic checkpoint writing, the one checkpoint loader, the run directory's lock, the code
                      version each run records
+    tokenizer.py     the tokenizer: GPT-2's or a trained BPE (tokenizer.json) as one tiktoken interface, its records
+                     (a data directory's: reads shards.py)
     --
     generation.py    what sample.py and serve.py share: the model for inference, prompts, seeded samples, chat replies
     plan.py          will it fit, how long will it take: memory by category, the largest micro-batch, step times
