@@ -101,13 +101,16 @@ def test_gpt2_has_the_special_tokens_in_its_padded_vocabulary():
     assert tok.record == GPT2 and list(tok.special) == list(SPECIAL_TOKENS)
     assert list(tok.special.values()) == list(range(50256, 50267)) and tok.enc.eot_token == 50256
     assert tok.enc.n_vocab == 50267 <= GPTConfig().vocab_size
-    reference = tiktoken.get_encoding("gpt2")
-    for text in HARD_TEXTS:
-        assert tok.enc.encode_ordinary(text) == reference.encode_ordinary(text)
     assert tok.enc.encode("hi<|user_start|>", allowed_special="all") == [5303, 50259]
     assert tok.enc.decode_single_token_bytes(50259) == b"<|user_start|>"
     table = token_bytes(tok.enc, 50304)
     assert table[50256:].sum() == 0 and table[:50256].min() >= 1
+    try:  # tiktoken's own GPT-2 reads encoder.json and vocab.bpe: a plain clone offline has only gpt2.tiktoken
+        reference = tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.skip(f"tiktoken's own GPT-2 encoding cannot be loaded here ({type(e).__name__}): the comparison with it")
+    for text in HARD_TEXTS:
+        assert tok.enc.encode_ordinary(text) == reference.encode_ordinary(text)
 
 
 def test_open_tokenizer_follows_the_data_directory_or_the_checkpoint(trained, tmp_path):
