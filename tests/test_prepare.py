@@ -317,9 +317,12 @@ def test_sigkill_while_tokenizing(sample_parquet, tmp_path):
     reader = threading.Thread(target=lambda: err.extend(iter(lambda: os.read(proc.stderr.fileno(), 4096), b"")))
     reader.start()
     deadline = time.time() + 120
-    while not re.search(rb" [1-9][\d.]*k?doc", b"".join(err)):  # the progress bar counts documents: workers are busy
+    # the progress bar counts documents (workers are busy) and the first shard's temporary exists (on a loaded
+    # machine the bar can move before the writer opens it)
+    while not (re.search(rb" [1-9][\d.]*k?doc", b"".join(err)) and out.exists()
+               and any(name.startswith(".train_000000.bin.tmp") for name in os.listdir(out))):
         assert proc.poll() is None and time.time() < deadline, b"".join(err)
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     reader.join(timeout=60)
     assert proc.wait(timeout=10) == -signal.SIGKILL and not reader.is_alive()
